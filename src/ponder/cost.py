@@ -1,0 +1,173 @@
+"""Cost accounting: static unit costs from ``FlopCounterMode`` and the per-sample ledger.
+
+Conventions: everything is **MACs** (multiply-accumulates) of convolutions and linear
+layers, as counted by :class:`torch.utils.flop_counter.FlopCounterMode` (which reports
+FLOPs = 2 x MACs and ignores bias, BN, activations and pooling). FLOPs are shown only
+as ``2 x MACs`` for comparison with papers that use that convention.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@contextmanager
+def _isolated_counter() -> Iterator[FlopCounterMode]:
+    """A fresh counter that an enclosing ``FlopCounterMode`` (a user's, a test's) does not see."""
+    with _disable_current_modes(), torch.no_grad(), FlopCounterMode(display=False) as fc:
+        yield fc
+
+
+def count_macs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """MACs of one call ``fn(*args, **kwargs)`` as counted by ``FlopCounterMode`` (FLOPs // 2)."""
+    with _isolated_counter() as fc:
+        fn(*args, **kwargs)
+    return int(fc.get_total_flops()) // 2
+
+
+def unit_macs(fn: Callable[[], Any], units: Mapping[str, nn.Module]) -> dict[str, int]:
+    """MACs spent inside each named module during one call of ``fn`` (nested units allowed).
+
+    Each unit is charged for everything that ran between entering and leaving its
+    ``forward``; a unit called several times is charged the sum. ``"total"`` holds the
+    whole call's MACs.
+    """
+    spent = {name: 0 for name in units}
+    start: dict[str, list[int]] = {name: [] for name in units}
+    handles = []
+    with _isolated_counter() as fc:
+        for name, module in units.items():
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, _a, n=name: start[n].append(int(fc.get_total_flops()))))
+            handles.append(module.register_forward_hook(
+                lambda _m, _a, _o, n=name: spent.__setitem__(
+                    n, spent[n] + int(fc.get_total_flops()) - start[n].pop())))
+        try:
+            fn()
+        finally:
+            for h in handles:
+                h.remove()
+        total = int(fc.get_total_flops())
+    out = {name: v // 2 for name, v in spent.items()}
+    out["total"] = total // 2
+    return out
+
+
+@dataclass(frozen=True)
+class CostLedger:
+    """Per-sample MACs of named units of a model at one input size (measured at batch 1).
+
+    ``units`` maps a unit name (``"stem"``, ``"blocks.3"``, ``"exit.2"``, ``"policy"`` ...)
+    to the MACs one sample pays when that unit runs; ``total`` is the dense forward cost.
+    A model's per-sample cost is the sum over the units that sample ran.
+    """
+
+    input_size: tuple[int, int, int]
+    units: dict[str, int]
+    total: int
+
+    def __getitem__(self, name: str) -> int:
+        return self.units[name]
+
+    def sum(self, names: list[str]) -> int:
+        """MACs of running all ``names`` once."""
+        return sum(self.units[n] for n in names)
+
+    def charge(self, names: list[str], decisions: torch.Tensor) -> torch.Tensor:
+        """Per-sample MACs ``[B]`` (float64) for ``decisions [B, len(names)]`` in [0, 1]."""
+        costs = torch.tensor([float(self.units[n]) for n in names], dtype=torch.float64,
+                             device=decisions.device)
+        return decisions.to(torch.float64) @ costs
+
+
+class LedgerCache:
+    """Caches one :class:`CostLedger` per input size for a model (costs scale with resolution)."""
+
+    def __init__(self, measure: Callable[[tuple[int, int, int]], CostLedger]):
+        self._measure = measure
+        self._cache: dict[tuple[int, int, int], CostLedger] = {}
+
+    def get(self, input_size: tuple[int, int, int]) -> CostLedger:
+        key = tuple(int(s) for s in input_size)
+        if key not in self._cache:
+            self._cache[key] = self._measure(key)  # type: ignore[arg-type]
+        return self._cache[key]
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters (each shared tensor counted once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class Profile:
+    """Static (dense) cost of a model at one input size, plus per-exit / per-block figures."""
+
+    name: str
+    input_size: tuple[int, int, int]
+    params: int
+    macs: int
+    exits: list[dict[str, int]] | None = None
+    blocks: list[dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flops(self) -> int:
+        """FLOPs in the 2 x MACs convention."""
+        return 2 * self.macs
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        for key in ("exits", "blocks"):
+            if d[key] is None:
+                del d[key]
+        if not d["extra"]:
+            del d["extra"]
+        return d
+
+
+def profile(model: nn.Module, input_size: tuple[int, int, int], name: str | None = None) -> Profile:
+    """Params and dense MACs of ``model`` for one ``(C, H, W)`` input, via ``FlopCounterMode``.
+
+    Models that have exits or skippable blocks add them through ``profile_exits(input_size)``
+    (list of ``{"params", "macs"}`` cumulative up to each exit) and
+    ``profile_blocks(input_size)`` (list of ``{"name", "macs"}``).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        if hasattr(model, "ledger"):  # ponder models: dense total from their ledger
+            macs = model.ledger(tuple(input_size)).total
+        else:
+            macs = count_macs(model, torch.zeros(1, *input_size, device=_device_of(model)))
+        prof = Profile(name=name or type(model).__name__, input_size=tuple(input_size),
+                       params=count_params(model), macs=macs)
+        if hasattr(model, "profile_exits"):
+            prof.exits = model.profile_exits(tuple(input_size))
+        if hasattr(model, "profile_blocks"):
+            prof.blocks = model.profile_blocks(tuple(input_size))
+    finally:
+        model.train(was_training)
+    return prof
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def format_count(n: float) -> str:
+    """Human-readable count: 40.55M, 4.09G."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
