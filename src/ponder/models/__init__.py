@@ -1,6 +1,8 @@
-"""Built-in models; importing this package registers them."""
+"""Built-in models; importing this package registers every model module in it."""
 
-from ponder.models import resnet  # noqa: F401
+from ponder._autoimport import import_submodules
 from ponder.models.base import PonderModel
+
+import_submodules(__name__, __path__)
 
 __all__ = ["PonderModel"]
