@@ -1,0 +1,146 @@
+"""Latency / throughput harness: static models, and dense vs dynamic executors.
+
+Timing: warm-up calls, then ``repeats`` rounds in which every timed function runs once
+(interleaved, so drift and noise hit all of them alike); the figure is the median.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ponder.cost import count_macs
+from ponder.nn.executor import set_executor
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Temporarily set ``torch.set_num_threads``."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 10, warmup: int = 2,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """Median wall-clock milliseconds of each zero-argument function, interleaved rounds."""
+    device = torch.device(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@dataclass
+class StaticBench:
+    model: str
+    batch: int
+    threads: int
+    ms: float
+    images_per_s: float
+    macs: int
+
+
+@dataclass
+class DynamicBench:
+    model: str
+    batch: int
+    threads: int
+    mode: str            # "keep-rate r" or "checkpoint"
+    dense_ms: float      # per batch, dense baseline network
+    dynamic_ms: float    # per batch, dynamic model on its sparse executor
+    masked_ms: float | None  # per batch, masked executor (never use for speed)
+    speedup: float       # dense_ms / dynamic_ms
+    dense_macs: int      # per image
+    dynamic_macs: float  # mean per image (decision cost included)
+    dynamic_macs_std: float
+    mac_ratio: float     # dense_macs / dynamic_macs: the ideal speed-up
+    efficiency: float    # speedup / mac_ratio
+    images_per_s: float
+
+
+def _macs_of(module: nn.Module, x1: Tensor) -> int:
+    if hasattr(module, "ledger"):
+        return module.ledger(tuple(x1.shape[1:])).total
+    return count_macs(module, x1)
+
+
+def bench_static(model: nn.Module, name: str, batch: int, input_size: Sequence[int], threads: int,
+                 repeats: int = 10, warmup: int = 2, device: str = "cpu") -> StaticBench:
+    """Median ms per batch of ``model`` on random inputs ``[batch, *input_size]``."""
+    model = model.eval().to(device)
+    x = torch.randn(batch, *input_size, device=device)
+    with torch_threads(threads):
+        ms = time_interleaved({"model": lambda: model(x)}, repeats, warmup, device)["model"]
+    return StaticBench(name, batch, threads or torch.get_num_threads(), ms,
+                       batch / ms * 1e3, _macs_of(model, x[:1]))
+
+
+def bench_dynamic(model: nn.Module, name: str, batches: list[Tensor], threads: int, mode: str,
+                  repeats: int = 10, warmup: int = 2, with_masked: bool = True,
+                  device: str = "cpu") -> DynamicBench:
+    """Dense baseline vs the dynamic model's sparse (and masked) executor on the same ``batches``.
+
+    The model must provide ``dense_baseline()`` (see DESIGN.md); its decisions are whatever it
+    is configured with (``force_keep_rate`` or the learned policy with its budget).
+    """
+    if not hasattr(model, "dense_baseline"):
+        raise ValueError(f"{name} is a static model: --keep-rate and --checkpoint need a dynamic model")
+    model = model.eval().to(device)
+    dense = model.dense_baseline().eval().to(device)
+    batches = [b.to(device) for b in batches]
+
+    def run(m: nn.Module) -> Callable[[], None]:
+        return lambda: [m(b) for b in batches]
+
+    with torch_threads(threads), torch.inference_mode():
+        set_executor(model, "sparse")
+        macs = torch.cat([model(b).macs for b in batches]).double()
+        fns = {"dense": run(dense), "sparse": run(model)}
+        ms = time_interleaved(fns, repeats, warmup, device)
+        masked_ms = None
+        if with_masked:
+            set_executor(model, "masked")
+            masked_ms = time_interleaved({"masked": run(model)}, max(3, repeats // 2), 1, device)["masked"]
+            set_executor(model, "sparse")
+    n = len(batches)
+    dense_macs = _macs_of(dense, batches[0][:1])
+    dyn = float(macs.mean())
+    speedup = ms["dense"] / ms["sparse"]
+    mac_ratio = dense_macs / dyn
+    return DynamicBench(
+        model=name, batch=batches[0].shape[0], threads=threads or torch.get_num_threads(), mode=mode,
+        dense_ms=ms["dense"] / n, dynamic_ms=ms["sparse"] / n,
+        masked_ms=None if masked_ms is None else masked_ms / n, speedup=speedup, dense_macs=dense_macs,
+        dynamic_macs=dyn, dynamic_macs_std=float(macs.std(unbiased=False)), mac_ratio=mac_ratio,
+        efficiency=speedup / mac_ratio, images_per_s=batches[0].shape[0] / (ms["sparse"] / n) * 1e3,
+    )
+
+
+def as_dict(result: StaticBench | DynamicBench) -> dict[str, Any]:
+    return asdict(result)

@@ -1,0 +1,314 @@
+"""The ``ponder`` command: models, flops, train, eval, bench, ponder-map, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+
+class CLIError(Exception):
+    """A user error: printed as one sentence, exit status 2."""
+
+
+def _input_size(args: argparse.Namespace, model: Any) -> tuple[int, int, int]:
+    size = tuple(args.input_size) if args.input_size else tuple(model.default_input_size)
+    if len(size) != 3 or min(size) <= 0:
+        raise CLIError(f"--input-size takes three positive integers C H W, got {list(size)}")
+    if size[0] != model.default_input_size[0]:
+        raise CLIError(f"{args.name} takes {model.default_input_size[0]}-channel input, "
+                       f"got --input-size {' '.join(map(str, size))}")
+    return size  # type: ignore[return-value]
+
+
+def _model(args: argparse.Namespace) -> Any:
+    import ponder
+
+    kwargs = {"num_classes": getattr(args, "num_classes", None)}
+    return ponder.create_model(args.name, **kwargs)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    import ponder
+    from ponder.cost import format_count
+
+    rows = []
+    for name in ponder.list_models(args.pattern):
+        model = ponder.create_model(name)
+        prof = ponder.profile(model, tuple(model.default_input_size), name=name)
+        rows.append({"name": name, "input_size": list(prof.input_size), "params": prof.params, "macs": prof.macs})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        raise CLIError(f"no model matches {args.pattern!r}; run `ponder models` without a pattern")
+    print(f"{'model':32s} {'input':>12s} {'params':>9s} {'MACs':>9s}")
+    for r in rows:
+        size = "x".join(map(str, r["input_size"]))
+        print(f"{r['name']:32s} {size:>12s} {format_count(r['params']):>9s} {format_count(r['macs']):>9s}")
+
+
+def cmd_flops(args: argparse.Namespace) -> None:
+    import ponder
+    from ponder.cost import format_count
+
+    model = _model(args)
+    prof = ponder.profile(model, _input_size(args, model), name=args.name)
+    if args.json:
+        print(json.dumps(prof.to_json()))
+        return
+    print(f"{args.name}  input {'x'.join(map(str, prof.input_size))}")
+    print(f"  params  {prof.params:>16,d}  ({format_count(prof.params)})")
+    print(f"  MACs    {prof.macs:>16,d}  ({format_count(prof.macs)}; FLOPs = 2 x MACs = {format_count(prof.flops)})")
+    if prof.exits:
+        print("  exit  cumulative params  cumulative MACs")
+        for i, e in enumerate(prof.exits):
+            print(f"  {i:>4d}  {e['params']:>17,d}  {e['macs']:>15,d}")
+    if prof.blocks and args.blocks:
+        print("  block  MACs")
+        for b in prof.blocks:
+            print(f"  {b['name']:>14s}  {b['macs']:>13,d}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ponder.config import load_config
+
+    config = load_config(args.recipe, args.set)
+    from ponder.engine import train
+
+    if args.data_dir:
+        config.data.data_dir = args.data_dir
+    if not args.out and not args.resume:
+        raise CLIError("give --out DIR for a new run (or --resume RUN_DIR to continue one)")
+    run_dir = train(config, args.resume or args.out, resume=args.resume)
+    print(f"run directory: {run_dir}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from ponder.engine import evaluate_run
+
+    options = dict(_parse_options(args.option))
+    result = evaluate_run(args.run_dir, protocol=args.protocol, data_dir=args.data_dir,
+                          out_dir=args.out, options=options)
+    print(json.dumps(result, indent=1) if args.json else _summary_text(result))
+
+
+def _parse_options(items: Sequence[str]) -> list[tuple[str, Any]]:
+    import yaml
+
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise CLIError(f"--option {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        out.append((k, yaml.safe_load(v)))
+    return out
+
+
+def _summary_text(result: dict) -> str:
+    lines = []
+    for k, v in result.items():
+        if isinstance(v, float):
+            lines.append(f"{k:24s} {v:.4f}")
+        elif isinstance(v, (int, str)):
+            lines.append(f"{k:24s} {v}")
+        else:
+            lines.append(f"{k:24s} {json.dumps(v)[:200]}")
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from ponder import bench
+
+    if args.checkpoint:
+        from ponder.data import build_datasets
+        from ponder.engine import load_run
+
+        model, config = load_run(args.checkpoint)
+        if args.data_dir:
+            config.data.data_dir = args.data_dir
+        test = build_datasets(config.data, seed=config.train.seed).test
+        n = max(args.batch, args.images)
+        n_batches = max(1, n // args.batch)
+        if n_batches * args.batch > len(test):
+            raise CLIError(f"--images {n} needs more than the {len(test)} test images; lower --images")
+        xs = torch.stack([test[i][0] for i in range(n_batches * args.batch)])
+        batches = list(xs.split(args.batch))
+        mode, name = "checkpoint", config.model.name
+    else:
+        model = _model(args)
+        name = args.name
+        size = _input_size(args, model)
+        if args.keep_rate is None and not hasattr(model, "dense_baseline"):
+            result: Any = bench.bench_static(model, name, args.batch, size, args.threads, args.repeats, args.warmup)
+            _print_bench(result, args.json)
+            return
+        if args.keep_rate is None:
+            raise CLIError(f"{name} is dynamic: give --keep-rate r (forced decisions) or --checkpoint RUN_DIR")
+        if not 0.0 <= args.keep_rate <= 1.0:
+            raise CLIError(f"--keep-rate must be in [0, 1], got {args.keep_rate}")
+        if not hasattr(model, "force_keep_rate"):
+            raise CLIError(f"{name} is a static model: --keep-rate needs a dynamic model")
+        model.force_keep_rate(args.keep_rate, seed=0)
+        g = torch.Generator().manual_seed(0)
+        n_batches = max(1, args.images // args.batch)
+        batches = [torch.randn(args.batch, *size, generator=g) for _ in range(n_batches)]
+        mode = f"keep-rate {args.keep_rate}"
+    if args.budget is not None:
+        if not hasattr(model, "set_budget"):
+            raise CLIError(f"{name} has no budget knob (set_budget)")
+        model.set_budget(args.budget)
+    result = bench.bench_dynamic(model, name, batches, args.threads, mode, args.repeats, args.warmup)
+    _print_bench(result, args.json)
+
+
+def _print_bench(result: Any, as_json: bool) -> None:
+    from ponder.bench import as_dict
+    from ponder.cost import format_count
+
+    d = as_dict(result)
+    if as_json:
+        print(json.dumps(d))
+        return
+    print(f"{d['model']}  batch {d['batch']}  threads {d['threads']}")
+    if "ms" in d:
+        print(f"  {d['ms']:.2f} ms/batch  {d['images_per_s']:.0f} images/s  {format_count(d['macs'])} MACs/image")
+        return
+    print(f"  mode         {d['mode']}")
+    print(f"  dense        {d['dense_ms']:.2f} ms/batch  ({format_count(d['dense_macs'])} MACs/image)")
+    print(f"  dynamic      {d['dynamic_ms']:.2f} ms/batch  ({format_count(d['dynamic_macs'])} "
+          f"± {format_count(d['dynamic_macs_std'])} MACs/image)")
+    if d["masked_ms"] is not None:
+        print(f"  masked       {d['masked_ms']:.2f} ms/batch  (dense compute x mask: never faster)")
+    print(f"  speedup {d['speedup']:.2f}x  mac_ratio {d['mac_ratio']:.2f}x  efficiency {d['efficiency']:.2f}")
+
+
+def cmd_ponder_map(args: argparse.Namespace) -> None:
+    try:
+        from ponder.pondermap import write_ponder_maps
+    except ImportError:
+        raise CLIError("ponder maps need the spatial models (ponder.pondermap), which this install lacks") from None
+    for path in write_ponder_maps(args.run_dir, args.images, out_dir=args.out, saliency=args.saliency,
+                                  sigma=args.sigma, gamma=args.gamma):
+        print(path)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from ponder.demo import run_demo
+
+    run_demo(data_dir=args.data_dir, out_dir=args.out, epochs=args.epochs, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ponder", description="Dynamic inference networks: build, train, measure.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("models", help="list registered models with params and MACs")
+    s.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'resnet*_cifar'")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_models)
+
+    def model_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("name", help="registered model name (see `ponder models`)")
+        s.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+        s.add_argument("--num-classes", type=int)
+
+    s = sub.add_parser("flops", help="params and MACs of a model (dense totals, per exit, per block)")
+    model_args(s)
+    s.add_argument("--json", action="store_true", help="one JSON object: params, macs, exits, blocks")
+    s.add_argument("--blocks", action="store_true", help="also list per-block MACs")
+    s.set_defaults(fn=cmd_flops)
+
+    s = sub.add_parser("train", help="train from a YAML recipe")
+    s.add_argument("recipe")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    s.add_argument("--data-dir")
+    s.add_argument("--out", help="run directory to create")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="evaluate a run directory with a protocol")
+    s.add_argument("run_dir")
+    s.add_argument("--protocol", default="standard")
+    s.add_argument("--data-dir")
+    s.add_argument("--out", help="where to write results (default: RUN_DIR/eval)")
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="protocol option")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("bench", help="measured latency: static, or dense vs dynamic executors")
+    s.add_argument("name", nargs="?", help="model name (omit with --checkpoint)")
+    s.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    s.add_argument("--num-classes", type=int)
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--images", type=int, default=64, help="images per timed round (split into batches)")
+    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--repeats", type=int, default=10)
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--keep-rate", type=float, help="force hard decisions at this rate (untrained model)")
+    s.add_argument("--checkpoint", metavar="RUN_DIR", help="a trained run: its own decisions on real test data")
+    s.add_argument("--budget", type=float, help="the model's inference knob (threshold / budget)")
+    s.add_argument("--data-dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("ponder-map", help="write ponder-cost heatmaps of a spatial model over images")
+    s.add_argument("run_dir")
+    s.add_argument("images", nargs="+")
+    s.add_argument("--out", default="ponder_maps")
+    s.add_argument("--saliency", action="store_true", help="also write the SACT saliency map")
+    s.add_argument("--sigma", type=float, default=10.0)
+    s.add_argument("--gamma", type=float, default=0.005)
+    s.set_defaults(fn=cmd_ponder_map)
+
+    s = sub.add_parser("demo", help="train and compare small models offline (about 3 minutes on 2 CPU cores)")
+    s.add_argument("--data-dir", help="use CIFAR-10 from this folder instead of the built-in digits")
+    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def _version() -> str:
+    from ponder import __version__
+
+    return __version__
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ponder.config import ConfigError
+    from ponder.registry import UnknownModelError
+
+    errors: list[type[BaseException]] = [CLIError, ConfigError, UnknownModelError, ValueError, FileNotFoundError]
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench" and not (args.name or args.checkpoint):
+        parser.error("bench needs a model NAME or --checkpoint RUN_DIR")
+    fn: Callable[[argparse.Namespace], None] = args.fn
+    try:
+        fn(args)
+    except _user_errors() as e:
+        msg = str(e).strip().strip("'\"")
+        print(f"ponder {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
