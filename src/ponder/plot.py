@@ -1,0 +1,63 @@
+"""Matplotlib figures (matplotlib is optional: ``pip install ponder[plot]``; imported lazily)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_vs_macs(series: dict[str, Sequence[tuple[float, float]]], path: str | Path,
+                     title: str = "accuracy vs cost") -> Path:
+    """One line (or point) per model: ``series[label] = [(macs_per_image, accuracy_percent), ...]``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, pts in series.items():
+        pts = sorted(pts)
+        xs = [p[0] / 1e6 for p in pts]
+        ys = [p[1] for p in pts]
+        ax.plot(xs, ys, marker="o", label=label, linestyle="-" if len(pts) > 1 else "none")
+    ax.set_xlabel("mean MACs per image (millions)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def histogram(counts: Sequence[int], path: str | Path, xlabel: str, title: str = "") -> Path:
+    """Bar chart of ``counts`` (e.g. samples per exit, keeps per block)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(range(len(counts)), counts)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
