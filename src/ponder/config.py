@@ -69,6 +69,7 @@ class TrainConfig:
     tensorboard: bool = False
     init_from: str | None = None      # run dir or weights file to start from (fine-tuning)
     max_steps_per_epoch: int | None = None
+    find_unused_parameters: bool | None = None  # DDP; None = auto (on for dynamic models)
 
 
 @dataclass
