@@ -73,17 +73,20 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import os
+
     from ponder.config import load_config
 
-    config = load_config(args.recipe, args.set)
-    from ponder.engine import train
-
-    if args.data_dir:
-        config.data.data_dir = args.data_dir
+    if not args.recipe and not args.resume:
+        raise CLIError("give a RECIPE.yaml (or --resume RUN_DIR to continue a run)")
+    config = load_config(args.recipe, args.set) if args.recipe else None
     if not args.out and not args.resume:
         raise CLIError("give --out DIR for a new run (or --resume RUN_DIR to continue one)")
-    run_dir = train(config, args.resume or args.out, resume=args.resume)
-    print(f"run directory: {run_dir}")
+    from ponder.engine import train
+
+    run_dir = train(config, args.out or args.resume, resume=args.resume, data_dir=args.data_dir)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run directory: {run_dir}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -225,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_flops)
 
     s = sub.add_parser("train", help="train from a YAML recipe")
-    s.add_argument("recipe")
+    s.add_argument("recipe", nargs="?", help="YAML recipe (optional with --resume: the run's own config is used)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     s.add_argument("--data-dir")
     s.add_argument("--out", help="run directory to create")
@@ -285,7 +288,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ponder.config import ConfigError
     from ponder.registry import UnknownModelError
 
-    errors: list[type[BaseException]] = [CLIError, ConfigError, UnknownModelError, ValueError, FileNotFoundError]
+    errors: list[type[BaseException]] = [CLIError, ConfigError, UnknownModelError, ValueError, FileNotFoundError,
+                                         ImportError]
+    try:
+        from ponder.engine import NonFiniteLossError
+
+        errors.append(NonFiniteLossError)
+    except ImportError:  # pragma: no cover - engine always ships
+        pass
     return tuple(errors)
 
 

@@ -1,0 +1,131 @@
+"""``ponder demo``: train small models offline, then print accuracy, MACs and measured speed.
+
+Default data: scikit-learn's handwritten digits (ships inside scikit-learn: nothing is
+downloaded). ``--data-dir DIR`` uses CIFAR-10 (official python format) instead.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ponder.config import RunConfig, config_from_dict
+
+
+@dataclass
+class DemoEntry:
+    """One model of the demo: what to build and how to train it."""
+
+    label: str
+    family: str
+    model: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    method: str = "cross_entropy"
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 15
+    init_from: str | None = None  # label of an earlier entry whose weights start this one
+    lr: float = 0.1
+
+
+def demo_entries(dataset: str) -> list[DemoEntry]:
+    """The models the demo trains, in order (a static baseline, then one per family)."""
+    chans = 1 if dataset == "digits" else 3
+    return [
+        DemoEntry("ResNet-20", "static", "resnet20_cifar", {"in_chans": chans}),
+    ]
+
+
+def demo_config(entry: DemoEntry, dataset: str, data_dir: str | None, epochs: int) -> RunConfig:
+    return config_from_dict({
+        "model": {"name": entry.model, "kwargs": dict(entry.model_kwargs)},
+        "data": {"dataset": dataset, "data_dir": data_dir, "batch_size": 64, "eval_batch_size": 256,
+                 "val_size": 0},
+        "optim": {"name": "sgd", "lr": entry.lr, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+        "schedule": {"name": "cosine", "warmup_epochs": 1 if epochs > 3 else 0},
+        "method": {"name": entry.method, "kwargs": dict(entry.method_kwargs)},
+        "train": {"epochs": epochs, "seed": 0},
+    })
+
+
+def measure_ms_per_image(model: torch.nn.Module, images: torch.Tensor, batch: int = 64, repeats: int = 3) -> float:
+    """Median ms per image of ``model`` over ``images [N, C, H, W]`` in batches (sparse executor if dynamic)."""
+    from ponder.bench import time_interleaved
+    from ponder.nn.executor import get_executor, set_executor
+
+    if get_executor(model) is not None:
+        set_executor(model, "sparse")
+    model.eval()
+    batches = list(images.split(batch))
+    ms = time_interleaved({"m": lambda: [model(b) for b in batches]}, repeats=repeats, warmup=1)["m"]
+    return ms / images.shape[0]
+
+
+def run_demo(data_dir: str | None = None, out_dir: str | Path = "runs/demo", epochs: int | None = None,
+             quick: bool = False) -> list[dict[str, Any]]:
+    """Train every demo entry, evaluate it on the test split, print the table; returns its rows."""
+    from ponder.data import build_datasets, build_loaders
+    from ponder.engine import load_run, train
+    from ponder.evaluate.records import collect
+
+    dataset = "cifar10" if data_dir else "digits"
+    out_dir = Path(out_dir)
+    rows: list[dict[str, Any]] = []
+    runs: dict[str, Path] = {}
+    t_start = time.perf_counter()
+    for entry in demo_entries(dataset):
+        n_epochs = 1 if quick else (epochs or entry.epochs)
+        cfg = demo_config(entry, dataset, data_dir, n_epochs)
+        if entry.init_from:
+            cfg.train.init_from = str(runs[entry.init_from])
+        run_dir = out_dir / entry.model
+        _clear_previous_demo_run(run_dir)
+        print(f"[demo] training {entry.label} ({entry.model}, {entry.method}, {n_epochs} epochs) -> {run_dir}", flush=True)
+        train(cfg, run_dir)
+        runs[entry.label] = run_dir
+        model, cfg = load_run(run_dir)
+        bundle = build_datasets(cfg.data, seed=cfg.train.seed)
+        _, _, test_loader = build_loaders(bundle, cfg.data, seed=cfg.train.seed)
+        rec = collect(model.eval(), test_loader, torch.device("cpu"))
+        summary = rec.summary()
+        images = torch.cat([x for x, _ in test_loader])
+        rows.append({"model": entry.label, "name": entry.model, "family": entry.family,
+                     "accuracy": 100.0 * summary["accuracy"], "macs_mean": summary["macs_mean"],
+                     "macs_std": summary["macs_std"], "ms_per_image": measure_ms_per_image(model, images)})
+    print_table(rows, dataset, time.perf_counter() - t_start)
+    (out_dir / "demo.json").write_text(json.dumps(rows, indent=1))
+    _plot(rows, out_dir, dataset)
+    return rows
+
+
+def _clear_previous_demo_run(run_dir: Path) -> None:
+    """The demo owns its run folders: an earlier demo run there is replaced."""
+    if (run_dir / "config.yaml").is_file():
+        shutil.rmtree(run_dir)
+
+
+def print_table(rows: list[dict[str, Any]], dataset: str, seconds: float) -> None:
+    from ponder.cost import format_count
+
+    print(f"\n{dataset} test set, {seconds:.0f} s in all (MACs: conv + linear multiply-accumulates; "
+          f"ms measured at batch 64 on {torch.get_num_threads()} threads)")
+    print(f"{'model':22s} {'family':12s} {'acc %':>6s} {'MACs/image (mean ± std)':>24s} {'ms/image':>9s}")
+    for r in rows:
+        macs = f"{format_count(r['macs_mean'])} ± {format_count(r['macs_std'])}"
+        print(f"{r['model']:22s} {r['family']:12s} {r['accuracy']:6.1f} {macs:>24s} {r['ms_per_image']:9.3f}")
+
+
+def _plot(rows: list[dict[str, Any]], out_dir: Path, dataset: str) -> None:
+    from ponder.plot import accuracy_vs_macs, have_matplotlib
+
+    if not have_matplotlib():
+        print("(matplotlib not installed: no plot; pip install ponder[plot])")
+        return
+    path = accuracy_vs_macs({r["model"]: [(r["macs_mean"], r["accuracy"])] for r in rows},
+                            out_dir / "accuracy_vs_macs.png", title=f"ponder demo ({dataset})")
+    print(f"plot: {path}")
