@@ -27,7 +27,11 @@ def _model(args: argparse.Namespace) -> Any:
     import ponder
 
     kwargs = {"num_classes": getattr(args, "num_classes", None)}
-    return ponder.create_model(args.name, **kwargs)
+    kwargs.update(_parse_options(getattr(args, "model_arg", [])))
+    try:
+        return ponder.create_model(args.name, **kwargs)
+    except TypeError as e:  # a --model-arg the factory does not take
+        raise CLIError(f"{args.name} does not accept these options ({e}); check --model-arg names") from None
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -104,8 +108,10 @@ def _parse_options(items: Sequence[str]) -> list[tuple[str, Any]]:
     out = []
     for item in items or []:
         if "=" not in item:
-            raise CLIError(f"--option {item!r} must look like key=value")
+            raise CLIError(f"option {item!r} must look like key=value")
         k, v = item.split("=", 1)
+        if not k:
+            raise CLIError(f"option {item!r} has no name before '='")
         out.append((k, yaml.safe_load(v)))
     return out
 
@@ -220,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("name", help="registered model name (see `ponder models`)")
         s.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
         s.add_argument("--num-classes", type=int)
+        s.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="model constructor option, e.g. gate_type=ffgate2 or shortcut=B")
 
     s = sub.add_parser("flops", help="params and MACs of a model (dense totals, per exit, per block)")
     model_args(s)
@@ -248,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", nargs="?", help="model name (omit with --checkpoint)")
     s.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
     s.add_argument("--num-classes", type=int)
+    s.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model constructor option, e.g. gate_type=ffgate2")
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--images", type=int, default=64, help="images per timed round (split into batches)")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
