@@ -1,0 +1,299 @@
+"""Convolutions computed at active spatial positions only (window gather -> one GEMM -> scatter).
+
+The CPU kernel measured best in pure PyTorch (``reference/spatial.md`` 5.2), refined: feature maps
+live in zero-padded NHWC *planes* (``[B*(H+2p)*(W+2p), C]`` rows). The ``k`` taps of one kernel
+row are ``k`` consecutive plane rows, i.e. one contiguous run of ``k*C`` values, so the ``k x k``
+window of an output position is ``k`` strided "super-rows" (an overlapping ``as_strided`` view)
+gathered with ``index_select``: ``[n, k*k*C_in]``, then one GEMM with the weight (eval BatchNorm
+folded in), then the ``[n, C_out]`` rows are scattered. Padding is physical zeros, so indices
+come from arithmetic alone (no lookup tables, no bounds tests), and ``k`` times fewer indices
+are gathered than with one index per tap.
+
+Conventions: masks are ``[B, H, W]`` (nonzero = active); "rows" are flat indices
+``b*H*W + i*W + j`` in row-major order (the order of ``mask.nonzero()``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def dilate_mask(mask: Tensor, k: int = 3) -> Tensor:
+    """Positions within the ``k x k`` neighbourhood of an active one: ``[B, H, W]`` -> ``[B, H, W]`` bool.
+
+    This is where the conv *feeding* a ``k x k`` stride-1 conv must run so that the second conv
+    sees its true inputs at every active position (a max-pool ``k x k``, stride 1, SAME).
+    """
+    if mask.dim() != 3:
+        raise ValueError(f"mask must be [batch, H, W], got shape {list(mask.shape)}; drop the channel dim.")
+    if k % 2 != 1:
+        raise ValueError(f"dilation kernel k must be odd (1, 3, 5, ...), got {k}")
+    m = mask if mask.dtype == torch.bool else mask != 0
+    return _dilate(m, k)
+
+
+def _dilate(m: Tensor, k: int) -> Tensor:
+    """Separable ``k x k`` OR-dilation (SAME) of a bool ``[B, H, W]`` map (2k-2 elementwise ORs)."""
+    if k == 1:
+        return m.clone()
+    r, (B, H, W) = k // 2, m.shape
+    p = m.new_zeros(B, H + 2 * r, W)
+    p[:, r:r + H] = m
+    rows = p[:, 0:H].clone()
+    for d in range(1, k):
+        rows |= p[:, d:d + H]
+    p = m.new_zeros(B, H, W + 2 * r)
+    p[:, :, r:r + W] = rows
+    out = p[:, :, 0:W].clone()
+    for d in range(1, k):
+        out |= p[:, :, d:d + W]
+    return out
+
+
+def input_mask(mask_out: Tensor, in_hw: tuple[int, int], k: int = 3, stride: int = 1,
+               padding: int | None = None) -> Tensor:
+    """Input positions read by the active outputs of a ``k x k`` conv: ``[B, Ho, Wo]`` -> ``[B, H, W]`` bool.
+
+    For stride 1 and ``padding = k // 2`` this is :func:`dilate_mask`; for stride ``s`` it is the
+    mask upsampled onto the input grid (each active output at its window's centre) and dilated,
+    as DynConv's ``ExpandMask`` for the 1x1 conv before a strided 3x3. Uses only pooling, so a
+    ``FlopCounterMode`` around it counts nothing.
+    """
+    pad = k // 2 if padding is None else padding
+    H, W = in_hw
+    B, ho, wo = mask_out.shape
+    if k % 2 != 1 or (ho, wo) != ((H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1):
+        raise ValueError(f"mask of size {ho}x{wo} is not the output grid of a {k}x{k} stride-{stride} "
+                         f"conv (padding {pad}) on {H}x{W}; pass the mask at the conv's output resolution.")
+    if stride == 1 and pad == k // 2:
+        return dilate_mask(mask_out, k)
+    c = k // 2  # window centre, in padded input coordinates: stride * i + c
+    grid = torch.zeros((B, H + 2 * pad, W + 2 * pad), dtype=torch.bool, device=mask_out.device)
+    grid[:, c:c + stride * ho:stride, c:c + stride * wo:stride] = mask_out != 0
+    return _dilate(grid, k)[:, pad:pad + H, pad:pad + W]
+
+
+@dataclass
+class PositionIndex:
+    """The active positions of one ``[B, H, W]`` mask, as flat rows (built once, shared by convs)."""
+
+    shape: tuple[int, int, int]
+    rows: Tensor  # [n] long, b*H*W + i*W + j, row-major
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> "PositionIndex":
+        """Index of the nonzero entries of ``mask [B, H, W]``."""
+        flat = mask.reshape(-1)
+        rows = torch.nonzero(flat if flat.dtype == torch.bool else flat != 0).squeeze(1)
+        return cls(tuple(mask.shape), rows)  # type: ignore[arg-type]
+
+    @property
+    def n(self) -> int:
+        return self.rows.numel()
+
+    def coords(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(b, i, j)`` of each active position, each ``[n]`` long."""
+        _, H, W = self.shape
+        b = torch.div(self.rows, H * W, rounding_mode="floor")
+        rem = self.rows - b * (H * W)
+        i = torch.div(rem, W, rounding_mode="floor")
+        return b, i, rem - i * W
+
+    def padded_rows(self, pad: int) -> Tensor:
+        """Flat indices of the active positions in the zero-padded ``[B, H+2p, W+2p]`` grid."""
+        _, H, W = self.shape
+        b, i, j = self.coords()
+        return b * ((H + 2 * pad) * (W + 2 * pad)) + (i + pad) * (W + 2 * pad) + (j + pad)
+
+
+def window_starts(out: PositionIndex, in_hw: tuple[int, int], k: int, stride: int, padding: int,
+                  plane_pad: int) -> Tensor:
+    """``[n * k]`` plane rows where each kernel row of each active output's window starts.
+
+    The input plane holds the ``in_hw`` map with ``plane_pad >= padding`` zeros on each side;
+    output ``(b, i, j)`` of a ``k x k`` conv (``stride``, ``padding``) reads plane rows
+    ``start + kw`` for kernel row ``kh`` with ``start = b*Hp*Wp + (s*i + off + kh)*Wp + s*j + off``,
+    ``off = plane_pad - padding``. Order: position-major, then ``kh`` (:class:`FoldedConv`'s layout).
+    """
+    H, W = in_hw
+    if plane_pad < padding:
+        raise ValueError(f"the input plane has padding {plane_pad} but the conv needs {padding}")
+    Hp, Wp = H + 2 * plane_pad, W + 2 * plane_pad
+    off = plane_pad - padding
+    b, i, j = out.coords()
+    corner = b * (Hp * Wp) + (stride * i + off) * Wp + (stride * j + off)
+    if k == 1:
+        return corner
+    return (corner[:, None] + torch.arange(k, device=corner.device) * Wp).reshape(-1)
+
+
+@dataclass(frozen=True)
+class FoldedConv:
+    """A conv (+ eval-mode BN) as one GEMM on gathered rows: ``rows [n, k*k*C_in] @ weight + bias``."""
+
+    weight: Tensor  # [k*k*C_in, C_out], rows ordered (kh, kw, C_in)
+    bias: Tensor  # [C_out]
+    k: int
+    stride: int
+    padding: int
+
+
+_FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FoldedConv]]" = weakref.WeakKeyDictionary()
+
+
+def _tensor_key(t: Tensor | None) -> tuple:
+    return () if t is None else (t.data_ptr(), t._version, t.dtype, str(t.device))
+
+
+def clear_fold_cache() -> None:
+    """Forget folded weights (needed only after in-place edits through ``.data``, which keep ``_version``)."""
+    _FOLD_CACHE.clear()
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedConv:
+    """``conv`` followed by eval-mode ``bn`` as a :class:`FoldedConv` (cached until a parameter changes).
+
+    Supports square kernels, any stride and zero padding, ``groups = 1``, ``dilation = 1``. The
+    cache notices optimizer steps, ``load_state_dict`` and ``.to()`` (tensor versions and addresses).
+    """
+    k = conv.kernel_size[0]
+    if isinstance(conv.padding, str) or conv.groups != 1 or conv.dilation != (1, 1) \
+            or conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1] \
+            or conv.padding[0] != conv.padding[1] or conv.padding_mode != "zeros":
+        raise ValueError(f"sparse convolution supports square kernels, equal strides/padding, groups=1, "
+                         f"dilation=1 and zero padding; got {conv}. Use the masked executor for this layer.")
+    if bn is not None and (bn.training or bn.running_mean is None):
+        raise ValueError("sparse convolution folds BatchNorm with running statistics; call model.eval() "
+                         "(or use the masked executor to train).")
+    key = (_tensor_key(conv.weight), _tensor_key(conv.bias)) + (() if bn is None else (
+        _tensor_key(bn.weight), _tensor_key(bn.bias), _tensor_key(bn.running_mean),
+        _tensor_key(bn.running_var), bn.eps))
+    hit = _FOLD_CACHE.get(conv)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        w = conv.weight
+        bias = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        if bn is not None:
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            shift = bn.bias if bn.bias is not None else torch.zeros_like(scale)
+            w = w * scale[:, None, None, None]
+            bias = (bias - bn.running_mean) * scale + shift
+        weight = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous()
+        folded = FoldedConv(weight, bias.detach().clone(), k, conv.stride[0], conv.padding[0])
+    _FOLD_CACHE[conv] = (key, folded)
+    return folded
+
+
+CHUNK_BYTES = 1 << 20
+
+
+def gather_gemm(plane: Tensor, starts: Tensor | None, conv: FoldedConv, relu: bool) -> Tensor:
+    """``act(window(plane, starts) @ conv.weight + conv.bias)``: ``[n, C_out]``.
+
+    ``plane`` is a contiguous ``[R, C_in]`` row table; ``starts`` the ``[n * k]`` kernel-row
+    starts from :func:`window_starts` (``k = conv.k``), or ``None`` when the rows of ``plane``
+    already are the inputs in order (a 1x1 conv on the same positions). The gather runs in chunks
+    of about ``CHUNK_BYTES`` through one reused buffer, so the GEMM reads its operand from cache
+    instead of a freshly allocated ``n x k*k*C_in`` matrix.
+    """
+    kin, cout = conv.weight.shape
+    if starts is None:
+        y = torch.addmm(conv.bias, plane.view(-1, kin), conv.weight)
+        return y.relu_() if relu else y
+    k, c = conv.k, plane.shape[1]
+    runs = plane.as_strided((plane.shape[0] - k + 1, k * c), (c, 1)) if k > 1 else plane
+    n = starts.numel() // k
+    y = plane.new_empty(n, cout)
+    step = max(64, CHUNK_BYTES // (kin * plane.element_size()))
+    if n <= step:
+        torch.addmm(conv.bias, runs.index_select(0, starts).view(n, kin), conv.weight, out=y)
+        return y.relu_() if relu else y
+    buf = plane.new_empty(step * k, k * c)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        a = torch.index_select(runs, 0, starts[s * k:e * k], out=buf[: (e - s) * k])
+        torch.addmm(conv.bias, a.view(e - s, kin), conv.weight, out=y[s:e])
+        if relu:
+            y[s:e].relu_()
+    return y
+
+
+def padded_plane(x: Tensor, pad: int) -> Tensor:
+    """A fresh zero-padded NHWC plane ``[B*(H+2p)*(W+2p), C]`` holding ``x [B, C, H, W]``."""
+    B, C, H, W = x.shape
+    plane = empty_plane((B, H, W), C, pad, x)
+    plane_interior(plane, (B, H, W), pad).copy_(x)
+    return plane
+
+
+def empty_plane(shape: tuple[int, int, int], channels: int, pad: int, like: Tensor) -> Tensor:
+    """An uninitialised plane for a ``[B, channels, H, W]`` map whose ``pad``-wide border is zero."""
+    B, H, W = shape
+    plane = like.new_empty(B, H + 2 * pad, W + 2 * pad, channels)
+    if pad:
+        plane[:, :pad].zero_()
+        plane[:, H + pad:].zero_()
+        plane[:, pad:H + pad, :pad].zero_()
+        plane[:, pad:H + pad, W + pad:].zero_()
+    return plane.view(-1, channels)
+
+
+def plane_interior(plane: Tensor, shape: tuple[int, int, int], pad: int) -> Tensor:
+    """The ``[B, C, H, W]`` map inside a plane (a channels_last-strided view, non-contiguous if ``pad``)."""
+    B, H, W = shape
+    grid = plane.view(B, H + 2 * pad, W + 2 * pad, plane.shape[1])
+    return grid[:, pad:pad + H, pad:pad + W].permute(0, 3, 1, 2)
+
+
+def rows_view(x: Tensor) -> Tensor:
+    """``x [B, C, H, W]`` as ``[B*H*W, C]`` rows (a view for channels_last tensors, else a copy)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _conv_out_hw(conv: nn.Conv2d, hw: tuple[int, int]) -> tuple[int, int]:
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    return (hw[0] + 2 * p - k) // s + 1, (hw[1] + 2 * p - k) // s + 1
+
+
+def sparse_conv2d(x: Tensor, mask: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None,
+                  relu: bool = False) -> Tensor:
+    """``act(bn(conv(x)))`` at the active positions of ``mask [B, Ho, Wo]``, zero elsewhere.
+
+    ``x [B, C_in, H, W]`` -> ``[B, C_out, Ho, Wo]`` (channels_last memory). Inference only: BN is
+    folded with its running statistics and no gradient flows. Equals
+    :func:`masked_conv2d` (the dense reference) at active positions.
+    """
+    B, _, H, W = x.shape
+    ho, wo = _conv_out_hw(conv, (H, W))
+    if tuple(mask.shape) != (B, ho, wo):
+        raise ValueError(f"mask must be [batch, Ho, Wo] = {[B, ho, wo]} (the conv's output grid), "
+                         f"got {list(mask.shape)}")
+    f = fold_conv_bn(conv, bn)
+    pos = PositionIndex.from_mask(mask)
+    out = x.new_zeros(B * ho * wo, f.weight.shape[1])
+    with torch.no_grad():
+        if pos.n:
+            plane = padded_plane(x, f.padding)
+            y = gather_gemm(plane, window_starts(pos, (H, W), f.k, f.stride, f.padding, f.padding), f, relu)
+            out.index_copy_(0, pos.rows, y)
+    return plane_interior(out, (B, ho, wo), 0)
+
+
+def masked_conv2d(x: Tensor, mask: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None,
+                  relu: bool = False) -> Tensor:
+    """Dense reference of :func:`sparse_conv2d`: ``act(bn(conv(x))) * mask`` (differentiable)."""
+    y = conv(x)
+    if bn is not None:
+        y = bn(y)
+    if relu:
+        y = F.relu(y)
+    return y * (mask != 0).to(y.dtype)[:, None]

@@ -1,0 +1,126 @@
+"""Residual units run at active positions only, with a measured fall-back to dense.
+
+:func:`sparse_residual` is the inference executor, :func:`masked_residual` the dense
+reference that trains; both compute (see :mod:`ponder.nn.sparse_units` for the exact rule)::
+
+    out = relu(shortcut(x) + branch(x))   at active positions
+    out = shortcut(x)                     elsewhere      (inactive="shortcut": x itself for
+                                                          units without a downsample)
+
+:class:`SparseResidual` wraps a block with an ``executor`` attribute (``"masked"`` / ``"sparse"``),
+so :func:`ponder.nn.set_executor` switches it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ponder.nn.sparse_fallback import break_even_for
+from ponder.nn.sparse_units import (
+    Inactive,
+    check_unit,
+    dense_fallback,
+    first_conv_mask,
+    is_basic,
+    masked_residual,
+    run_sparse,
+    work_fraction,
+)
+
+if TYPE_CHECKING:  # duck-typed at run time (no import cycle with ponder.models)
+    from ponder.models.resnet import ResidualBlock
+
+BreakEven = float | str | None
+_DEFAULT: list[BreakEven] = ["auto"]
+
+
+def set_default_break_even(value: BreakEven) -> None:
+    """Process-wide default of ``break_even`` for :func:`sparse_residual` (``"auto"`` initially)."""
+    _check_break_even(value)
+    _DEFAULT[0] = value
+
+
+def get_default_break_even() -> BreakEven:
+    """The current process-wide default ``break_even``."""
+    return _DEFAULT[0]
+
+
+def _check_break_even(value: BreakEven) -> None:
+    if not (value is None or value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool))):
+        raise ValueError(f"break_even must be 'auto', a work fraction in [0, 1] or None, got {value!r}")
+
+
+def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Inactive = "shortcut",
+                    break_even: BreakEven = "default") -> Tensor:
+    """Run ``block`` only where ``mask`` is set (inference): ``[B, C, H, W]`` -> ``[B, C', Ho, Wo]``.
+
+    Args:
+        block: an eval-mode ``BasicBlock`` or ``Bottleneck`` (any stride; shortcuts run densely).
+        x: the unit input. Channels-last inputs avoid one layout copy.
+        mask: ``[B, Ho, Wo]`` on the unit's output grid; nonzero = active.
+        inactive: ``"shortcut"`` (copy the shortcut forward, SACT) or ``"relu"`` (``relu(shortcut)``,
+            DynConv); see :mod:`ponder.nn.sparse_units`.
+        break_even: run densely when the unit's work fraction (sparse branch MACs / dense branch
+            MACs, dilation included) exceeds this: ``"auto"`` = calibrated on this device per unit and
+            input shape (:func:`ponder.nn.sparse_fallback.break_even_for`), a float = fixed, ``None`` =
+            always sparse, ``"default"`` = :func:`set_default_break_even`'s value.
+
+    Returns a new tensor (contiguous channels_last on the sparse path; the dense fall-back keeps
+    ``x``'s layout), or ``x`` itself when nothing is active and the unit has no downsample (with
+    ``inactive="shortcut"``). No gradient flows.
+    """
+    check_unit(block, x, mask, inactive)
+    if block.training:
+        raise ValueError("the sparse executor is inference-only: call model.eval(), or use executor='masked' "
+                         "to train.")
+    if break_even == "default":
+        break_even = _DEFAULT[0]
+    _check_break_even(break_even)
+    with torch.no_grad():
+        m = mask if mask.dtype == torch.bool else mask != 0
+        n = int(m.sum())
+        if n == 0:
+            s = block.shortcut(x)
+            return torch.relu(s) if inactive == "relu" else s
+        if n == m.numel():
+            return block(x)
+        if break_even is not None:
+            limit = break_even_for(block, x, inactive) if break_even == "auto" else float(break_even)
+            first_total = m.numel() if is_basic(block) else x.shape[0] * x.shape[2] * x.shape[3]
+            # the first conv runs on at least the n active positions: a lower bound, no dilation needed
+            if limit <= 0.0 or work_fraction(block, n, n, first_total, m.numel()) > limit:
+                return dense_fallback(block, x, m, inactive)
+            first = first_conv_mask(block, m, (x.shape[2], x.shape[3]))
+            if work_fraction(block, int(first.sum()), n, first_total, m.numel()) > limit:
+                return dense_fallback(block, x, m, inactive)
+        else:
+            first = first_conv_mask(block, m, (x.shape[2], x.shape[3]))
+        return run_sparse(block, x, m, first, inactive)
+
+
+class SparseResidual(nn.Module):
+    """A residual unit applied at active positions; ``forward(x, mask)``.
+
+    ``executor = "masked"`` (default, and always while training) runs :func:`masked_residual`;
+    ``"sparse"`` in eval mode runs :func:`sparse_residual`. Switch with ``set_executor``.
+    The block is a submodule, so its parameters appear under ``block.``.
+    """
+
+    def __init__(self, block: ResidualBlock, inactive: Inactive = "shortcut",
+                 break_even: BreakEven = "default"):
+        super().__init__()
+        _check_break_even(None if break_even == "default" else break_even)
+        self.block, self.inactive, self.break_even = block, inactive, break_even
+        self.executor = "masked"
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        if self.executor == "sparse" and not self.training:
+            return sparse_residual(self.block, x, mask, self.inactive, self.break_even)
+        return masked_residual(self.block, x, mask, self.inactive)
+
+    def extra_repr(self) -> str:
+        return f"executor={self.executor!r}, inactive={self.inactive!r}, break_even={self.break_even!r}"
