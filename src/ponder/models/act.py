@@ -1,0 +1,333 @@
+"""ACT and SACT residual networks (Figurnov et al., CVPR 2017) on the library's ResNets.
+
+Each ResNet stage is one ACT block over its residual units. After every unit but the last
+a halting branch scores the unit's output; the stage output is the mean-field sum of the
+unit outputs weighted by the halting distribution (:mod:`ponder.nn.halting`).
+
+* **ACT** (``act_*``): one halting decision per image. Units run only for the images that
+  are still running (``sparse`` executor: the batch is sub-selected; ``masked``: every image
+  runs every unit and the halted ones are masked out, the official ``act`` variant).
+* **SACT** (``sact_*``): one decision per spatial position. Unit 1 of every stage runs
+  densely; unit ``l >= 2`` runs only at the positions still active (``masked``: dense compute
+  selected by the mask, used for training; ``sparse``: convolutions at active positions
+  only, via :mod:`ponder.nn.sparse_conv`, with the conv that feeds a 3x3 on the dilated mask).
+  Halted positions copy their input forward.
+
+The models subclass :class:`~ponder.models.resnet.CifarResNet` /
+:class:`~ponder.models.resnet.ImageNetResNet`, so their ``state_dict`` is the dense ResNet's
+(torchvision keys for the ImageNet ones) plus ``halting.<stage>.<unit>.*``. A dense checkpoint
+loads with ``strict=False`` (``train.init_from`` does this; the halting branches keep their
+fresh initialisation, as in the reference's fine-tuning), or with :func:`load_dense_weights`,
+which checks that only halting keys are missing. All networks are fully convolutional: a model
+trained at 224 px evaluates at 352 px (its ledger is measured per input size).
+
+Per-sample MACs come from the ledger: stem + head + dense first units + per active position
+cost of every later unit (:func:`ponder.nn.sparse_cost.residual_macs`: dilated-mask positions
+for ``conv1``) + every halting branch that was evaluated for the image. SACT evaluates its
+halting branch densely over the map whenever any position of the image is still active (a
+``C -> 1`` 3x3 conv, under 1.5 % of a unit: a dense conv is faster than gathering it); the
+reference counts it at active positions only, so our per-image MACs are slightly higher.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ponder.cost import CostLedger, unit_macs
+from ponder.models.base import example_input
+from ponder.models.resnet import (
+    BasicBlock,
+    Bottleneck,
+    CifarResNet,
+    ImageNetResNet,
+    ResidualBlock,
+    Shortcut,
+    _MethodUnit,
+)
+from ponder.nn.halting import ACTAccumulator, HaltingBranch, SpatialHaltingBranch
+from ponder.output import DynamicOutput
+from ponder.registry import register_model
+
+
+def _out_channels(block: ResidualBlock) -> int:
+    return block.conv3.out_channels if isinstance(block, Bottleneck) else block.conv2.out_channels
+
+
+class DenseResNetView(nn.Module):
+    """The plain ResNet inside an ACT/SACT model (same weights, every unit dense, no halting)."""
+
+    def __init__(self, model: "ACTResNetMixin") -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_logits(x)
+
+
+class ACTResNetMixin:
+    """ACT / SACT forward, ledger and bench hooks over a ResNet's stages (mixed into a ResNet class)."""
+
+    spatial: bool
+    executor: str
+    halting: nn.ModuleList
+    blocks: list[ResidualBlock]
+
+    def _init_act(self, spatial: bool) -> None:
+        self.spatial = spatial
+        self.executor = "masked"
+        self.break_even: float | str | None = "default"  # sparse_residual's dense fall-back (None: always sparse)
+        self._forced: tuple[float, int] | None = None
+        branch = SpatialHaltingBranch if spatial else HaltingBranch
+        self.halting = nn.ModuleList(
+            nn.ModuleList(branch(_out_channels(b)) for b in list(stage)[:-1]) for stage in self.stages())
+
+    def stages(self) -> list[nn.Sequential]:
+        """The ResNet stages (``layer1``, ``layer2``, ...): one ACT block each."""
+        return [getattr(self, f"layer{i}") for i in range(1, 5) if hasattr(self, f"layer{i}")]
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> DynamicOutput:
+        """ACT / SACT forward: logits, per-sample MACs, per-stage ponder maps, per-unit masks."""
+        self.check_input(x)
+        led = self.ledger_for(x)
+        macs = torch.full((x.shape[0],), float(led["stem"] + led["head"]), dtype=torch.float64, device=x.device)
+        h = self.stem(x)
+        ponder, n_maps, masks, ran = [], [], [], []
+        first = 0
+        for s, stage in enumerate(self.stages()):
+            blocks = list(stage)
+            if self.spatial:
+                h, res, stage_masks, stage_macs = self._sact_stage(s, first, blocks, h, led)
+                masks.extend(stage_masks)
+            else:
+                h, res, stage_ran, stage_macs = self._act_stage(s, first, blocks, h, led)
+                ran.append(stage_ran)
+            macs = macs + stage_macs
+            ponder.append(res.ponder_cost)
+            n_maps.append(res.n)
+            first += len(blocks)
+        logits = self.head(h)
+        cost = sum(p.flatten(1).mean(1) if p.dim() > 1 else p for p in ponder)
+        return DynamicOutput(
+            logits=logits, macs=macs, ponder=ponder,
+            masks=masks if self.spatial else None,
+            gates=None if self.spatial else torch.cat(ran, 1).float(),
+            extras={"ponder_cost": cost, "units_run": n_maps},
+        )
+
+    def _act_stage(self, s: int, first: int, blocks: list[ResidualBlock], x: Tensor, led: CostLedger):
+        """One ACT block with a decision per image; returns (output, ACTResult, ran [B, L], macs [B])."""
+        b, num = x.shape[0], len(blocks)
+        acc = ACTAccumulator(num, (b,), x.device)
+        keep = self._forced_keep((b,), s, x.device)
+        for l, block in enumerate(blocks):
+            branch = self.halting[s][l] if l < num - 1 else None
+            run = acc.running
+            h = None
+            if l == 0:
+                x = block(x)
+                h = branch(x) if branch is not None else None
+            elif not bool(run.any()):
+                h = torch.zeros(b, device=x.device) if branch is not None else None
+            elif self.executor == "sparse":
+                idx = run.nonzero()[:, 0]
+                xs = block(x.index_select(0, idx))
+                x = x.index_copy(0, idx, xs)
+                if branch is not None:
+                    hs = branch(xs)
+                    h = hs.new_zeros(b).index_copy(0, idx, hs)
+            else:
+                x = torch.where(run[:, None, None, None], block(x), x)
+                h = branch(x) if branch is not None else None
+            if keep is not None and h is not None:
+                h = (~keep).to(h.dtype) if l == 0 else torch.zeros_like(h)
+            acc.step(x, h)
+        res = acc.result()
+        ran = acc.ran_units
+        names = [f"blocks.{first + l}" for l in range(num)]
+        macs = led.charge(names, ran)
+        if num > 1:
+            macs = macs + led.charge([f"halt.{first + l}" for l in range(num - 1)], ran[:, :-1])
+        return res.output, res, ran, macs
+
+    def _sact_stage(self, s: int, first: int, blocks: list[ResidualBlock], x: Tensor, led: CostLedger):
+        """One SACT block with a decision per position; returns (output, ACTResult, masks, macs [B])."""
+        # imported here: ponder.nn.sparse_units imports ponder.models.resnet (and so this module)
+        from ponder.nn.sparse_cost import residual_macs
+        from ponder.nn.sparse_residual import sparse_residual
+        from ponder.nn.sparse_units import masked_residual
+
+        num = len(blocks)
+        x = blocks[0](x)  # unit 1 runs densely (it may change the resolution)
+        b, _, hgt, wid = x.shape
+        acc = ACTAccumulator(num, (b, hgt, wid), x.device)
+        keep = self._forced_keep((b, hgt, wid), s, x.device)
+        macs = torch.full((b,), float(led[f"blocks.{first}"]), dtype=torch.float64, device=x.device)
+        masks = [torch.ones(b, hgt, wid, dtype=torch.bool, device=x.device)]
+        h = None
+        if num > 1:
+            h = self.halting[s][0](x)
+            macs = macs + led[f"halt.{first}"]
+            if keep is not None:
+                h = (~keep).to(h.dtype)
+        acc.step(x, h)
+        for l in range(1, num):
+            branch = self.halting[s][l] if l < num - 1 else None
+            mask = acc.running
+            masks.append(mask)
+            in_size = tuple(x.shape[1:])
+            h = None
+            if bool(mask.any()):
+                if self.executor == "sparse":
+                    x = sparse_residual(blocks[l], x, mask, break_even=self.break_even)
+                else:
+                    x = masked_residual(blocks[l], x, mask)
+                macs = macs + residual_macs(blocks[l], in_size, mask)
+                if branch is not None:
+                    h = branch(x)
+                    macs = macs + mask.flatten(1).any(1).double() * led[f"halt.{first + l}"]
+            elif branch is not None:
+                h = torch.zeros(b, hgt, wid, device=x.device)
+            if keep is not None and h is not None:
+                h = torch.zeros_like(h)
+            acc.step(x, h)
+        res = acc.result()
+        return res.output, res, masks, macs
+
+    # ---------------------------------------------------------------- cost
+    def measure_ledger(self, input_size: tuple[int, int, int]) -> CostLedger:
+        """Unit costs at batch 1: ``stem``, ``head``, ``blocks.i`` (dense unit) and ``halt.i`` (halting branch).
+
+        SACT units after the first of a stage are charged per active position by
+        :func:`ponder.nn.sparse_cost.residual_macs` (conv1 on the dilated mask, the rest on the mask)."""
+        x = example_input(self, input_size)
+        units: dict[str, nn.Module] = {"stem": _MethodUnit(self.stem), "head": _MethodUnit(self.head)}
+        i = 0
+        for s, stage in enumerate(self.stages()):
+            for l, block in enumerate(stage):
+                units[f"blocks.{i}"] = block
+                if l < len(stage) - 1:
+                    units[f"halt.{i}"] = self.halting[s][l]
+                i += 1
+
+        def run() -> None:
+            h = units["stem"](x)
+            for i, block in enumerate(self.blocks):
+                h = block(h)
+                if f"halt.{i}" in units:
+                    units[f"halt.{i}"](h)
+            units["head"](h)
+
+        was_training = self.training
+        self.eval()
+        try:
+            costs = unit_macs(run, units)
+        finally:
+            self.train(was_training)
+        total = costs.pop("total")
+        return CostLedger(input_size=tuple(input_size), units=costs, total=total)
+
+    # ---------------------------------------------------------------- bench hooks
+    def dense_baseline(self) -> nn.Module:
+        """The plain ResNet with the same weights (every unit dense, no halting branches)."""
+        return DenseResNetView(self)
+
+    def force_keep_rate(self, rate: float | None, seed: int = 0) -> None:
+        """Override the halting decisions with seeded random ones (``None`` restores the learned ones).
+
+        SACT: in every stage a random ``rate`` fraction of the positions (``round(rate * H * W)``
+        per image, in spatially coherent blobs like learned SACT maps:
+        :func:`ponder.nn.sparse_fallback.coherent_mask`) stays active through all units after the
+        first; the others halt after unit 1. ACT: each image runs every unit of a stage with probability
+        ``rate``, else halts after unit 1. The masks depend only on ``seed``, the stage and the shape.
+        """
+        if rate is not None and not 0.0 <= rate <= 1.0:
+            raise ValueError(f"keep rate must be in [0, 1] (or None for learned decisions), got {rate}")
+        self._forced = None if rate is None else (float(rate), int(seed))
+
+    def _forced_keep(self, shape: tuple[int, ...], stage: int, device: torch.device) -> Tensor | None:
+        if self._forced is None:
+            return None
+        rate, seed = self._forced
+        gen = torch.Generator().manual_seed(seed * 1009 + stage)
+        if len(shape) == 1:
+            return (torch.rand(shape, generator=gen) < rate).to(device)
+        from ponder.nn.sparse_fallback import coherent_mask
+
+        return coherent_mask(shape, rate, gen, device=device)  # type: ignore[arg-type]
+
+
+class ACTCifarResNet(ACTResNetMixin, CifarResNet):
+    """CIFAR ResNet (6n+2, BasicBlocks) with ACT (``spatial=False``) or SACT (``spatial=True``) per stage."""
+
+    def __init__(self, depth: int = 32, num_classes: int = 10, spatial: bool = True, shortcut: Shortcut = "A",
+                 **kw) -> None:
+        CifarResNet.__init__(self, depth, num_classes=num_classes, shortcut=shortcut, **kw)
+        self._init_act(spatial)
+
+
+class ACTImageNetResNet(ACTResNetMixin, ImageNetResNet):
+    """torchvision-layout ResNet with ACT (``spatial=False``) or SACT (``spatial=True``) per stage."""
+
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], num_classes: int = 1000,
+                 spatial: bool = True, **kw) -> None:
+        ImageNetResNet.__init__(self, block, layers, num_classes=num_classes, **kw)
+        self._init_act(spatial)
+
+
+def load_dense_weights(model: ACTResNetMixin, source: str | Path | dict[str, Tensor]) -> list[str]:
+    """Load a dense ResNet ``state_dict`` (or a torchvision ``.pth`` / ``.safetensors`` file) into an ACT/SACT model.
+
+    Every backbone key must match; only ``halting.*`` keys may be missing (they keep their fresh
+    initialisation). Returns the missing (halting) keys.
+    """
+    if isinstance(source, dict):
+        state = source
+    elif str(source).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(str(source))
+    else:
+        state = torch.load(str(source), map_location="cpu", weights_only=True)
+    result = model.load_state_dict(state, strict=False)
+    bad = [k for k in result.missing_keys if not k.startswith("halting.")]
+    if bad or result.unexpected_keys:
+        raise ValueError(f"dense weights do not fit {type(model).__name__}: missing {bad[:5]}, unexpected "
+                         f"{result.unexpected_keys[:5]}; use a ResNet of the same depth and number of classes")
+    return list(result.missing_keys)
+
+
+def _register(name: str, build, doc: str):
+    def factory(num_classes: int | None = None, **kw) -> nn.Module:
+        return build(**({} if num_classes is None else {"num_classes": num_classes}), **kw)
+
+    factory.__name__, factory.__doc__ = name, doc
+    return register_model(factory)
+
+
+def _cifar(depth: int, spatial: bool):
+    kind = "SACT" if spatial else "ACT"
+    return _register(f"{kind.lower()}_resnet{depth}_cifar",
+                     lambda **kw: ACTCifarResNet(depth, spatial=spatial, **kw),
+                     f"{kind} CIFAR ResNet-{depth} ({(depth - 2) // 6} units per stage, parameter-free shortcuts).")
+
+
+def _imagenet(depth: int, layers: list[int], spatial: bool):
+    kind = "SACT" if spatial else "ACT"
+    return _register(f"{kind.lower()}_resnet{depth}",
+                     lambda **kw: ACTImageNetResNet(Bottleneck, layers, spatial=spatial, **kw),
+                     f"{kind} ResNet-{depth} (torchvision layout, {layers} bottleneck units; fully convolutional).")
+
+
+act_resnet32_cifar = _cifar(32, False)
+act_resnet110_cifar = _cifar(110, False)
+sact_resnet32_cifar = _cifar(32, True)
+sact_resnet110_cifar = _cifar(110, True)
+act_resnet50 = _imagenet(50, [3, 4, 6, 3], False)
+act_resnet101 = _imagenet(101, [3, 4, 23, 3], False)
+sact_resnet50 = _imagenet(50, [3, 4, 6, 3], True)
+sact_resnet101 = _imagenet(101, [3, 4, 23, 3], True)

@@ -1,0 +1,224 @@
+"""Adaptive computation time (Graves' ACT as used by SACT) over a block of residual units.
+
+A block has ``L`` units; units ``1..L-1`` emit a halting score ``h`` in [0, 1] and the last
+unit implicitly has ``h = 1``. With ``eps = 0.01``:
+
+* halting step ``N = min{n : sum_{l<=n} h_l >= 1 - eps}`` (an integer, no gradient);
+* remainder ``R = 1 - sum_{l<N} h_l``;
+* halting distribution ``p_l = h_l`` (l < N), ``p_N = R``, ``0`` after N;
+* block output: the mean-field sum ``sum_l p_l * x_l``;
+* ponder cost ``rho = N + R`` with ``d rho / d h_l = -1`` for ``l < N`` (autograd gives it).
+
+Every quantity has an arbitrary per-position shape: ``[B]`` for ACT (one decision per
+image) and ``[B, H, W]`` for SACT (one per spatial position). Units are processed one
+at a time (unit ``l``'s mask depends on the scores of units ``< l``), vectorised over
+everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+HALT_EPS = 0.01
+"""Halting threshold slack: a position halts once its cumulative score reaches ``1 - eps``."""
+
+HALT_BIAS_INIT = -3.0
+"""Initial bias of the halting logits: sigmoid(-3) ~ 0.047, so training starts running nearly every unit."""
+
+
+@dataclass
+class ACTResult:
+    """What ACT produced for one block (per-position shape ``S``: ``[B]`` or ``[B, H, W]``).
+
+    Attributes:
+        output: the mean-field block output ``sum_l p_l x_l`` (``None`` when no states were given).
+        n: ``S`` float, halting step N (number of units run), no gradient.
+        remainder: ``S`` remainder R (differentiable w.r.t. the scores of units before N).
+        ponder_cost: ``S`` rho = N + R.
+        distribution: ``S + [L]`` halting distribution p (sums to 1 over the last dim).
+    """
+
+    output: Tensor | None
+    n: Tensor
+    remainder: Tensor
+    ponder_cost: Tensor
+    distribution: Tensor
+
+
+class ACTAccumulator:
+    """Runs the ACT recurrence over the ``num_units`` units of one block, one unit at a time.
+
+    Usage: before unit ``l`` read :attr:`running` (positions that must still compute it;
+    halted positions copy their input forward), run the unit, then call
+    ``step(x_l, h_l)`` with the unit's output state and its halting scores (``None`` for the
+    last unit). After the last unit, :meth:`result` gives output, N, R, rho and p.
+    """
+
+    def __init__(self, num_units: int, shape: tuple[int, ...], device: torch.device | str,
+                 eps: float = HALT_EPS, dtype: torch.dtype | None = None) -> None:
+        if num_units < 1:
+            raise ValueError(f"an ACT block needs at least one unit, got num_units={num_units}")
+        self.num_units, self.eps = num_units, eps
+        self.shape = tuple(shape)
+        self.running = torch.ones(self.shape, dtype=torch.bool, device=device)
+        self._hsum = torch.zeros(self.shape, device=device, dtype=dtype)  # sum of h_l over units before N
+        self._n = torch.zeros(self.shape, device=device, dtype=dtype)
+        self._remainder = torch.zeros(self.shape, device=device, dtype=dtype)
+        self._dist: list[Tensor] = []
+        self._ran: list[Tensor] = []
+        self._output: Tensor | None = None
+
+    @property
+    def units_done(self) -> int:
+        return len(self._dist)
+
+    @property
+    def ran_units(self) -> Tensor:
+        """``S + [units done]`` bool: which positions ran which unit."""
+        return torch.stack(self._ran, -1)
+
+    def step(self, x: Tensor | None, h: Tensor | None) -> None:
+        """Account for the next unit: its output state ``x`` (``[B, C, ...]`` or ``None``) and scores ``h`` (shape S).
+
+        ``h`` is ignored where a position already halted (its later scores count as 0);
+        it must be ``None`` only for the last unit.
+        """
+        last = self.units_done == self.num_units - 1
+        if self.units_done >= self.num_units:
+            raise RuntimeError(f"ACT block has only {self.num_units} units; step() was called once too often")
+        if h is None and not last:
+            raise ValueError(f"unit {self.units_done + 1} of {self.num_units} needs halting scores; only the last unit has none")
+        run = self.running
+        hsum_now = self._hsum
+        if last:
+            halts = run
+            p = torch.where(run, 1.0 - hsum_now, torch.zeros_like(hsum_now))
+        else:
+            h = h.to(hsum_now.dtype)
+            halts = run & ((hsum_now.detach() + h.detach()) >= 1.0 - self.eps)
+            keeps = run & ~halts
+            p = torch.where(halts, 1.0 - hsum_now, torch.where(keeps, h, torch.zeros_like(h)))
+            self._hsum = hsum_now + torch.where(keeps, h, torch.zeros_like(h))
+        self._remainder = torch.where(halts, 1.0 - hsum_now, self._remainder)
+        self._n = self._n + run.to(self._n.dtype)
+        self._dist.append(p)
+        self._ran.append(run)
+        self.running = run & ~halts
+        if x is not None:
+            weight = _broadcast_to_state(p, x)
+            if self._output is None:
+                self._output = weight * x
+            elif torch.is_grad_enabled():
+                self._output = self._output + weight * x
+            else:  # inference: accumulate in place (the output is our own tensor)
+                self._output.addcmul_(weight, x)
+
+    def result(self) -> ACTResult:
+        """Output, N, R, rho and p once all units were stepped."""
+        if self.units_done != self.num_units:
+            raise RuntimeError(f"ACT block stepped {self.units_done} of {self.num_units} units; finish the block first")
+        return ACTResult(output=self._output, n=self._n, remainder=self._remainder,
+                         ponder_cost=self._n + self._remainder, distribution=torch.stack(self._dist, -1))
+
+
+def _broadcast_to_state(p: Tensor, x: Tensor) -> Tensor:
+    """Per-position ``p`` (``[B]`` or ``[B, H, W]``) shaped to multiply a state ``x [B, C, ...]``."""
+    p = p.to(x.dtype).unsqueeze(1)
+    return p.reshape(*p.shape, *([1] * (x.dim() - p.dim())))
+
+
+def act_halting(h: Tensor, eps: float = HALT_EPS) -> ACTResult:
+    """ACT quantities from all halting scores ``h [*S, L-1]`` of an ``L``-unit block (no states)."""
+    acc = ACTAccumulator(h.shape[-1] + 1, tuple(h.shape[:-1]), h.device, eps, dtype=h.dtype)
+    for l in range(h.shape[-1]):
+        acc.step(None, h[..., l])
+    acc.step(None, None)
+    return acc.result()
+
+
+class HaltingBranch(nn.Module):
+    """ACT halting scores ``[B]`` from a unit output ``x [B, C, H, W]``: BN -> GAP -> linear -> sigmoid.
+
+    As the reference (GAP -> BN -> 1x1 conv -> sigmoid), except that the BN normalises the map
+    before pooling, which keeps it batch-1 safe in training. The BN matters: unit outputs are
+    non-negative ReLU maps, and without centring the ponder-cost gradient moves every weight the
+    same way and the scores saturate within a few steps. The linear layer starts with zero
+    weights and bias -3, so every image starts with ``h = sigmoid(-3)`` and runs nearly all units.
+    Cost: ``C`` MACs per image.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels, 1)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.constant_(self.fc.bias, HALT_BIAS_INIT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            pooled = self.bn(x).mean((2, 3))
+        else:  # eval BN is affine per channel: pool first, then normalise the [B, C] means
+            scale, shift = bn_affine(self.bn)
+            pooled = x.mean((2, 3)) * scale + shift
+        return torch.sigmoid(self.fc(pooled))[:, 0]
+
+
+class SpatialHaltingBranch(nn.Module):
+    """SACT halting scores ``[B, H, W]`` from a unit output ``x [B, C, H, W]``.
+
+    ``z = BN(x)``; ``h = sigmoid(conv3x3_{C->1}(z) + linear_{C->1}(GAP(z)))``: a local term (bias
+    -3) plus a global term (no bias) broadcast over the map. The reference has one BN per term
+    (the global one on pooled features); one BN before pooling is batch-1 safe and centres both
+    inputs, which keeps the ponder-cost gradient from saturating the scores (see
+    :class:`HaltingBranch`). Both terms start with zero weights, so the map starts at
+    sigmoid(-3). Cost: ``9 C`` MACs per position plus ``C`` per image.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.local = nn.Conv2d(channels, 1, 3, padding=1)
+        self.glob = nn.Linear(channels, 1, bias=False)
+        nn.init.zeros_(self.local.weight)
+        nn.init.constant_(self.local.bias, HALT_BIAS_INIT)
+        nn.init.zeros_(self.glob.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            z = self.bn(x)
+            return torch.sigmoid(self.local(z)[:, 0] + self.glob(z.mean((2, 3)))[:, :, None])
+        scale, shift = bn_affine(self.bn)  # eval: BN folded into both terms
+        glob = self.glob(x.mean((2, 3)) * scale + shift)[:, :, None]
+        return torch.sigmoid(self._local_eval(x, scale, shift) + glob)
+
+    def _local_eval(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        """``conv3x3(BN(x))[:, 0]`` in eval mode as one 1x1 conv ``C -> 9`` (BN folded) plus 9 shifted adds.
+
+        Exact, zero padding included (taps outside the map read zeros of the padded tap maps), and
+        much faster than a ``C -> 1`` 3x3 conv for wide layers; the same ``9 C`` MACs per position.
+        """
+        w9 = self.local.weight[0].permute(1, 2, 0).reshape(9, -1)  # [(kh, kw), C]
+        taps = F.conv2d(x, (w9 * scale)[:, :, None, None], w9 @ shift)  # [B, 9, H, W]
+        hgt, wid = x.shape[2], x.shape[3]
+        taps = F.pad(taps, (1, 1, 1, 1))
+        out = taps[:, 4, 1:hgt + 1, 1:wid + 1] + self.local.bias
+        for k in (0, 1, 2, 3, 5, 6, 7, 8):
+            i, j = divmod(k, 3)
+            out = out + taps[:, k, i:i + hgt, j:j + wid]
+        return out
+
+
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` ``[C]`` with ``bn(x) = x * scale + shift`` per channel (running statistics)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift

@@ -1,0 +1,150 @@
+"""Ponder-cost maps of ACT / SACT models over images of any size, written as PNG overlays.
+
+For each ACT block (ResNet stage) the per-position ponder cost rho = N + R is resized to the
+image with nearest-neighbour interpolation; the maps are also summed over blocks (the SACT
+paper's ponder-cost map). Per-unit active masks give the executed-units map (how many residual
+units ran at each pixel). ``ponder ponder-map RUN_DIR IMAGE...`` calls :func:`write_ponder_maps`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ponder.saliency import saliency_map
+
+
+def _to_image(maps: Sequence[Tensor], batch: int, hw: tuple[int, int]) -> list[Tensor]:
+    """Per-position maps (``[B, h, w]``, or ``[B]`` for ACT) resized (nearest) to ``[B, H, W]`` float."""
+    out = []
+    for m in maps:
+        m = m.detach().float()
+        if m.dim() == 1:
+            out.append(m[:, None, None].expand(batch, *hw).clone())
+        else:
+            out.append(F.interpolate(m[:, None], size=hw, mode="nearest")[:, 0])
+    return out
+
+
+@torch.no_grad()
+def ponder_maps(model: nn.Module, images: Tensor) -> dict[str, Any]:
+    """Ponder-cost maps of an ACT/SACT ``model`` for normalised ``images [B, C, H, W]`` (any H, W).
+
+    Returns a dict of tensors at image resolution:
+    ``stages``: list (one per ACT block) of ``[B, H, W]`` ponder cost rho = N + R;
+    ``total``: ``[B, H, W]`` their sum; ``units``: list (one per residual unit) of ``[B, H, W]``
+    0/1 active masks (SACT only, else empty); ``units_run``: ``[B, H, W]`` number of units run per
+    pixel; plus ``logits [B, K]`` and ``macs [B]``. The model runs in eval mode.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(images)
+    finally:
+        model.train(was_training)
+    if out.ponder is None:
+        raise ValueError(f"{type(model).__name__} reports no ponder maps; ponder maps need an act_* or sact_* model")
+    b, hw = images.shape[0], (images.shape[2], images.shape[3])
+    stages = _to_image(out.ponder, b, hw)
+    units = _to_image(out.masks, b, hw) if out.masks is not None else []
+    units_run = torch.stack(_to_image(out.extras["units_run"], b, hw)).sum(0)
+    return {"stages": stages, "total": torch.stack(stages).sum(0), "units": units, "units_run": units_run,
+            "logits": out.logits, "macs": out.macs}
+
+
+def _normalizer(dataset: str):
+    from ponder.data.transforms import CIFAR_STATS, IMAGENET_STATS, Normalize
+
+    if dataset in CIFAR_STATS:
+        return Normalize(*CIFAR_STATS[dataset])
+    if dataset == "imagefolder":
+        return Normalize(*IMAGENET_STATS)
+    raise ValueError(f"ponder maps read RGB images; runs on data set {dataset!r} are not supported "
+                     f"(use a cifar10, cifar100 or imagefolder run)")
+
+
+def load_image(path: str | Path, size: int) -> Tensor:
+    """RGB ``uint8 [3, H, W]`` read with Pillow, resized so its longer side is ``size`` pixels."""
+    from ponder.data.imagefolder import decode_image
+
+    img = decode_image(str(path))
+    h, w = img.shape[1:]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) == (h, w):
+        return img
+    resized = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def _save_png(path: Path, image: Tensor, panels: list[tuple[str, Tensor]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rgb = image.permute(1, 2, 0).numpy()
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(2.4 * (len(panels) + 1), 2.6), dpi=80)
+    axes[0].imshow(rgb)
+    axes[0].set_title("image", fontsize=9)
+    for ax, (title, m) in zip(axes[1:], panels):
+        ax.imshow(rgb)
+        im = ax.imshow(m.numpy(), cmap="jet", alpha=0.5)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_ponder_maps(run_dir: str | Path, images: Sequence[str | Path], out_dir: str | Path | None = None,
+                      saliency: bool = False, sigma: float = 10.0, gamma: float = 0.005, size: int | None = None,
+                      device: str = "cpu") -> list[Path]:
+    """Write one ponder-map figure per image of a trained ACT/SACT run; returns the written paths.
+
+    Each image is read with Pillow, resized so its longer side is ``size`` pixels (default: the
+    run's training resolution, e.g. 32 for CIFAR, 224 for ImageNet) and normalised like the
+    run's eval transform. Writes ``<name>_ponder.png`` (image, per-stage ponder cost, summed
+    ponder cost, executed units and, with ``saliency=True``, the SACT saliency map with blur std
+    ``sigma`` pixels and centre-bias weight ``gamma``: :func:`ponder.saliency.saliency_map`) when
+    matplotlib is installed, else ``<name>_ponder.npz`` with the same maps. ``out_dir``
+    defaults to ``RUN_DIR/ponder_maps``.
+    """
+    from ponder.engine import load_run
+
+    model, config = load_run(run_dir, device=device)
+    norm = _normalizer(config.data.dataset)
+    size = size or max(model.default_input_size[1:])
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "ponder_maps"
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import matplotlib  # noqa: F401
+
+        have_mpl = True
+    except ImportError:
+        have_mpl = False
+    written = []
+    for path in images:
+        img = load_image(path, size)
+        maps = ponder_maps(model, norm(img[None]).to(device))
+        panels = [(f"stage {i + 1} rho", m[0].cpu()) for i, m in enumerate(maps["stages"])]
+        panels += [("ponder cost (sum)", maps["total"][0].cpu()), ("units run", maps["units_run"][0].cpu())]
+        if saliency:
+            panels.append(("saliency", saliency_map(maps["total"][0].cpu(), sigma, gamma)))
+        name = Path(path).stem
+        if have_mpl:
+            target = out / f"{name}_ponder.png"
+            _save_png(target, img, panels)
+        else:
+            target = out / f"{name}_ponder.npz"
+            np.savez_compressed(target, image=img.numpy(), **{t.replace(" ", "_"): m.numpy() for t, m in panels})
+        written.append(target)
+    return written
