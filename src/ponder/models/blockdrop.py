@@ -216,9 +216,10 @@ def _in_channels(block: nn.Module) -> int:
     return block.conv1.in_channels
 
 
-def cifar_policy(num_blocks: int, in_chans: int = 3) -> ResNetPolicy:
+def cifar_policy(num_blocks: int, in_chans: int = 3, init_keep_prob: float | None = None) -> ResNetPolicy:
     """BlockDrop's CIFAR policy: a ResNet-8 (one BasicBlock per stage, zero-pad shortcuts) on the full input."""
-    return ResNetPolicy(CifarResNet(8, num_classes=1, shortcut="A", in_chans=in_chans), 64, num_blocks)
+    return ResNetPolicy(CifarResNet(8, num_classes=1, shortcut="A", in_chans=in_chans), 64, num_blocks,
+                        init_keep_prob=init_keep_prob)
 
 
 def imagenet_policy(num_blocks: int, in_chans: int = 3) -> ResNetPolicy:
@@ -227,21 +228,24 @@ def imagenet_policy(num_blocks: int, in_chans: int = 3) -> ResNetPolicy:
     return ResNetPolicy(trunk, 512, num_blocks, downsample=2)
 
 
-def _cifar_blockdrop(depth: int, num_classes: int, shortcut: str, threshold: float) -> BlockDropResNet:
-    backbone = CifarResNet(depth, num_classes=num_classes, shortcut=shortcut)
-    return BlockDropResNet(backbone, cifar_policy(len(backbone.blocks)), threshold)
+def _cifar_blockdrop(depth: int, num_classes: int, shortcut: str, threshold: float,
+                     in_chans: int = 3, init_keep_prob: float | None = None) -> BlockDropResNet:
+    backbone = CifarResNet(depth, num_classes=num_classes, shortcut=shortcut, in_chans=in_chans)
+    return BlockDropResNet(backbone, cifar_policy(len(backbone.blocks), in_chans, init_keep_prob), threshold)
 
 
 @register_model
-def blockdrop_resnet32_cifar(num_classes: int = 10, shortcut: str = "A", threshold: float = 0.5) -> BlockDropResNet:
+def blockdrop_resnet32_cifar(num_classes: int = 10, shortcut: str = "A", threshold: float = 0.5,
+                             in_chans: int = 3, init_keep_prob: float | None = None) -> BlockDropResNet:
     """BlockDrop on CIFAR ResNet-32 (15 blocks), ResNet-8 policy on the 32x32 input."""
-    return _cifar_blockdrop(32, num_classes, shortcut, threshold)
+    return _cifar_blockdrop(32, num_classes, shortcut, threshold, in_chans, init_keep_prob)
 
 
 @register_model
-def blockdrop_resnet110_cifar(num_classes: int = 10, shortcut: str = "A", threshold: float = 0.5) -> BlockDropResNet:
+def blockdrop_resnet110_cifar(num_classes: int = 10, shortcut: str = "A", threshold: float = 0.5,
+                             in_chans: int = 3, init_keep_prob: float | None = None) -> BlockDropResNet:
     """BlockDrop on CIFAR ResNet-110 (54 blocks), ResNet-8 policy on the 32x32 input."""
-    return _cifar_blockdrop(110, num_classes, shortcut, threshold)
+    return _cifar_blockdrop(110, num_classes, shortcut, threshold, in_chans, init_keep_prob)
 
 
 @register_model

@@ -12,6 +12,8 @@ Blocks outside ``decided`` (curriculum learning) are forced to 1 and add no log-
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -76,14 +78,21 @@ class ResNetPolicy(nn.Module):
     """A small ResNet trunk (its classifier removed) -> ``Linear(features -> blocks)`` -> sigmoid.
 
     ``forward(x [B, C, H, W]) -> probs [B, blocks]``. ``downsample > 1`` average-pools the input
-    by that factor first (BlockDrop's ImageNet policy sees 112 px).
+    by that factor first (BlockDrop's ImageNet policy sees 112 px). ``init_keep_prob`` (not in
+    the paper; ``None`` = PyTorch's default init) starts every block's keep probability near that
+    value, so a short curriculum does not begin by dropping blocks at random.
     """
 
-    def __init__(self, trunk: ResNet, features: int, num_blocks: int, downsample: int = 1):
+    def __init__(self, trunk: ResNet, features: int, num_blocks: int, downsample: int = 1,
+                 init_keep_prob: float | None = None):
         super().__init__()
         trunk.fc = nn.Identity()  # the trunk's head now returns the pooled features
         self.trunk, self.downsample = trunk, downsample
         self.fc = nn.Linear(features, num_blocks)
+        if init_keep_prob is not None:
+            if not 0.0 < init_keep_prob < 1.0:
+                raise ValueError(f"init_keep_prob must be in (0, 1), got {init_keep_prob}")
+            nn.init.constant_(self.fc.bias, math.log(init_keep_prob / (1.0 - init_keep_prob)))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.downsample > 1:
