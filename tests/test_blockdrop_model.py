@@ -173,10 +173,6 @@ def test_imagenet_policy_trunk_from_resnet18(tmp_path):
 def test_init_keep_prob_starts_policy_near_that_keep_probability():
     import math
 
-    import pytest
-
-    from ponder.registry import create_model
-
     model = create_model("blockdrop_resnet32_cifar", init_keep_prob=0.9)
     assert torch.allclose(model.policy.fc.bias, torch.full((15,), math.log(9.0)))
     with pytest.raises(ValueError, match="init_keep_prob"):
