@@ -1,0 +1,288 @@
+"""The multi-exit contract and its two executors (compute-all and real early exit).
+
+A multi-exit model subclasses :class:`MultiExitModel` and describes itself *stepwise*
+(see :mod:`ponder.nn.exits` for the contract). From that description the base class derives:
+
+- the **compute-all** executor (``"masked"``, the default): every block and exit runs on the
+  whole batch, ``DynamicOutput.exit_logits`` holds every exit, and the exit a sample *would*
+  take is decided by the same rule the sparse executor uses (used to train and calibrate);
+- the **sparse** executor (``set_executor(model, "sparse")``): after exit ``k`` the samples
+  whose max-softmax is ``>= threshold[k]`` leave the batch, so later blocks only run on the rest.
+
+Both executors give the same per-sample exit and prediction. Per-sample MACs are the
+cumulative cost of everything run up to and including the exit taken (earlier heads included).
+Without thresholds (and without ``force_keep_rate``) every sample takes the last exit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from ponder.cost import CostLedger, _isolated_counter
+from ponder.models.base import PonderModel, example_input
+from ponder.nn.exits import (CollaborationHeads, LastExitNetwork, gradient_rescale, keep_uniforms,
+                             official_op_counts, sample_keys, select_samples)
+from ponder.output import DynamicOutput
+
+
+class MultiExitModel(PonderModel):
+    """Base of multi-exit networks (MSDNet, RANet): stepwise description, two executors, cost ledger.
+
+    Attributes:
+        executor: ``"masked"`` (compute-all) or ``"sparse"`` (real early exit).
+        grad_equilibrium: IMTA gradient equilibrium on (identity in the forward pass).
+        collab: :class:`CollaborationHeads` when built with ``enable_collaboration``, else ``None``.
+    """
+
+    num_exits: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.executor = "masked"
+        self.grad_equilibrium = False
+        self.collab: CollaborationHeads | None = None
+        self._thresholds: list[float] | None = None
+        self._keep_rate: float | None = None
+        self._keep_seed = 0
+        self._calibration: Tensor | None = None
+
+    # ---- what a family implements -------------------------------------------------------
+    def run_block(self, k: int, state: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def exit_features(self, k: int, state: Any) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def exit_classifier(self, k: int, feat: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def exit_feature_dims(self) -> list[int]:  # pragma: no cover - abstract
+        """Width ``C_k`` of each exit's pooled feature (the collaboration heads need it)."""
+        raise NotImplementedError
+
+    def stage_modules(self, k: int) -> list[nn.Module]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def exit_modules(self, k: int) -> list[nn.Module]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def scale_gradient(self, state: Any, scale: float) -> Any:
+        """Gradient equilibrium: rescale the gradient of ``state`` (default: every tensor).
+
+        Families override it to rescale only the tensor the exits read (MSDNet: coarsest scale).
+        """
+        return tree_map(lambda t: gradient_rescale(t, scale) if isinstance(t, Tensor) else t, state)
+
+    # ---- options ------------------------------------------------------------------------
+    def enable_collaboration(self) -> None:
+        """Add IMTA collaboration heads (stage 2); the exits then predict with the new heads."""
+        self.collab = CollaborationHeads(self.exit_feature_dims(), self.num_classes)
+
+    def set_thresholds(self, thresholds: Sequence[float] | None) -> None:
+        """Exit ``k`` takes the samples whose max-softmax is ``>= thresholds[k]``.
+
+        Give ``num_exits - 1`` values (the last exit takes the rest) or ``num_exits`` values
+        (the last must be ``-inf``); ``None`` runs every sample to the last exit.
+        """
+        if thresholds is None:
+            self._thresholds = None
+            return
+        t = [float(v) for v in thresholds]
+        if len(t) == self.num_exits - 1:
+            t.append(-math.inf)
+        if len(t) != self.num_exits or t[-1] != -math.inf:
+            raise ValueError(f"set_thresholds needs {self.num_exits - 1} values (or {self.num_exits} ending "
+                             f"with -inf) for {self.num_exits} exits, got {list(thresholds)}")
+        self._thresholds = t
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        return None if self._thresholds is None else list(self._thresholds)
+
+    def force_keep_rate(self, rate: float | None, seed: int = 0) -> None:
+        """Benchmark hook: a fraction ``rate`` of the samples reaching each exit continues past it.
+
+        Which samples continue is a seeded hash of each sample's content (deterministic per
+        sample, identical in both executors); ``None`` restores the threshold rule.
+        """
+        if rate is not None and not 0.0 <= rate <= 1.0:
+            raise ValueError(f"keep rate must be in [0, 1], got {rate}")
+        self._keep_rate, self._keep_seed = rate, int(seed)
+
+    def calibrate(self, confidences: Tensor) -> None:
+        """Store held-out max-softmax confidences ``[num_exits, N]`` so :meth:`set_budget` can fit thresholds."""
+        if confidences.dim() != 2 or confidences.shape[0] != self.num_exits:
+            raise ValueError(f"calibrate expects confidences [num_exits={self.num_exits}, N], got {list(confidences.shape)}")
+        self._calibration = confidences.detach().cpu()
+
+    def set_budget(self, value: float) -> None:
+        """The family's inference knob: target mean MACs per sample at the default input size.
+
+        Thresholds are fitted on the confidences given to :meth:`calibrate` (held-out split).
+        """
+        if self._calibration is None:
+            raise ValueError("set_budget needs held-out confidences first; call model.calibrate(conf) "
+                             "(the 'budgeted' protocol does this) or use set_thresholds")
+        from ponder.evaluate.thresholds import thresholds_for_macs
+
+        costs = torch.tensor(self.exit_costs(self.default_input_size), dtype=torch.float64)
+        self.set_thresholds(thresholds_for_macs(self._calibration, costs, float(value)))
+
+    # ---- costs --------------------------------------------------------------------------
+    def measure_ledger(self, input_size: tuple[int, int, int]) -> CostLedger:
+        """Units ``block.k`` and ``exit.k`` (the head, plus its collaboration head), at batch 1."""
+        x = example_input(self, input_size)
+        units: dict[str, int] = {}
+        was_training = self.training
+        self.eval()
+        try:
+            with _isolated_counter() as fc:
+                state, carry = x, None
+                for k in range(self.num_exits):
+                    before = fc.get_total_flops()
+                    state = self.run_block(k, state)
+                    mid = fc.get_total_flops()
+                    _, _, carry = self._exit(k, state, carry)
+                    units[f"block.{k}"] = int(mid - before) // 2
+                    units[f"exit.{k}"] = int(fc.get_total_flops() - mid) // 2
+        finally:
+            self.train(was_training)
+        return CostLedger(input_size=input_size, units=units, total=sum(units.values()))
+
+    def exit_costs(self, input_size: tuple[int, int, int] | None = None) -> list[int]:
+        """Cumulative MACs up to and including each exit (blocks and heads ``0..k``)."""
+        led = self.ledger(tuple(input_size or self.default_input_size))
+        out, acc = [], 0
+        for k in range(self.num_exits):
+            acc += led[f"block.{k}"] + led[f"exit.{k}"]
+            out.append(acc)
+        return out
+
+    def dense_macs(self, input_size: tuple[int, int, int] | None = None) -> int:
+        """MACs of :meth:`dense_baseline`: every block plus the last exit only."""
+        led = self.ledger(tuple(input_size or self.default_input_size))
+        return sum(led[f"block.{k}"] for k in range(self.num_exits)) + led[f"exit.{self.num_exits - 1}"]
+
+    def profile_exits(self, input_size: tuple[int, int, int]) -> list[dict[str, int]]:
+        """Per exit: cumulative ``params``, ``macs`` (conv+linear) and ``macs_official`` (official
+        ``op_counter`` convention) of everything up to and including it, earlier heads included."""
+        seen: set[int] = set()
+        params, out = 0, []
+        for k, macs in enumerate(self.exit_costs(input_size)):
+            modules = self.stage_modules(k) + self.exit_modules(k)
+            if self.collab is not None:
+                modules += [self.collab.heads[k]] + ([self.collab.isc[k - 1]] if k else [])
+            for m in modules:
+                for p in m.parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        params += p.numel()
+            out.append({"params": params, "macs": macs})
+        for entry, official in zip(out, official_op_counts(self, input_size)):
+            entry["macs_official"] = official
+        return out
+
+    # ---- execution ----------------------------------------------------------------------
+    def _exit(self, k: int, state: Any, carry: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(prediction logits, backbone-head logits, carry for the next exit) of exit ``k``."""
+        feat = self.exit_features(k, state)
+        own = self.exit_classifier(k, feat)
+        if self.collab is None:
+            return own, own, None
+        new = self.collab(k, feat, carry)
+        return new, own, new
+
+    def _leaves(self, k: int, logits: Tensor, keys: Tensor | None) -> Tensor | None:
+        """Bool ``[B]``: which samples leave at exit ``k``; ``None`` when nobody can leave early."""
+        if k == self.num_exits - 1:
+            return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        if self._keep_rate is not None:
+            assert keys is not None
+            return keep_uniforms(keys, k, self._keep_seed).to(logits.device) >= self._keep_rate
+        if self._thresholds is None:
+            return None
+        return F.softmax(logits, dim=1).amax(dim=1) >= self._thresholds[k]
+
+    def forward(self, x: Tensor) -> DynamicOutput:
+        """``x [B, C, H, W]`` -> :class:`DynamicOutput` (``exit_logits`` only from the compute-all executor)."""
+        self.check_input(x)
+        if self.executor == "sparse":
+            return self._forward_sparse(x)
+        return self._forward_all(x)
+
+    def _forward_all(self, x: Tensor) -> DynamicOutput:
+        n = self.num_exits
+        keys = sample_keys(x) if self._keep_rate is not None else None
+        state, carry = x, None
+        exit_logits, teacher = [], None
+        exit_index = torch.full((x.shape[0],), n - 1, dtype=torch.long, device=x.device)
+        open_ = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        for k in range(n):
+            state = self.run_block(k, state)
+            head_state = state
+            if self.grad_equilibrium and torch.is_grad_enabled():
+                head_state = self.scale_gradient(state, 1.0 / (n - k))
+                state = self.scale_gradient(head_state, float(n - k - 1))
+            logits, own, carry = self._exit(k, head_state, carry)
+            exit_logits.append(logits)
+            teacher = own
+            with torch.no_grad():
+                leave = self._leaves(k, logits, keys)
+                if leave is not None and k < n - 1:
+                    now = leave & open_
+                    exit_index[now] = k
+                    open_ &= ~leave
+        stacked = torch.stack(exit_logits)  # [n, B, classes]
+        logits = stacked.gather(0, exit_index.view(1, -1, 1).expand(1, -1, stacked.shape[2]))[0]
+        out = DynamicOutput(logits=logits, macs=self._macs_of(exit_index, x), exit_logits=exit_logits,
+                            exit_index=exit_index)
+        if self.collab is not None:
+            out.extras["teacher_logits"] = teacher
+        return out
+
+    def _forward_sparse(self, x: Tensor) -> DynamicOutput:
+        n, batch = self.num_exits, x.shape[0]
+        keys = sample_keys(x) if self._keep_rate is not None else None
+        idx = torch.arange(batch, device=x.device)
+        exit_index = torch.full((batch,), n - 1, dtype=torch.long, device=x.device)
+        out_logits: Tensor | None = None
+        state, carry = x, None
+        for k in range(n):
+            state = self.run_block(k, state)
+            logits, _, carry = self._exit(k, state, carry)
+            if out_logits is None:
+                out_logits = logits.new_empty(batch, logits.shape[1])
+            leave = self._leaves(k, logits, keys)
+            if leave is None:  # no rule to leave early: everybody runs to the last exit
+                continue
+            if bool(leave.all()):
+                out_logits[idx] = logits
+                exit_index[idx] = k
+                break
+            if bool(leave.any()):
+                gone = leave.nonzero().squeeze(1)
+                out_logits[idx[gone]] = logits[gone]
+                exit_index[idx[gone]] = k
+                stay = (~leave).nonzero().squeeze(1)
+                idx, state = idx[stay], select_samples(state, stay)
+                carry = None if carry is None else carry[stay]
+                if keys is not None:
+                    keys = keys[stay]
+        assert out_logits is not None
+        return DynamicOutput(logits=out_logits, macs=self._macs_of(exit_index, x), exit_index=exit_index)
+
+    def _macs_of(self, exit_index: Tensor, x: Tensor) -> Tensor:
+        costs = torch.tensor(self.exit_costs(tuple(x.shape[1:])), dtype=torch.float64, device=x.device)
+        return costs[exit_index]
+
+    # ---- benchmark hooks ----------------------------------------------------------------
+    def dense_baseline(self) -> nn.Module:
+        """The same network run to its last exit only (no early exit, no intermediate heads)."""
+        return LastExitNetwork(self)

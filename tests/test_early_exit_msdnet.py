@@ -1,0 +1,214 @@
+"""MSDNet structure, golden per-exit costs, and the two executors of the multi-exit base."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ponder import count_macs, create_model
+from ponder.models.msdnet import MSDNet, ParallelModule, scale_plan
+from ponder.nn import set_executor
+from ponder.nn.exits import MultiExitModel
+
+# (params, conv+linear MACs, official op_counter) cumulative per exit, computed with this library
+# from the official configurations. The official-convention CIFAR-100 figures (6.86M, 14.35M,
+# 27.54M, 41.71M, 58.48M) and ImageNet step-4 figures (0.34G ... 1.36G; 4.24M ... 23.96M params)
+# are the ones the MSDNet / IMTA / L2W papers print.
+GOLDEN = {
+    ("msdnet_cifar_budgeted", 10): [
+        (288094, 6781184, 6848266), (626520, 14185984, 14326804), (983478, 27244288, 27501854),
+        (1445984, 41327616, 41668136), (2020874, 58030336, 58422578)],
+    ("msdnet_cifar_budgeted", 100): [
+        (299704, 6792704, 6859876), (649740, 14209024, 14350024), (1018308, 27278848, 27536684),
+        (1492424, 41373696, 41714576), (2078924, 58087936, 58480628)],
+    ("msdnet_cifar_anytime", 100): [
+        (433876, 14967296, None), (876792, 25259008, None), (1274952, 36780544, None), (1695548, 45972480, None),
+        (2178352, 56933888, None), (2603252, 66529280, None), (3067960, 75487744, None)],
+    ("msdnet_imagenet_step4", 1000): [
+        (4238504, 337214464, 339902824), (8772240, 681654272, 685456720), (13073272, 1003659008, 1008156120),
+        (16748416, 1249626240, 1254472688), (23958440, 1355606016, 1360529624)],
+    ("msdnet_imagenet_step6", 1000): [
+        (7076712, 511324160, None), (15689808, 1166144768, None), (24014008, 1838349440, None),
+        (42187744, 2494631424, None), (56529304, 2735131968, None)],
+    ("msdnet_imagenet_step7", 1000): [
+        (8759240, 612030976, None), (20154896, 1430810112, None), (31730040, 2276388096, None),
+        (41860288, 2959942016, None), (62314472, 3246180864, None)],
+}
+
+HEAD_WIDTHS = {  # classifier input widths c * grFactor[-1] (reference §1.3)
+    "msdnet_cifar_budgeted": [88, 136, 104, 200, 208],
+    "msdnet_imagenet_step4": [384, 384, 352, 304, 560],
+    "msdnet_imagenet_step6": [512, 544, 496, 880, 792],
+    "msdnet_imagenet_step7": [576, 640, 608, 528, 976],
+}
+
+
+def _meta(name: str, num_classes: int) -> MSDNet:
+    with torch.device("meta"):
+        return create_model(name, num_classes=num_classes)
+
+
+@pytest.mark.parametrize("name,num_classes", sorted(GOLDEN))
+def test_golden_per_exit_params_and_macs(name, num_classes):
+    model = _meta(name, num_classes)
+    prof = model.profile_exits(model.default_input_size)
+    assert [(p["params"], p["macs"]) for p in prof] == [g[:2] for g in GOLDEN[(name, num_classes)]]
+    official = [g[2] for g in GOLDEN[(name, num_classes)]]
+    if official[0] is not None:
+        assert [p["macs_official"] for p in prof] == official
+    assert prof[-1]["params"] == sum(p.numel() for p in model.parameters())
+    assert prof[-1]["macs"] == model.ledger(model.default_input_size).total
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_WIDTHS))
+def test_classifier_input_widths(name):
+    assert _meta(name, 10).head_inputs == HEAD_WIDTHS[name]
+
+
+def test_cifar_budgeted_structure_and_transitions():
+    model = _meta("msdnet_cifar_budgeted", 10)
+    assert model.steps == [1, 2, 3, 4, 5]
+    plan = [scale_plan(l, 15, 3, "max") for l in range(1, 16)]
+    assert plan[:5] == [(3, 3)] * 5 and plan[5] == (3, 2) and plan[6:10] == [(2, 2)] * 4
+    assert plan[10] == (2, 1) and plan[11:] == [(1, 1)] * 4
+    # transitions after layers 6 (c 52 -> 26) and 11 (56 -> 28): one 1x1 ConvBasic per kept scale
+    trans = [(k, j, m) for k, block in enumerate(model.blocks) for j, m in enumerate(block) if isinstance(m, ParallelModule)]
+    assert [(k, j) for k, j, _ in trans] == [(2, 3), (4, 1)]  # block 3 = layers 4-6, block 5 = layers 11-15
+    t1, t2 = trans[0][2].m, trans[1][2].m
+    assert [m.net[0].in_channels for m in t1] == [52 * 2, 52 * 4] and [m.net[0].out_channels for m in t1] == [52, 104]
+    assert [m.net[0].in_channels for m in t2] == [56 * 4] and [m.net[0].out_channels for m in t2] == [112]
+
+
+def test_official_state_dict_layout_and_imagenet_variants_use_base_equal_step():
+    keys = set(_meta("msdnet_cifar_budgeted", 10).state_dict())
+    for k in ["blocks.0.0.layers.0.net.0.weight", "blocks.0.1.layers.0.conv_normal.net.0.weight",
+              "blocks.0.1.layers.1.conv_down.net.3.weight", "classifier.4.m.1.net.1.running_mean",
+              "classifier.4.linear.bias"]:
+        assert k in keys
+    for k in (4, 6, 7):
+        assert _meta(f"msdnet_imagenet_step{k}", 1000).steps == [k] * 5
+
+
+def test_paper_init_and_pytorch_init_option():
+    torch.manual_seed(0)
+    m = create_model("msdnet_cifar_budgeted", n_blocks=2)
+    conv = m.blocks[0][1].layers[0].conv_normal.net[3]  # 3x3, 6 output channels
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (9 * 6)), rel=0.15)
+    assert all(h.linear.bias.abs().sum() == 0 for h in m.classifier)
+    torch.manual_seed(0)
+    d = create_model("msdnet_cifar_budgeted", n_blocks=2, init="pytorch")
+    assert d.classifier[0].linear.bias.abs().sum() > 0
+
+
+def test_prune_min_and_errors():
+    m = create_model("msdnet_cifar_budgeted", n_blocks=3, prune="min", n_channels=4, growth_rate=2)
+    assert isinstance(m, MultiExitModel) and m.num_exits == 3
+    with torch.no_grad():
+        assert len(m(torch.randn(2, 3, 32, 32)).exit_logits) == 3
+    with pytest.raises(ValueError, match="stepmode"):
+        create_model("msdnet_cifar_budgeted", stepmode="linear")
+    with pytest.raises(ValueError, match="expects input"):
+        create_model("msdnet_cifar_budgeted")(torch.randn(1, 1, 32, 32))
+
+
+# ---- executors -------------------------------------------------------------------------------
+def _small(seed: int = 0, **kw) -> MSDNet:
+    torch.manual_seed(seed)
+    model = create_model("msdnet_cifar_budgeted", n_blocks=4, n_channels=8, growth_rate=4, head_width=16, **kw)
+    model.train()
+    with torch.no_grad():  # give BN non-trivial statistics
+        for _ in range(3):
+            model(torch.randn(16, 3, 32, 32))
+    return model.eval()
+
+
+def _middle_thresholds(model: MSDNet, x: torch.Tensor) -> list[float]:
+    with torch.no_grad():
+        out = model(x)
+    conf = torch.stack([z.softmax(1).amax(1) for z in out.exit_logits])
+    return conf.median(dim=1).values[:-1].tolist()
+
+
+def test_executors_agree_batched_and_batch1():
+    model = _small()
+    x = torch.randn(24, 3, 32, 32)
+    model.set_thresholds(_middle_thresholds(model, x))
+    with torch.no_grad():
+        dense = model(x)
+        set_executor(model, "sparse")
+        sparse = model(x)
+        single = [model(x[i:i + 1]) for i in range(x.shape[0])]
+    counts = torch.bincount(dense.exit_index, minlength=4)
+    assert (counts > 0).sum() >= 3, counts  # the test exercises several exits
+    assert torch.equal(dense.exit_index, sparse.exit_index)
+    assert torch.equal(dense.logits.argmax(1), sparse.logits.argmax(1))
+    torch.testing.assert_close(dense.logits, sparse.logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(dense.macs, sparse.macs)
+    assert sparse.exit_logits is None
+    assert torch.equal(torch.cat([o.exit_index for o in single]), dense.exit_index)
+    torch.testing.assert_close(torch.cat([o.logits for o in single]), dense.logits, rtol=1e-4, atol=1e-4)
+    costs = model.exit_costs()
+    assert dense.macs.tolist() == [float(costs[i]) for i in dense.exit_index]
+
+
+def test_no_thresholds_means_last_exit_and_threshold_validation():
+    model = _small()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        set_executor(model, "sparse")
+        sp = model(x)
+    assert out.exit_index.tolist() == [3, 3, 3] == sp.exit_index.tolist()
+    torch.testing.assert_close(out.logits, out.exit_logits[-1])
+    assert out.macs.tolist() == [float(model.ledger((3, 32, 32)).total)] * 3
+    with pytest.raises(ValueError, match="set_thresholds needs 3"):
+        model.set_thresholds([0.5])
+    model.set_thresholds([0.5, 0.5, 0.5, -math.inf])
+    assert model.thresholds[-1] == -math.inf
+
+
+def test_force_keep_rate_is_deterministic_per_sample_and_executor_independent():
+    model = _small()
+    x = torch.randn(64, 3, 32, 32)
+    model.force_keep_rate(0.5, seed=3)
+    with torch.no_grad():
+        a = model(x).exit_index
+        b = model(x.flip(0)).exit_index.flip(0)  # other batch order: same per-sample decision
+        set_executor(model, "sparse")
+        c = model(x).exit_index
+        d = torch.cat([model(x[i:i + 1]).exit_index for i in range(8)])
+    assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a[:8], d)
+    frac_exit1 = (a == 0).float().mean().item()
+    assert 0.3 < frac_exit1 < 0.7
+    model.force_keep_rate(1.0)
+    with torch.no_grad():
+        assert (model(x).exit_index == 3).all()
+    model.force_keep_rate(None)
+    with pytest.raises(ValueError, match="keep rate"):
+        model.force_keep_rate(1.5)
+
+
+def test_ledger_equals_flop_counter_on_sparse_executor_at_batch1_for_every_exit():
+    model = _small()
+    set_executor(model, "sparse")
+    x = torch.randn(1, 3, 32, 32)
+    costs = model.exit_costs()
+    for k in range(model.num_exits):
+        model.set_thresholds([-math.inf if j == k else math.inf for j in range(model.num_exits - 1)])
+        with torch.no_grad():
+            out = model(x)
+        assert out.exit_index.item() == k
+        assert out.macs.item() == costs[k] == count_macs(model, x)
+
+
+def test_dense_baseline_runs_last_exit_only():
+    model = _small()
+    x = torch.randn(2, 3, 32, 32)
+    base = model.dense_baseline()
+    with torch.no_grad():
+        torch.testing.assert_close(base(x), model(x).exit_logits[-1])
+    assert count_macs(base, x[:1]) == model.dense_macs() < model.exit_costs()[-1]
+    assert sum(1 for _ in base.parameters()) == 0  # shares, does not own, the weights
