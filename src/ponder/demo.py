@@ -30,27 +30,63 @@ class DemoEntry:
     method_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = 15
     init_from: str | None = None  # label of an earlier entry whose weights start this one
-    lr: float = 0.1
+    optim: dict[str, Any] = field(default_factory=lambda: {"name": "sgd", "lr": 0.1, "momentum": 0.9,
+                                                           "nesterov": True, "weight_decay": 5e-4})
+    budget_fraction: float | None = None  # early exit: target mean MACs as a fraction of the last exit's
 
 
 def demo_entries(dataset: str) -> list[DemoEntry]:
     """The models the demo trains, in order (a static baseline, then one per family)."""
-    chans = 1 if dataset == "digits" else 3
+    digits = dataset == "digits"
+    chans = {"in_chans": 1 if digits else 3}
+    # MSDNet's heads need an 8x8 coarsest scale: two scales (16, 8) on 16x16 digits, three on CIFAR
+    scales = {"gr_factor": [1, 2], "bn_factor": [1, 2]} if digits else {}
     return [
-        DemoEntry("ResNet-20", "static", "resnet20_cifar", {"in_chans": chans}),
+        DemoEntry("ResNet-20", "static", "resnet20_cifar", dict(chans), epochs=10),
+        DemoEntry("ResNet-32", "static", "resnet32_cifar", dict(chans), epochs=10),
+        DemoEntry("MSDNet (5 exits)", "early exit", "msdnet_cifar_budgeted", {**chans, **scales},
+                  method="multi_exit", epochs=10, budget_fraction=0.5),
+        DemoEntry("BlockDrop-32", "block skip", "blockdrop_resnet32_cifar", {**chans, "init_keep_prob": 0.6},
+                  method="blockdrop",
+                  method_kwargs={"stage": "both", "curriculum_epochs": 3, "blocks_per_epoch": 5, "alpha": 0.8,
+                                 "penalty": 5.0},
+                  epochs=8, init_from="ResNet-32",
+                  optim={"name": "adam", "lr": 1e-3, "weight_decay": 0.0}),
+        DemoEntry("SACT-32", "spatial", "sact_resnet32_cifar", dict(chans), method="ponder_cost",
+                  method_kwargs={"tau": 0.1}, epochs=10),
     ]
+
+
+DEMO_VAL_SIZE = 200  # held-out images (from train) that early-exit thresholds are fitted on
 
 
 def demo_config(entry: DemoEntry, dataset: str, data_dir: str | None, epochs: int) -> RunConfig:
     return config_from_dict({
         "model": {"name": entry.model, "kwargs": dict(entry.model_kwargs)},
         "data": {"dataset": dataset, "data_dir": data_dir, "batch_size": 64, "eval_batch_size": 256,
-                 "val_size": 0},
-        "optim": {"name": "sgd", "lr": entry.lr, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
-        "schedule": {"name": "cosine", "warmup_epochs": 1 if epochs > 3 else 0},
+                 "val_size": DEMO_VAL_SIZE if entry.budget_fraction else 0},
+        "optim": dict(entry.optim),
+        "schedule": {"name": "cosine", "warmup_epochs": 1 if epochs > 3 and entry.optim["name"] == "sgd" else 0},
         "method": {"name": entry.method, "kwargs": dict(entry.method_kwargs)},
         "train": {"epochs": epochs, "seed": 0},
     })
+
+
+def fit_exit_budget(model: torch.nn.Module, val_loader: Any, fraction: float) -> list[float]:
+    """Fit a multi-exit model's thresholds on held-out images for ``fraction`` x its full cost.
+
+    Returns the thresholds (also set on the model); the test set is never looked at.
+    """
+    from ponder.evaluate.thresholds import thresholds_for_macs
+
+    with torch.no_grad():
+        outs = [model(x) for x, _ in val_loader]
+    conf = torch.cat([torch.stack([e.softmax(1).amax(1) for e in o.exit_logits]) for o in outs], dim=1)
+    size = tuple(next(iter(val_loader))[0].shape[1:])
+    costs = torch.tensor(model.exit_costs(size), dtype=torch.float64)
+    thresholds = thresholds_for_macs(conf, costs, fraction * float(costs[-1]))
+    model.set_thresholds(thresholds)
+    return thresholds
 
 
 def measure_ms_per_image(model: torch.nn.Module, images: torch.Tensor, batch: int = 64, repeats: int = 3) -> float:
@@ -90,8 +126,11 @@ def run_demo(data_dir: str | None = None, out_dir: str | Path = "runs/demo", epo
         runs[entry.label] = run_dir
         model, cfg = load_run(run_dir)
         bundle = build_datasets(cfg.data, seed=cfg.train.seed)
-        _, _, test_loader = build_loaders(bundle, cfg.data, seed=cfg.train.seed)
-        rec = collect(model.eval(), test_loader, torch.device("cpu"))
+        _, val_loader, test_loader = build_loaders(bundle, cfg.data, seed=cfg.train.seed)
+        model.eval()
+        if entry.budget_fraction is not None:
+            fit_exit_budget(model, val_loader, entry.budget_fraction)
+        rec = collect(model, test_loader, torch.device("cpu"))
         summary = rec.summary()
         images = torch.cat([x for x, _ in test_loader])
         rows.append({"model": entry.label, "name": entry.model, "family": entry.family,
