@@ -110,6 +110,54 @@ def test_spatial_halting_branch_local_plus_global_term():
     assert count_macs(branch, x[:1]) == 9 * 3 * 6 * 7 + 3  # 9C per position + C for the global term
 
 
+def test_spatial_halting_branch_channels_last_input_gives_the_same_map():
+    torch.manual_seed(1)
+    branch = SpatialHaltingBranch(4)
+    with torch.no_grad():
+        branch.local.weight.normal_()
+        branch.glob.weight.normal_()
+        branch.bn.running_mean.normal_()
+        branch.bn.running_var.uniform_(0.5, 2.0)
+    branch.eval()
+    x = torch.randn(2, 4, 5, 6)
+    cl = x.contiguous(memory_format=torch.channels_last)  # the sparse executor's layout: a GEMM on rows
+    assert torch.allclose(branch(cl), branch(x), atol=1e-6)
+
+
+def test_accumulator_output_follows_channels_last_states_and_matches_nchw():
+    torch.manual_seed(2)
+    states = [torch.randn(2, 3, 4, 4) for _ in range(3)]
+    scores = [torch.rand(2, 4, 4) * 0.6 for _ in range(2)] + [None]
+    outs = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        acc = ACTAccumulator(3, (2, 4, 4), "cpu")
+        with torch.no_grad():
+            for i, (x, h) in enumerate(zip(states, scores)):
+                # unit 1 NCHW (dense), later units channels-last (sparse executor): mixed layouts
+                acc.step(x if i == 0 else x.contiguous(memory_format=layout), h)
+        outs.append(acc.result().output)
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    assert outs[1].is_contiguous() or outs[1].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_inference_step_equals_autograd_step():
+    torch.manual_seed(3)
+    states = [torch.randn(3, 2, 5, 5) for _ in range(4)]
+    scores = [torch.rand(3, 5, 5) * 0.7 for _ in range(3)] + [None]
+    results = []
+    for grad in (True, False):
+        acc = ACTAccumulator(4, (3, 5, 5), "cpu")
+        with torch.set_grad_enabled(grad):
+            for x, h in zip(states, scores):
+                acc.step(x, h)
+        results.append(acc.result())
+    a, b = results
+    assert torch.equal(a.n, b.n) and torch.equal(a.remainder, b.remainder)
+    assert torch.equal(a.distribution, b.distribution)
+    assert 1.0 < float(a.n.mean()) < 4.0  # positions halt at varied units
+    assert torch.allclose(a.output, b.output, atol=1e-6)
+
+
 def test_act_halting_branch_eval_folds_bn_after_pooling():
     torch.manual_seed(0)
     branch = HaltingBranch(5)

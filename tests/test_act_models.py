@@ -138,6 +138,19 @@ def test_sact_masked_and_sparse_executors_agree():
     assert torch.equal(masked.macs, sparse.macs)
 
 
+def test_dense_unit_channels_last_equals_the_unit_and_is_not_counted():
+    from ponder.models.act import dense_unit_channels_last
+
+    model = _small(True)
+    block = model.layer2[0]  # strided, zero-pad shortcut
+    x = torch.randn(2, 16, 32, 32).relu()
+    with torch.no_grad():
+        y = dense_unit_channels_last(block, x)  # times both routes once, then caches the faster
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(y, block(x), atol=1e-5)
+        assert count_macs(lambda t: dense_unit_channels_last(block, t), x[:1]) == count_macs(block, x[:1])
+
+
 def test_force_keep_rate_sets_active_fraction_and_none_restores():
     model = _small(True, depth=20)
     x = torch.randn(2, 3, 32, 32)

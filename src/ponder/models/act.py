@@ -11,7 +11,10 @@ unit outputs weighted by the halting distribution (:mod:`ponder.nn.halting`).
   densely; unit ``l >= 2`` runs only at the positions still active (``masked``: dense compute
   selected by the mask, used for training; ``sparse``: convolutions at active positions
   only, via :mod:`ponder.nn.sparse_conv`, with the conv that feeds a 3x3 on the dilated mask).
-  Halted positions copy their input forward.
+  Halted positions copy their input forward. The sparse executor keeps the stage in channels-last
+  layout (the sparse kernel's) and runs every unit with BN folded into its convs (unit 1 through
+  :func:`dense_unit_channels_last`); the halting branches and the mean-field sum then read and
+  update channels-last maps in place.
 
 The models subclass :class:`~ponder.models.resnet.CifarResNet` /
 :class:`~ponder.models.resnet.ImageNetResNet`, so their ``state_dict`` is the dense ResNet's
@@ -31,11 +34,14 @@ reference counts it at active positions only, so our per-image MACs are slightly
 
 from __future__ import annotations
 
+import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ponder.cost import CostLedger, unit_macs
 from ponder.models.base import example_input
@@ -68,6 +74,44 @@ class DenseResNetView(nn.Module):
         return self.model.forward_logits(x)
 
 
+_LAYOUT: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]]" = weakref.WeakKeyDictionary()
+
+
+def dense_unit_channels_last(block: nn.Module, x: Tensor) -> Tensor:
+    """``block(x)`` (eval mode, BN folded into the convs) as a channels-last tensor, by whichever of two
+    routes is faster here (inference only: no gradient to the BN parameters).
+
+    Either the unit runs on a channels-last copy of ``x``, or on a contiguous (NCHW) one and its output
+    is made channels-last. Which is faster depends on the unit and the CPU (mkldnn's strided channels-last
+    1x1 convs can be 2x slower at ResNet-50's last stage, other units gain), so it is timed once per unit,
+    input shape, layout and thread count (four rounds each, minimum; not seen by ``FlopCounterMode``)
+    and cached.
+    """
+    from ponder.nn.sparse_units import folded_branch  # (import cycle: sparse_units imports models.resnet)
+
+    def unit(t: Tensor) -> Tensor:  # BN folded into the branch convs, as in every later (sparse) unit
+        with torch.no_grad():
+            return folded_branch(block, t).add_(block.shortcut(t)).relu_()
+
+    cl = torch.channels_last
+    key = (tuple(x.shape), x.is_contiguous(), x.dtype, x.device, torch.get_num_threads())
+    per = _LAYOUT.setdefault(block, {})
+    if key not in per:
+        routes = [lambda: unit(x.contiguous()).contiguous(memory_format=cl),
+                  lambda: unit(x.contiguous(memory_format=cl))]
+        best = [float("inf")] * 2
+        with _disable_current_modes(), torch.no_grad():  # not seen by an enclosing FlopCounterMode
+            for _ in range(4):  # the first round warms up
+                for i, route in enumerate(routes):
+                    t0 = time.perf_counter()
+                    route()
+                    best[i] = min(best[i], time.perf_counter() - t0)
+        per[key] = best[1] <= best[0]
+    if per[key]:
+        return unit(x.contiguous(memory_format=cl))
+    return unit(x.contiguous()).contiguous(memory_format=cl)
+
+
 class ACTResNetMixin:
     """ACT / SACT forward, ledger and bench hooks over a ResNet's stages (mixed into a ResNet class)."""
 
@@ -81,6 +125,7 @@ class ACTResNetMixin:
         self.executor = "masked"
         self.break_even: float | str | None = "default"  # sparse_residual's dense fall-back (None: always sparse)
         self._forced: tuple[float, int] | None = None
+        self._forced_masks: dict[tuple, Tensor] = {}
         branch = SpatialHaltingBranch if spatial else HaltingBranch
         self.halting = nn.ModuleList(
             nn.ModuleList(branch(_out_channels(b)) for b in list(stage)[:-1]) for stage in self.stages())
@@ -159,10 +204,13 @@ class ACTResNetMixin:
         # imported here: ponder.nn.sparse_units imports ponder.models.resnet (and so this module)
         from ponder.nn.sparse_cost import residual_macs
         from ponder.nn.sparse_residual import sparse_residual
-        from ponder.nn.sparse_units import masked_residual
+        from ponder.nn.sparse_units import first_conv_mask, masked_residual
 
         num = len(blocks)
-        x = blocks[0](x)  # unit 1 runs densely (it may change the resolution)
+        if self.executor == "sparse" and not self.training:  # the sparse units work and return channels-last
+            x = dense_unit_channels_last(blocks[0], x)
+        else:
+            x = blocks[0](x)  # unit 1 runs densely (it may change the resolution)
         b, _, hgt, wid = x.shape
         acc = ACTAccumulator(num, (b, hgt, wid), x.device)
         keep = self._forced_keep((b, hgt, wid), s, x.device)
@@ -182,11 +230,12 @@ class ACTResNetMixin:
             in_size = tuple(x.shape[1:])
             h = None
             if bool(mask.any()):
+                conv1_mask = first_conv_mask(blocks[l], mask, in_size[1:])  # shared by the kernel and the ledger
                 if self.executor == "sparse":
-                    x = sparse_residual(blocks[l], x, mask, break_even=self.break_even)
+                    x = sparse_residual(blocks[l], x, mask, break_even=self.break_even, first=conv1_mask)
                 else:
                     x = masked_residual(blocks[l], x, mask)
-                macs = macs + residual_macs(blocks[l], in_size, mask)
+                macs = macs + residual_macs(blocks[l], in_size, mask, first=conv1_mask)
                 if branch is not None:
                     h = branch(x)
                     macs = macs + mask.flatten(1).any(1).double() * led[f"halt.{first + l}"]
@@ -248,17 +297,24 @@ class ACTResNetMixin:
         if rate is not None and not 0.0 <= rate <= 1.0:
             raise ValueError(f"keep rate must be in [0, 1] (or None for learned decisions), got {rate}")
         self._forced = None if rate is None else (float(rate), int(seed))
+        self._forced_masks: dict[tuple, Tensor] = {}
 
     def _forced_keep(self, shape: tuple[int, ...], stage: int, device: torch.device) -> Tensor | None:
+        """The forced decisions of one stage (cached: they depend only on seed, stage, shape and device)."""
         if self._forced is None:
             return None
-        rate, seed = self._forced
-        gen = torch.Generator().manual_seed(seed * 1009 + stage)
-        if len(shape) == 1:
-            return (torch.rand(shape, generator=gen) < rate).to(device)
-        from ponder.nn.sparse_fallback import coherent_mask
+        key = (tuple(shape), stage, str(device))
+        if key not in self._forced_masks:
+            rate, seed = self._forced
+            gen = torch.Generator().manual_seed(seed * 1009 + stage)
+            if len(shape) == 1:
+                keep = (torch.rand(shape, generator=gen) < rate).to(device)
+            else:
+                from ponder.nn.sparse_fallback import coherent_mask
 
-        return coherent_mask(shape, rate, gen, device=device)  # type: ignore[arg-type]
+                keep = coherent_mask(shape, rate, gen, device=device)  # type: ignore[arg-type]
+            self._forced_masks[key] = keep
+        return self._forced_masks[key]
 
 
 class ACTCifarResNet(ACTResNetMixin, CifarResNet):

@@ -95,6 +95,9 @@ class ACTAccumulator:
             raise ValueError(f"unit {self.units_done + 1} of {self.num_units} needs halting scores; only the last unit has none")
         run = self.running
         hsum_now = self._hsum
+        if not torch.is_grad_enabled():
+            self._step_inference(x, h, run, last)
+            return
         if last:
             halts = run
             p = torch.where(run, 1.0 - hsum_now, torch.zeros_like(hsum_now))
@@ -111,12 +114,33 @@ class ACTAccumulator:
         self.running = run & ~halts
         if x is not None:
             weight = _broadcast_to_state(p, x)
-            if self._output is None:
-                self._output = weight * x
-            elif torch.is_grad_enabled():
-                self._output = self._output + weight * x
-            else:  # inference: accumulate in place (the output is our own tensor)
-                self._output.addcmul_(weight, x)
+            self._output = weight * x if self._output is None else self._output + weight * x
+
+    def _step_inference(self, x: Tensor | None, h: Tensor | None, run: Tensor, last: bool) -> None:
+        """:meth:`step` without autograd: the same values (same expressions for the halting test and
+        the sums) in about half the element-wise ops, and the state accumulated in place."""
+        rest = 1.0 - self._hsum
+        if last:
+            halts, p = run, rest * run
+        else:
+            h = h.to(self._hsum.dtype)
+            cum = self._hsum + h
+            halts = (cum >= 1.0 - self.eps).logical_and_(run)
+            keeps = run ^ halts
+            p = torch.where(halts, rest, h * keeps)
+            self._hsum = torch.where(keeps, cum, self._hsum)
+        self._remainder = torch.where(halts, rest, self._remainder)
+        self._n = self._n + run
+        self._dist.append(p)
+        self._ran.append(run)
+        self.running = run ^ halts
+        if x is None:
+            return
+        weight = _broadcast_to_state(p, x)
+        if self._output is None:  # empty_like keeps x's memory format (channels-last from the sparse executor)
+            self._output = torch.mul(weight, x, out=torch.empty_like(x))
+        else:  # in place, in one memory format: mixing NCHW and channels-last makes addcmul_ ~15x slower
+            self._output.addcmul_(weight, _like_layout(x, self._output))
 
     def result(self) -> ACTResult:
         """Output, N, R, rho and p once all units were stepped."""
@@ -124,6 +148,13 @@ class ACTAccumulator:
             raise RuntimeError(f"ACT block stepped {self.units_done} of {self.num_units} units; finish the block first")
         return ACTResult(output=self._output, n=self._n, remainder=self._remainder,
                          ponder_cost=self._n + self._remainder, distribution=torch.stack(self._dist, -1))
+
+
+def _like_layout(x: Tensor, ref: Tensor) -> Tensor:
+    """``x`` in ``ref``'s memory format (channels-last or contiguous; a copy only when they differ)."""
+    if x.dim() == 4 and ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous() if ref.is_contiguous() else x
 
 
 def _broadcast_to_state(p: Tensor, x: Tensor) -> Tensor:
@@ -197,19 +228,24 @@ class SpatialHaltingBranch(nn.Module):
         return torch.sigmoid(self._local_eval(x, scale, shift) + glob)
 
     def _local_eval(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        """``conv3x3(BN(x))[:, 0]`` in eval mode as one 1x1 conv ``C -> 9`` (BN folded) plus 9 shifted adds.
+        """``conv3x3(BN(x))[:, 0]`` in eval mode as one ``C -> 9`` GEMM (BN folded) plus 9 shifted adds.
 
         Exact, zero padding included (taps outside the map read zeros of the padded tap maps), and
         much faster than a ``C -> 1`` 3x3 conv for wide layers; the same ``9 C`` MACs per position.
+        A channels-last ``x`` (the sparse executor's) is read as ``[B*H*W, C]`` rows and multiplied
+        as ``w9 @ rows^T``, which gives contiguous tap planes ``[9, B, H, W]``.
         """
         w9 = self.local.weight[0].permute(1, 2, 0).reshape(9, -1)  # [(kh, kw), C]
-        taps = F.conv2d(x, (w9 * scale)[:, :, None, None], w9 @ shift)  # [B, 9, H, W]
-        hgt, wid = x.shape[2], x.shape[3]
-        taps = F.pad(taps, (1, 1, 1, 1))
-        out = taps[:, 4, 1:hgt + 1, 1:wid + 1] + self.local.bias
+        b, c, hgt, wid = x.shape
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: [B*H*W, C]
+            taps = F.pad(torch.addmm((w9 @ shift)[:, None], w9 * scale, rows.t()).view(9, b, hgt, wid), (1, 1, 1, 1))
+        else:  # [B, 9, H+2, W+2] padded, then viewed as [9, B, H+2, W+2]
+            taps = F.pad(F.conv2d(x, (w9 * scale)[:, :, None, None], w9 @ shift), (1, 1, 1, 1)).transpose(0, 1)
+        out = taps[4, :, 1:hgt + 1, 1:wid + 1] + self.local.bias
         for k in (0, 1, 2, 3, 5, 6, 7, 8):
             i, j = divmod(k, 3)
-            out = out + taps[:, k, i:i + hgt, j:j + wid]
+            out += taps[k, :, i:i + hgt, j:j + wid]
         return out
 
 

@@ -49,13 +49,16 @@ def shortcut_macs(block: ResidualBlock, in_size: tuple[int, int, int]) -> int:
     return per[key]
 
 
-def residual_macs(block: ResidualBlock, in_size: tuple[int, int, int], mask: Tensor) -> Tensor:
+def residual_macs(block: ResidualBlock, in_size: tuple[int, int, int], mask: Tensor,
+                  first: Tensor | None = None) -> Tensor:
     """Per-sample MACs ``[B]`` (float64) of ``block`` on ``(C, H, W)`` inputs applied where ``mask [B, Ho, Wo]``.
 
-    An all-zero mask costs the shortcut only; an all-one mask the dense unit.
+    An all-zero mask costs the shortcut only; an all-one mask the dense unit. ``first`` is the
+    unit's first-conv mask of ``mask`` when the caller has it (computed if ``None``).
     """
     hard = mask if mask.dtype == torch.bool else mask != 0
-    first = first_conv_mask(block, hard, (int(in_size[1]), int(in_size[2])))
+    if first is None:
+        first = first_conv_mask(block, hard, (int(in_size[1]), int(in_size[2])))
     n_first = first.flatten(1).sum(1).to(torch.float64)
     n_mask = hard.flatten(1).sum(1).to(torch.float64)
     total = torch.full_like(n_mask, float(shortcut_macs(block, in_size)))

@@ -55,7 +55,7 @@ def _check_break_even(value: BreakEven) -> None:
 
 
 def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Inactive = "shortcut",
-                    break_even: BreakEven = "default") -> Tensor:
+                    break_even: BreakEven = "default", first: Tensor | None = None) -> Tensor:
     """Run ``block`` only where ``mask`` is set (inference): ``[B, C, H, W]`` -> ``[B, C', Ho, Wo]``.
 
     Args:
@@ -68,6 +68,8 @@ def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
             MACs, dilation included) exceeds this: ``"auto"`` = calibrated on this device per unit and
             input shape (:func:`ponder.nn.sparse_fallback.break_even_for`), a float = fixed, ``None`` =
             always sparse, ``"default"`` = :func:`set_default_break_even`'s value.
+        first: the unit's :func:`~ponder.nn.sparse_units.first_conv_mask` of ``mask`` (bool), when the
+            caller already has it (e.g. for :func:`ponder.nn.sparse_cost.residual_macs`); computed if ``None``.
 
     Returns a new tensor (contiguous channels_last on the sparse path; the dense fall-back keeps
     ``x``'s layout), or ``x`` itself when nothing is active and the unit has no downsample (with
@@ -94,10 +96,11 @@ def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
             # the first conv runs on at least the n active positions: a lower bound, no dilation needed
             if limit <= 0.0 or work_fraction(block, n, n, first_total, m.numel()) > limit:
                 return dense_fallback(block, x, m, inactive)
-            first = first_conv_mask(block, m, (x.shape[2], x.shape[3]))
+            if first is None:
+                first = first_conv_mask(block, m, (x.shape[2], x.shape[3]))
             if work_fraction(block, int(first.sum()), n, first_total, m.numel()) > limit:
                 return dense_fallback(block, x, m, inactive)
-        else:
+        elif first is None:
             first = first_conv_mask(block, m, (x.shape[2], x.shape[3]))
         return run_sparse(block, x, m, first, inactive)
 

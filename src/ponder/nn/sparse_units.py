@@ -162,15 +162,41 @@ def masked_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
     return F.relu(s + m * b)
 
 
+_DENSE_FOLD: "weakref.WeakKeyDictionary[torch.nn.Conv2d, tuple[object, Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def folded_branch(block: ResidualBlock, x: Tensor) -> Tensor:
+    """``block.branch(x)`` in eval mode with every BN folded into its conv (dense convs, no BN passes).
+
+    The folded weights are :func:`~ponder.nn.sparse_conv.fold_conv_bn`'s (the sparse kernel's), reshaped
+    once to conv layout and cached until they change.
+    """
+    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if not is_basic(block):
+        pairs.append((block.conv3, block.bn3))
+    for i, (conv, bn) in enumerate(pairs):
+        f = fold_conv_bn(conv, bn)
+        hit = _DENSE_FOLD.get(conv)
+        if hit is None or hit[0] is not f:
+            w = f.weight.reshape(f.k, f.k, conv.in_channels, conv.out_channels).permute(3, 2, 0, 1).contiguous()
+            hit = (f, w)
+            _DENSE_FOLD[conv] = hit
+        x = F.conv2d(x, hit[1], f.bias, conv.stride, conv.padding)
+        if i < len(pairs) - 1:
+            x = x.relu_()
+    return x
+
+
 def dense_fallback(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: str) -> Tensor:
     """:func:`masked_residual` for inference (the dense fall-back); ``mask`` bool.
 
-    The unit runs densely with in-place ops as ``relu(s + mask * branch)``; that is exact for
-    ``inactive="relu"``, and for ``"shortcut"`` whenever ``s >= 0`` (any unit input that is a ReLU
-    output). Otherwise the inactive positions are restored from the shortcut afterwards.
+    The unit runs densely (BN folded into the convs: :func:`folded_branch`) with in-place ops as
+    ``relu(s + mask * branch)``; that is exact for ``inactive="relu"``, and for ``"shortcut"`` whenever
+    ``s >= 0`` (any unit input that is a ReLU output). Otherwise the inactive positions are restored
+    from the shortcut afterwards.
     """
     s = block.shortcut(x)
-    out = block.branch(x)
+    out = folded_branch(block, x)
     if inactive == "relu" or bool(s.amin() >= 0):  # amin: a fast full reduction (min() is slow)
         return torch.addcmul(s, out, mask[:, None].to(out.dtype), out=out).relu_()
     out += s
