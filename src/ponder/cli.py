@@ -140,7 +140,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         model, config = load_run(args.checkpoint)
         if args.data_dir:
             config.data.data_dir = args.data_dir
-        test = build_datasets(config.data, seed=config.train.seed).test
+        bundle = build_datasets(config.data, seed=config.train.seed)
+        test = bundle.test
+        if args.budget is not None and hasattr(model, "calibrate"):
+            _calibrate_on_heldout(model, bundle, config)
         n = max(args.batch, args.images)
         n_batches = max(1, n // args.batch)
         if n_batches * args.batch > len(test):
@@ -173,6 +176,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
         model.set_budget(args.budget)
     result = bench.bench_dynamic(model, name, batches, args.threads, mode, args.repeats, args.warmup)
     _print_bench(result, args.json)
+
+
+def _calibrate_on_heldout(model: Any, bundle: Any, config: Any) -> None:
+    """Give an early-exit model held-out confidences so that ``--budget`` (target MACs) can fit thresholds."""
+    import torch
+
+    from ponder.data import build_loaders
+    from ponder.evaluate.early_exit import collect_exit_outputs
+
+    if bundle.val is None:
+        raise CLIError("--budget on an early-exit run needs its held-out split (data.val_size > 0 in its recipe)")
+    _, val_loader, _ = build_loaders(bundle, config.data, seed=config.train.seed)
+    model.calibrate(collect_exit_outputs(model.eval(), val_loader, torch.device("cpu")).conf)
 
 
 def _print_bench(result: Any, as_json: bool) -> None:

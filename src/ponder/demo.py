@@ -77,11 +77,10 @@ def fit_exit_budget(model: torch.nn.Module, val_loader: Any, fraction: float) ->
 
     Returns the thresholds (also set on the model); the test set is never looked at.
     """
+    from ponder.evaluate.early_exit import collect_exit_outputs
     from ponder.evaluate.thresholds import thresholds_for_macs
 
-    with torch.no_grad():
-        outs = [model(x) for x, _ in val_loader]
-    conf = torch.cat([torch.stack([e.softmax(1).amax(1) for e in o.exit_logits]) for o in outs], dim=1)
+    conf = collect_exit_outputs(model, val_loader, torch.device("cpu")).conf
     size = tuple(next(iter(val_loader))[0].shape[1:])
     costs = torch.tensor(model.exit_costs(size), dtype=torch.float64)
     thresholds = thresholds_for_macs(conf, costs, fraction * float(costs[-1]))
