@@ -60,6 +60,16 @@ def unit_macs(fn: Callable[[], Any], units: Mapping[str, nn.Module]) -> dict[str
     return out
 
 
+def eval_unit_macs(model: nn.Module, fn: Callable[[], Any], units: Mapping[str, nn.Module]) -> dict[str, int]:
+    """:func:`unit_macs` with ``model`` in eval mode (training mode restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return unit_macs(fn, units)
+    finally:
+        model.train(was_training)
+
+
 @dataclass(frozen=True)
 class CostLedger:
     """Per-sample MACs of named units of a model at one input size (measured at batch 1).

@@ -8,7 +8,7 @@ temperature annealing, round-robin budgets...). A new paper = a model file + a m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -103,5 +103,3 @@ class CrossEntropy(Method):
             acc = (out.logits.argmax(1) == targets).float().mean().item()
         return StepOutput(loss=loss, metrics={"acc": acc}, output=out)
 
-
-LossFn = Callable[[DynamicOutput, Tensor], Tensor]

@@ -43,7 +43,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ponder.cost import CostLedger, unit_macs
+from ponder.cost import CostLedger, eval_unit_macs
 from ponder.models.base import example_input
 from ponder.models.resnet import (
     BasicBlock,
@@ -271,12 +271,7 @@ class ACTResNetMixin:
                     units[f"halt.{i}"](h)
             units["head"](h)
 
-        was_training = self.training
-        self.eval()
-        try:
-            costs = unit_macs(run, units)
-        finally:
-            self.train(was_training)
+        costs = eval_unit_macs(self, run, units)
         total = costs.pop("total")
         return CostLedger(input_size=tuple(input_size), units=costs, total=total)
 

@@ -31,7 +31,7 @@ from ponder.cost import CostLedger, count_macs
 from ponder.models.base import PonderModel, example_input
 from ponder.models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetResNet, ResNet
 from ponder.nn.policy import PolicyDecision, PooledLinearGates, ResNetPolicy, bernoulli_log_prob, decide_blocks
-from ponder.nn.skip import BlockCosts, BlockSkipper, skip_units
+from ponder.nn.skip import BlockCosts, BlockSkipper, forced_keep_state, skip_units
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
 
@@ -82,12 +82,7 @@ class _BlockDropBase(PonderModel):
     def force_keep_rate(self, rate: float | None, seed: int = 0) -> None:
         """From now on keep each block of each sample independently with probability ``rate``
         (random hard decisions, the policy still runs); ``None`` restores the learned policy."""
-        if rate is None:
-            self._forced = None
-            return
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"keep rate must be in [0, 1], got {rate}")
-        self._forced = (float(rate), torch.Generator().manual_seed(seed))
+        self._forced = forced_keep_state(rate, seed)
 
     def _forced_keep(self, batch: int, columns: int, device: torch.device) -> Tensor | None:
         if self._forced is None:

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ponder.cost import CostLedger, unit_macs
+from ponder.cost import CostLedger, eval_unit_macs
 from ponder.models.base import PonderModel, example_input
 from ponder.output import DynamicOutput, static_output
 from ponder.registry import register_model
@@ -146,12 +146,7 @@ class ResNet(PonderModel):
                 h = b(h)
             head_fn(h)
 
-        was_training = self.training
-        self.eval()
-        try:
-            costs = unit_macs(run, units)
-        finally:
-            self.train(was_training)
+        costs = eval_unit_macs(self, run, units)
         total = costs.pop("total")
         return CostLedger(input_size=input_size, units=costs, total=total)
 

@@ -28,7 +28,7 @@ from ponder.cost import CostLedger, count_macs
 from ponder.models.base import PonderModel, example_input
 from ponder.models.resnet import CifarResNet, ResNet
 from ponder.nn.gates import DECISION_MODES, GATE_TYPES, GateBank, decide, make_gate_bank
-from ponder.nn.skip import BlockSkipper, charge_blocks, skip_units
+from ponder.nn.skip import BlockSkipper, charge_blocks, forced_keep_state, skip_units
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
 
@@ -92,12 +92,7 @@ class SkipNet(PonderModel):
     def force_keep_rate(self, rate: float | None, seed: int = 0) -> None:
         """Replace gate decisions by random ones keeping each gated block with probability ``rate``
         (block 0 always runs; gates are still evaluated and paid for). ``None`` restores the gates."""
-        if rate is None:
-            self._forced = None
-            return
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"keep rate must be in [0, 1], got {rate}")
-        self._forced = (float(rate), torch.Generator().manual_seed(seed))
+        self._forced = forced_keep_state(rate, seed)
 
     def dense_baseline(self) -> ResNet:
         """The backbone ResNet without gates (all blocks run)."""

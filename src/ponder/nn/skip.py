@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ponder.cost import CostLedger, unit_macs
+from ponder.cost import CostLedger, eval_unit_macs
 
 if TYPE_CHECKING:  # ponder.models imports every model module, which import this one
     from ponder.models.resnet import ResidualBlock, ResNet
@@ -149,13 +149,18 @@ def skip_units(backbone: ResNet, input_size: tuple[int, int, int]) -> dict[str, 
     def run() -> None:
         backbone.forward_logits(x)
 
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        spent = unit_macs(run, units)
-    finally:
-        backbone.train(was_training)
+    spent = eval_unit_macs(backbone, run, units)
     return {f"blocks.{i}.skip": spent.get(f"blocks.{i}.skip", 0) for i in range(len(backbone.blocks))}
+
+
+def forced_keep_state(rate: float | None, seed: int) -> tuple[float, torch.Generator] | None:
+    """State of a ``force_keep_rate(rate, seed)`` benchmark hook: ``None`` (learned decisions) or
+    ``(rate, seeded generator)``; a rate outside [0, 1] is refused."""
+    if rate is None:
+        return None
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"keep rate must be in [0, 1], got {rate}")
+    return float(rate), torch.Generator().manual_seed(seed)
 
 
 def block_names(num_blocks: int) -> tuple[list[str], list[str]]:
