@@ -45,19 +45,3 @@ def accuracy_vs_macs(series: dict[str, Sequence[tuple[float, float]]], path: str
     plt.close(fig)
     return path
 
-
-def histogram(counts: Sequence[int], path: str | Path, xlabel: str, title: str = "") -> Path:
-    """Bar chart of ``counts`` (e.g. samples per exit, keeps per block)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(range(len(counts)), counts)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
