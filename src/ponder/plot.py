@@ -14,7 +14,8 @@ def have_matplotlib() -> bool:
     return True
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (raises ImportError without matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,10 +24,19 @@ def _pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` (parent folders created) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def accuracy_vs_macs(series: dict[str, Sequence[tuple[float, float]]], path: str | Path,
                      title: str = "accuracy vs cost") -> Path:
     """One line (or point) per model: ``series[label] = [(macs_per_image, accuracy_percent), ...]``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for label, pts in series.items():
         pts = sorted(pts)
@@ -39,9 +49,5 @@ def accuracy_vs_macs(series: dict[str, Sequence[tuple[float, float]]], path: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 

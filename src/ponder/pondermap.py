@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ponder.plot import have_matplotlib
 from ponder.saliency import saliency_map
 
 
@@ -84,11 +85,9 @@ def load_image(path: str | Path, size: int) -> Tensor:
 
 
 def _save_png(path: Path, image: Tensor, panels: list[tuple[str, Tensor]]) -> None:
-    import matplotlib
+    from ponder.plot import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rgb = image.permute(1, 2, 0).numpy()
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(2.4 * (len(panels) + 1), 2.6), dpi=80)
     axes[0].imshow(rgb)
@@ -101,8 +100,7 @@ def _save_png(path: Path, image: Tensor, panels: list[tuple[str, Tensor]]) -> No
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def write_ponder_maps(run_dir: str | Path, images: Sequence[str | Path], out_dir: str | Path | None = None,
@@ -125,12 +123,7 @@ def write_ponder_maps(run_dir: str | Path, images: Sequence[str | Path], out_dir
     size = size or max(model.default_input_size[1:])
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "ponder_maps"
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        import matplotlib  # noqa: F401
-
-        have_mpl = True
-    except ImportError:
-        have_mpl = False
+    have_mpl = have_matplotlib()
     written = []
     for path in images:
         img = load_image(path, size)

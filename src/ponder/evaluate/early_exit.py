@@ -31,6 +31,7 @@ from ponder.evaluate.protocols import EvalContext, register_protocol
 from ponder.evaluate.thresholds import (assign_exits, budget_curve, expected_macs, json_float, p_grid,
                                         thresholds_for_macs)
 from ponder.models.multi_exit import MultiExitModel
+from ponder.plot import have_matplotlib, pyplot, save_figure
 
 
 @dataclass
@@ -213,14 +214,8 @@ def _as_list(value: Any) -> list[float]:
 
 
 def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
+    """pyplot, or None when matplotlib is not installed (the plots are optional)."""
+    return pyplot() if have_matplotlib() else None
 
 
 def _plot_anytime(ctx: EvalContext, exits: list[dict]) -> None:
@@ -234,8 +229,7 @@ def _plot_anytime(ctx: EvalContext, exits: list[dict]) -> None:
     ax.set_title("anytime prediction")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(Path(ctx.out_dir) / "anytime.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, Path(ctx.out_dir) / "anytime.png")
 
 
 def _plot_budgeted(ctx: EvalContext, points: list[dict], costs: Tensor, test: ExitOutputs) -> None:
@@ -250,8 +244,7 @@ def _plot_budgeted(ctx: EvalContext, points: list[dict], costs: Tensor, test: Ex
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(Path(ctx.out_dir) / "budgeted.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, Path(ctx.out_dir) / "budgeted.png")
     picks = [points[i] for i in sorted({0, len(points) // 4, len(points) // 2, len(points) - 1})]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     width = 0.8 / len(picks)
@@ -263,5 +256,4 @@ def _plot_budgeted(ctx: EvalContext, points: list[dict], costs: Tensor, test: Ex
     ax.set_ylabel("test samples")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(Path(ctx.out_dir) / "exit_histogram.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, Path(ctx.out_dir) / "exit_histogram.png")
