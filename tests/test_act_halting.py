@@ -89,19 +89,24 @@ def test_halting_branch_starts_near_sigmoid_minus_three():
     assert torch.allclose(hs, torch.full((4, 5, 5), 0.0474258731))
 
 
-def test_spatial_halting_branch_local_plus_global_term():
-    torch.manual_seed(0)
-    branch = SpatialHaltingBranch(3)
+def _random_spatial_branch(channels: int, seed: int) -> SpatialHaltingBranch:
+    """An eval-mode spatial halting branch with random conv, linear and BN parameters / statistics."""
+    torch.manual_seed(seed)
+    branch = SpatialHaltingBranch(channels)
     with torch.no_grad():
         branch.local.weight.normal_()
         branch.glob.weight.normal_()
-    x = torch.randn(2, 3, 6, 7)
-    with torch.no_grad():
         branch.bn.running_mean.normal_()
         branch.bn.running_var.uniform_(0.5, 2.0)
         branch.bn.weight.normal_()
         branch.bn.bias.normal_()
-    branch.eval()  # the eval path folds BN into a 1x1 C->9 conv + shifted taps: must equal the modules
+    return branch.eval()
+
+
+def test_spatial_halting_branch_local_plus_global_term():
+    # the eval path folds BN into a 1x1 C->9 conv + shifted taps: must equal the modules
+    branch = _random_spatial_branch(3, seed=0)
+    x = torch.randn(2, 3, 6, 7)
     z = branch.bn(x)
     local = torch.nn.functional.conv2d(z, branch.local.weight, branch.local.bias, padding=1)[:, 0]
     glob = z.mean((2, 3)) @ branch.glob.weight[0]
@@ -111,14 +116,7 @@ def test_spatial_halting_branch_local_plus_global_term():
 
 
 def test_spatial_halting_branch_channels_last_input_gives_the_same_map():
-    torch.manual_seed(1)
-    branch = SpatialHaltingBranch(4)
-    with torch.no_grad():
-        branch.local.weight.normal_()
-        branch.glob.weight.normal_()
-        branch.bn.running_mean.normal_()
-        branch.bn.running_var.uniform_(0.5, 2.0)
-    branch.eval()
+    branch = _random_spatial_branch(4, seed=1)
     x = torch.randn(2, 4, 5, 6)
     cl = x.contiguous(memory_format=torch.channels_last)  # the sparse executor's layout: a GEMM on rows
     assert torch.allclose(branch(cl), branch(x), atol=1e-6)
