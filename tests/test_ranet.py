@@ -214,10 +214,11 @@ def test_compute_all_and_sparse_executor_agree(c1):
             c1.set_thresholds(None)
     assert len(set(full.exit_index.tolist())) >= 3
     assert torch.equal(full.exit_index, sparse.exit_index)
-    assert torch.allclose(full.logits, sparse.logits, atol=1e-5)
+    torch.testing.assert_close(full.logits, sparse.logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(full.macs, sparse.macs)
     assert torch.equal(torch.cat([s.exit_index for s in singles]), full.exit_index)
-    assert torch.allclose(torch.cat([s.logits for s in singles]), full.logits, atol=1e-4)
+    # batch 1 runs other conv kernels (logits reach ~1e3 here): compare relative to size
+    torch.testing.assert_close(torch.cat([s.logits for s in singles]), full.logits, rtol=1e-4, atol=1e-4)
 
 
 def test_every_parameter_gets_a_gradient_from_the_exits():
@@ -253,11 +254,11 @@ def test_imagenet_stem_and_heads_at_224():
 def test_msr_init_and_official_stem_option():
     torch.manual_seed(0)
     msr = create_model("ranet_cifar_c1")
-    conv = msr.flows[0][0].layers[0][1][0]  # a 3x3 conv of flow 0
+    conv = msr.flows[0][0].layers[0][1].net[0]  # a 3x3 conv of flow 0
     assert abs(conv.weight.std().item() - math.sqrt(2 / (9 * conv.out_channels))) < 0.02
     assert all(int(torch.count_nonzero(h.linear.bias.detach())) == 0 for h in msr.heads)
     official = create_model("ranet_cifar_c1", init="official")
-    stem_conv = official.stem.layers[0][0]
+    stem_conv = official.stem.layers[0].net[0]
     bound = 1 / math.sqrt(3 * 9)  # PyTorch default: kaiming-uniform(a=sqrt(5)) -> U(-1/sqrt(fan_in), +)
     assert float(stem_conv.weight.detach().abs().max()) <= bound
 

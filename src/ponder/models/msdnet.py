@@ -19,23 +19,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ponder.models.exit_head import ConvBasic, ExitHead
 from ponder.models.multi_exit import MultiExitModel
 from ponder.nn.exits import gradient_rescale
 from ponder.registry import register_model
 
 Stem = Literal["cifar", "imagenet"]
-
-
-class ConvBasic(nn.Module):
-    """Conv k x k (no bias) -> BN -> ReLU."""
-
-    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int = 1):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
-                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
 
 
 class ConvBN(nn.Module):
@@ -144,22 +133,6 @@ class ParallelModule(nn.Module):
         return [m(x) for m, x in zip(self.m, xs)]
 
 
-class ClassifierModule(nn.Module):
-    """Exit head on the coarsest scale: two strided ConvBasic, AvgPool 2, Linear."""
-
-    def __init__(self, cin: int, width: int, num_classes: int):
-        super().__init__()
-        self.m = nn.Sequential(ConvBasic(cin, width, 3, 2, 1), ConvBasic(width, width, 3, 2, 1), nn.AvgPool2d(2))
-        self.linear = nn.Linear(width, num_classes)
-        self.width = width
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.m(x).flatten(1)
-
-    def forward(self, xs: list[Tensor]) -> Tensor:
-        return self.linear(self.features(xs[-1]))
-
-
 def layer_steps(n_blocks: int, stepmode: str, step: int, base: int) -> list[int]:
     """MSDN layers per block: ``[base, step, step, ...]`` (even) or ``[base, step*1+1, step*2+1, ...]`` (lin_grow)."""
     if stepmode not in ("even", "lin_grow"):
@@ -219,7 +192,7 @@ class MSDNet(MultiExitModel):
             self.blocks.append(nn.Sequential(*mods))
             cin = c * gr_factor[-1]
             self.head_inputs.append(cin)
-            self.classifier.append(ClassifierModule(cin, head_width or cin, num_classes))
+            self.classifier.append(ExitHead(cin, head_width or cin, num_classes))
         if init == "paper":
             _paper_init(self)
         if collaboration:

@@ -33,8 +33,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from ponder.models.base import example_input
 from ponder.models.multi_exit import MultiExitModel
-from ponder.models.ranet_blocks import (INTERP_MACS_PER_ELEMENT, ExitHead, FusionBlock, NormalBlock,
-                                        RANetStem)
+from ponder.models.exit_head import ExitHead
+from ponder.models.ranet_blocks import INTERP_MACS_PER_ELEMENT, FusionBlock, NormalBlock, RANetStem
 from ponder.nn.exits import gradient_rescale
 from ponder.registry import register_model
 
@@ -182,7 +182,7 @@ class RANet(MultiExitModel):
                             growth_rate * grs[i], compress_factor, bns[i], bns[i - 1])
                 for spec in specs))
         self.heads = nn.ModuleList(
-            ExitHead(spec.out_channels, num_classes, head_width)
+            ExitHead(spec.out_channels, head_width or spec.out_channels, num_classes)
             for specs in self.plan for spec in specs if not spec.fusion)
         self.num_exits = len(self.heads)
         # exit k runs blocks (flow, [block indices]) of self._segments[k]

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ponder.models.exit_head import ConvBasic
+
 #: MACs charged per output element of a bilinear resize (a weighted sum of 4 neighbours).
 INTERP_MACS_PER_ELEMENT = 4
 
@@ -28,14 +30,6 @@ def resize(x: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
-
-
-class ConvBasic(nn.Sequential):
-    """Conv k x k (no bias) -> BN -> ReLU."""
-
-    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int = 1):
-        super().__init__(nn.Conv2d(cin, cout, kernel, stride, padding, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class ConvBN(nn.Sequential):
@@ -138,22 +132,3 @@ class FusionBlock(nn.Module):
             states.append(x)
         x = torch.cat([x, resize(self.last(coarse[-1]), x.shape[-2:])], 1)
         return (self.trans(x) if self.trans is not None else x), states
-
-
-class ExitHead(nn.Module):
-    """MSDNet/RANet classifier: ``features`` (two ConvBasic 3x3 stride 2, AvgPool 2, flatten) then ``linear``.
-
-    ``width`` is the hidden width (128 on CIFAR); ``None`` keeps the input width (ImageNet).
-    """
-
-    def __init__(self, cin: int, num_classes: int, width: int | None):
-        super().__init__()
-        self.width = width or cin
-        self.features = nn.Sequential(ConvBasic(cin, self.width, stride=2),
-                                      ConvBasic(self.width, self.width, stride=2),
-                                      nn.AvgPool2d(2), nn.Flatten(1))
-        self.linear = nn.Linear(self.width, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [B, cin, h, w]`` (8x8 on CIFAR, 7x7 on ImageNet) -> logits ``[B, num_classes]``."""
-        return self.linear(self.features(x))
