@@ -213,3 +213,19 @@ def test_dense_baseline_runs_last_exit_only():
         torch.testing.assert_close(base(x), model(x).exit_logits[-1])
     assert count_macs(base, x[:1]) == model.dense_macs() < model.exit_costs()[-1]
     assert sum(1 for _ in base.parameters()) == 0  # shares, does not own, the weights
+
+
+def test_exit_head_inference_path_equals_the_module_path_after_training_steps():
+    from ponder.models.exit_head import ExitHead
+
+    torch.manual_seed(0)
+    head = ExitHead(16, 32, 10)
+    assert head.m[0].net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(3, 16, 8, 8)
+    for _ in range(2):  # each round moves the BN statistics: the folded weights must follow
+        head.train()
+        head(torch.randn(8, 16, 8, 8) * 2 + 1)
+        head.eval()
+        with torch.no_grad():
+            folded = head(x)
+        torch.testing.assert_close(folded, head(x).detach(), rtol=1e-4, atol=1e-5)

@@ -219,6 +219,11 @@ def test_folded_weights_follow_parameter_updates():
         block.bn1.running_var.add_(1.0)
     torch.testing.assert_close(sparse_residual(block, x, m, break_even=None), masked_residual(block, x, m).detach(),
                                atol=ATOL, rtol=1e-4)
+    block.train()  # a train-mode forward moves the running statistics (in place, version unchanged)
+    block(torch.randn(4, 4, 6, 6) * 3 + 1)
+    block.eval()
+    torch.testing.assert_close(sparse_residual(block, x, m, break_even=None), masked_residual(block, x, m).detach(),
+                               atol=ATOL, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- cost ledger

@@ -6,14 +6,19 @@ on a CPU, PyTorch runs a 3x3 convolution on a small map through im2col (128 -> 1
 4x4 -> 2x2: about 120 us for 0.6M MACs on this project's CPU); channels-last weights send it to
 oneDNN instead (about 22 us), so an early exit costs in time what its MACs say. Batch 64 and
 training are no slower (README, "Real early exit"). ``state_dict`` values are the same numbers
-in any memory format, and checkpoints are written contiguous.
+in any memory format, and checkpoints are written contiguous. Without autograd (inference), the
+head runs with BN folded into its convs (cached folded weights,
+:func:`ponder.nn.sparse_conv.fold_conv_bn_dense`): an exit is a conv, a conv, a pool and a matmul.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
+
+from ponder.nn.sparse_conv import fold_conv_bn_dense
 
 
 class ConvBasic(nn.Module):
@@ -43,7 +48,13 @@ class ExitHead(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """``x [B, cin, h, w]`` (8x8 on CIFAR, 7x7 on ImageNet) -> pooled feature ``[B, width]``."""
-        return self.m(x).flatten(1)
+        if self.training or torch.is_grad_enabled():
+            return self.m(x).flatten(1)
+        for unit in self.m[:2]:  # inference: BN folded, one conv call per ConvBasic
+            conv = unit.net[0]
+            weight, bias = fold_conv_bn_dense(conv, unit.net[1])
+            x = F.conv2d(x, weight, bias, conv.stride, conv.padding).relu_()
+        return self.m[2](x).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, cin, h, w]`` -> logits ``[B, num_classes]``."""

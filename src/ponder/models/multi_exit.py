@@ -200,9 +200,7 @@ class MultiExitModel(PonderModel):
         return new, own, new
 
     def _leaves(self, k: int, logits: Tensor, keys: Tensor | None) -> Tensor | None:
-        """Bool ``[B]``: which samples leave at exit ``k``; ``None`` when nobody can leave early."""
-        if k == self.num_exits - 1:
-            return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        """Bool ``[B]``: which samples leave at exit ``k < num_exits - 1``; ``None`` when nobody can leave early."""
         if self._keep_rate is not None:
             assert keys is not None
             return keep_uniforms(keys, k, self._keep_seed).to(logits.device) >= self._keep_rate
@@ -234,8 +232,8 @@ class MultiExitModel(PonderModel):
             exit_logits.append(logits)
             teacher = own
             with torch.no_grad():
-                leave = self._leaves(k, logits, keys)
-                if leave is not None and k < n - 1:
+                leave = self._leaves(k, logits, keys) if k < n - 1 else None
+                if leave is not None:
                     now = leave & open_
                     exit_index[now] = k
                     open_ &= ~leave
@@ -250,32 +248,40 @@ class MultiExitModel(PonderModel):
     def _forward_sparse(self, x: Tensor) -> DynamicOutput:
         n, batch = self.num_exits, x.shape[0]
         keys = sample_keys(x) if self._keep_rate is not None else None
-        idx = torch.arange(batch, device=x.device)
-        exit_index = torch.full((batch,), n - 1, dtype=torch.long, device=x.device)
+        here: Tensor | None = None  # batch positions of the samples still running (None: all, in order)
         out_logits: Tensor | None = None
+        exit_index: Tensor | None = None
         state, carry = x, None
         for k in range(n):
             state = self.run_block(k, state)
             logits, _, carry = self._exit(k, state, carry)
+            leave = self._leaves(k, logits, keys) if k < n - 1 else None
+            if k < n - 1:
+                n_leave = 0 if leave is None else int(leave.sum())  # the one host sync per exit
+                if n_leave == 0:
+                    continue
+            everyone = k == n - 1 or n_leave == logits.shape[0]
             if out_logits is None:
+                if everyone and here is None:  # the whole batch leaves together: nothing to scatter
+                    exit_index = torch.full((batch,), k, dtype=torch.long, device=x.device)
+                    return DynamicOutput(logits=logits, macs=self._macs_of(exit_index, x), exit_index=exit_index)
                 out_logits = logits.new_empty(batch, logits.shape[1])
-            leave = self._leaves(k, logits, keys)
-            if leave is None:  # no rule to leave early: everybody runs to the last exit
-                continue
-            if bool(leave.all()):
-                out_logits[idx] = logits
-                exit_index[idx] = k
+                exit_index = torch.empty(batch, dtype=torch.long, device=x.device)
+            if here is None:
+                here = torch.arange(batch, device=x.device)
+            if everyone:
+                out_logits[here] = logits
+                exit_index[here] = k
                 break
-            if bool(leave.any()):
-                gone = leave.nonzero().squeeze(1)
-                out_logits[idx[gone]] = logits[gone]
-                exit_index[idx[gone]] = k
-                stay = (~leave).nonzero().squeeze(1)
-                idx, state = idx[stay], select_samples(state, stay)
-                carry = None if carry is None else carry[stay]
-                if keys is not None:
-                    keys = keys[stay]
-        assert out_logits is not None
+            assert leave is not None
+            gone, stay = leave.nonzero().squeeze(1), (~leave).nonzero().squeeze(1)
+            out_logits[here[gone]] = logits[gone]
+            exit_index[here[gone]] = k
+            here, state = here[stay], select_samples(state, stay)
+            carry = None if carry is None else carry[stay]
+            if keys is not None:
+                keys = keys[stay]
+        assert out_logits is not None and exit_index is not None
         return DynamicOutput(logits=out_logits, macs=self._macs_of(exit_index, x), exit_index=exit_index)
 
     def _macs_of(self, exit_index: Tensor, x: Tensor) -> Tensor:

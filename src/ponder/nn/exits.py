@@ -135,7 +135,7 @@ def official_op_counts(model: "MultiExitModel", input_size: tuple[int, int, int]
     model.eval()
     out = []
     try:
-        with torch.no_grad():
+        with torch.enable_grad():  # the module path (without autograd, exit heads fold BN and skip the hooks)
             p = next(model.parameters())
             state, carry = torch.zeros(1, *input_size, device=p.device, dtype=p.dtype), None
             for k in range(model.num_exits):

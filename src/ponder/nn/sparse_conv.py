@@ -160,7 +160,8 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedCon
     """``conv`` followed by eval-mode ``bn`` as a :class:`FoldedConv` (cached until a parameter changes).
 
     Supports square kernels, any stride and zero padding, ``groups = 1``, ``dilation = 1``. The
-    cache notices optimizer steps, ``load_state_dict`` and ``.to()`` (tensor versions and addresses).
+    cache notices optimizer steps, train-mode forwards, ``load_state_dict`` and ``.to()`` (tensor
+    versions and addresses).
     """
     k = conv.kernel_size[0]
     if isinstance(conv.padding, str) or conv.groups != 1 or conv.dilation != (1, 1) \
@@ -171,9 +172,11 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedCon
     if bn is not None and (bn.training or bn.running_mean is None):
         raise ValueError("sparse convolution folds BatchNorm with running statistics; call model.eval() "
                          "(or use the masked executor to train).")
+    # a train-mode forward updates the running statistics in place without bumping their version;
+    # it does bump num_batches_tracked's (a Python-side add_), which the key therefore includes
     key = (_tensor_key(conv.weight), _tensor_key(conv.bias)) + (() if bn is None else (
         _tensor_key(bn.weight), _tensor_key(bn.bias), _tensor_key(bn.running_mean),
-        _tensor_key(bn.running_var), bn.eps))
+        _tensor_key(bn.running_var), _tensor_key(bn.num_batches_tracked), bn.eps))
     hit = _FOLD_CACHE.get(conv)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -191,6 +194,26 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedCon
         folded = FoldedConv(weight, bias.detach().clone(), k, conv.stride[0], conv.padding[0])
     _FOLD_CACHE[conv] = (key, folded)
     return folded
+
+
+_DENSE_FOLD: "weakref.WeakKeyDictionary[nn.Module, tuple[FoldedConv, Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def fold_conv_bn_dense(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`fold_conv_bn` in conv layout: ``(weight [C_out, C_in, k, k], bias [C_out])`` for ``F.conv2d``.
+
+    The weight keeps ``conv.weight``'s memory format (channels-last stays channels-last); cached
+    with the folded GEMM weights, so it follows the same invalidation rules.
+    """
+    f = fold_conv_bn(conv, bn)
+    hit = _DENSE_FOLD.get(conv)
+    if hit is None or hit[0] is not f:
+        w = f.weight.reshape(f.k, f.k, conv.in_channels, conv.out_channels).permute(3, 2, 0, 1)
+        fmt = torch.channels_last if not conv.weight.is_contiguous() and \
+            conv.weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        hit = (f, w.contiguous(memory_format=fmt))
+        _DENSE_FOLD[conv] = hit
+    return hit[1], f.bias
 
 
 CHUNK_BYTES = 1 << 20

@@ -32,6 +32,7 @@ from ponder.nn.sparse_conv import (
     PositionIndex,
     empty_plane,
     fold_conv_bn,
+    fold_conv_bn_dense,
     gather_gemm,
     input_mask,
     padded_plane,
@@ -162,26 +163,18 @@ def masked_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
     return F.relu(s + m * b)
 
 
-_DENSE_FOLD: "weakref.WeakKeyDictionary[torch.nn.Conv2d, tuple[object, Tensor]]" = weakref.WeakKeyDictionary()
-
-
 def folded_branch(block: ResidualBlock, x: Tensor) -> Tensor:
     """``block.branch(x)`` in eval mode with every BN folded into its conv (dense convs, no BN passes).
 
-    The folded weights are :func:`~ponder.nn.sparse_conv.fold_conv_bn`'s (the sparse kernel's), reshaped
-    once to conv layout and cached until they change.
+    The folded weights are :func:`~ponder.nn.sparse_conv.fold_conv_bn_dense`'s (the sparse kernel's,
+    in conv layout), cached until they change.
     """
     pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
     if not is_basic(block):
         pairs.append((block.conv3, block.bn3))
     for i, (conv, bn) in enumerate(pairs):
-        f = fold_conv_bn(conv, bn)
-        hit = _DENSE_FOLD.get(conv)
-        if hit is None or hit[0] is not f:
-            w = f.weight.reshape(f.k, f.k, conv.in_channels, conv.out_channels).permute(3, 2, 0, 1).contiguous()
-            hit = (f, w)
-            _DENSE_FOLD[conv] = hit
-        x = F.conv2d(x, hit[1], f.bias, conv.stride, conv.padding)
+        weight, bias = fold_conv_bn_dense(conv, bn)
+        x = F.conv2d(x, weight, bias, conv.stride, conv.padding)
         if i < len(pairs) - 1:
             x = x.relu_()
     return x
