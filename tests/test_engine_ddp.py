@@ -14,7 +14,7 @@ import yaml
 from cifar_fixtures import write_fake_cifar
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     import torch
     torch.set_num_threads(1)
     from ponder.config import load_config
@@ -50,6 +50,10 @@ SCRIPT = textwrap.dedent("""
                "full": full.summary(), "targets": full.targets.tolist(),
                "same_as_saved": same_as_saved}, open(f"{out}/rank{info.rank}.json", "w"))
     shutdown_distributed()
+    # skip interpreter finalization: gloo worker threads can abort it (SIGABRT, "terminate called
+    # without an active exception"; pytorch/pytorch PR 179291), rarely, after all work is done
+    sys.stdout.flush()
+    os._exit(0)
 """)
 
 

@@ -73,8 +73,13 @@ def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group (no-op when not initialised)."""
+    """Leave the process group (no-op when not initialised).
+
+    Every rank waits at a barrier first, so no rank tears down its gloo threads while a peer is
+    still talking to it (seen as ``terminate called without an active exception`` in a peer).
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
