@@ -229,3 +229,27 @@ def test_exit_head_inference_path_equals_the_module_path_after_training_steps():
         with torch.no_grad():
             folded = head(x)
         torch.testing.assert_close(folded, head(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_activation_layout_follows_batch_size_and_survives_sample_selection():
+    from ponder.models.multi_exit import CHANNELS_LAST_MIN_POSITIONS
+    from ponder.nn.exits import select_samples
+
+    model = _small()
+    cl = torch.channels_last
+    big = torch.randn(CHANNELS_LAST_MIN_POSITIONS // (32 * 32), 3, 32, 32)
+    assert model.input_layout(big).is_contiguous(memory_format=cl)
+    assert model.input_layout(big[:1]).is_contiguous()  # batch 1: stays NCHW
+    model.channels_last = True
+    assert model.input_layout(big[:1]).is_contiguous(memory_format=cl)
+    model.channels_last = False
+    assert model.input_layout(big) is big
+    model.channels_last = None
+    idx = torch.tensor([3, 1])
+    for source in (big, big.contiguous(memory_format=cl)):
+        kept = select_samples([source, torch.randn(16, 5)], idx)  # keeps the layout it was given
+        assert kept[0].is_contiguous(memory_format=cl) == (source is not big) and kept[1].shape == (2, 5)
+        for layout in (True, False):  # or switches it while copying
+            out = select_samples([source], idx, channels_last=layout)[0]
+            assert out.is_contiguous(memory_format=cl if layout else torch.contiguous_format)
+            assert torch.equal(out, big[idx])

@@ -6,9 +6,12 @@ on a CPU, PyTorch runs a 3x3 convolution on a small map through im2col (128 -> 1
 4x4 -> 2x2: about 120 us for 0.6M MACs on this project's CPU); channels-last weights send it to
 oneDNN instead (about 22 us), so an early exit costs in time what its MACs say. Batch 64 and
 training are no slower (README, "Real early exit"). ``state_dict`` values are the same numbers
-in any memory format, and checkpoints are written contiguous. Without autograd (inference), the
-head runs with BN folded into its convs (cached folded weights,
-:func:`ponder.nn.sparse_conv.fold_conv_bn_dense`): an exit is a conv, a conv, a pool and a matmul.
+in any memory format, and checkpoints are written contiguous.
+
+Without autograd (``torch.no_grad`` / ``inference_mode`` in eval mode) every conv -> BN -> ReLU
+chain here and in MSDNet's ``ConvBN`` runs as one convolution with BN folded in (cached folded
+weights, :func:`ponder.nn.sparse_conv.fold_conv_bn_dense`); forward hooks on those inner Conv2d /
+BatchNorm2d / ReLU modules then do not fire (hooks on blocks and heads do).
 """
 
 from __future__ import annotations
@@ -21,6 +24,21 @@ from torch import Tensor
 from ponder.nn.sparse_conv import fold_conv_bn_dense
 
 
+def conv_bn_relu(net: nn.Sequential, x: Tensor) -> Tensor:
+    """``net(x)`` for ``net`` = (Conv2d, BatchNorm2d, ReLU) repeated; without autograd, BN folded.
+
+    ``x [B, C, H, W]`` -> ``[B, C', H', W']`` in ``x``'s memory format (or the convs' weights').
+    """
+    if net.training or torch.is_grad_enabled():
+        return net(x)
+    layers = list(net._modules.values())
+    for i in range(0, len(layers), 3):
+        conv = layers[i]
+        weight, bias = fold_conv_bn_dense(conv, layers[i + 1])
+        x = F.conv2d(x, weight, bias, conv.stride, conv.padding).relu_()
+    return x
+
+
 class ConvBasic(nn.Module):
     """Conv k x k (no bias) -> BN -> ReLU, as ``net`` (the official MSDNet layout)."""
 
@@ -30,7 +48,7 @@ class ConvBasic(nn.Module):
                                  nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return conv_bn_relu(self.net, x)
 
 
 class ExitHead(nn.Module):
@@ -48,13 +66,7 @@ class ExitHead(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """``x [B, cin, h, w]`` (8x8 on CIFAR, 7x7 on ImageNet) -> pooled feature ``[B, width]``."""
-        if self.training or torch.is_grad_enabled():
-            return self.m(x).flatten(1)
-        for unit in self.m[:2]:  # inference: BN folded, one conv call per ConvBasic
-            conv = unit.net[0]
-            weight, bias = fold_conv_bn_dense(conv, unit.net[1])
-            x = F.conv2d(x, weight, bias, conv.stride, conv.padding).relu_()
-        return self.m[2](x).flatten(1)
+        return self.m(x).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, cin, h, w]`` -> logits ``[B, num_classes]``."""

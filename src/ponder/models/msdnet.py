@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ponder.models.exit_head import ConvBasic, ExitHead
+from ponder.models.exit_head import ConvBasic, ExitHead, conv_bn_relu
 from ponder.models.multi_exit import MultiExitModel
 from ponder.nn.exits import gradient_rescale
 from ponder.registry import register_model
@@ -42,7 +42,7 @@ class ConvBN(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return conv_bn_relu(self.net, x)
 
 
 class ConvNormal(nn.Module):

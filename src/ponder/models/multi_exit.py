@@ -9,7 +9,9 @@ A multi-exit model subclasses :class:`MultiExitModel` and describes itself *step
 - the **sparse** executor (``set_executor(model, "sparse")``): after exit ``k`` the samples
   whose max-softmax is ``>= threshold[k]`` leave the batch, so later blocks only run on the rest.
 
-Both executors give the same per-sample exit and prediction. Per-sample MACs are the
+Both executors give the same per-sample exit and prediction. Activations are channels-last when a
+batch holds at least :data:`CHANNELS_LAST_MIN_POSITIONS` input positions (``B * H * W``; see
+:meth:`MultiExitModel.input_layout`). Per-sample MACs are the
 cumulative cost of everything run up to and including the exit taken (earlier heads included).
 Without thresholds (and without ``force_keep_rate``) every sample takes the last exit.
 """
@@ -32,11 +34,21 @@ from ponder.nn.exits import (CollaborationHeads, LastExitNetwork, gradient_resca
 from ponder.output import DynamicOutput
 
 
+#: ``B * H * W`` from which a multi-exit model runs on channels-last activations (``channels_last=None``).
+#: Measured on a 2-core CPU with MSDNet CIFAR (one thread): NCHW 1x1 convolutions over large maps take
+#: PyTorch's slow path, so channels-last is 1.3x faster at batch 16 and 1.5x at batch 64 (dense
+#: inference), 11 % faster to train at batch 64 and 11 % faster for MSDNet ImageNet at batch 1; at
+#: batch 1-8 on 32x32 images it is no faster, and the first blocks are slower.
+CHANNELS_LAST_MIN_POSITIONS = 16 * 32 * 32
+
+
 class MultiExitModel(PonderModel):
     """Base of multi-exit networks (MSDNet, RANet): stepwise description, two executors, cost ledger.
 
     Attributes:
         executor: ``"masked"`` (compute-all) or ``"sparse"`` (real early exit).
+        channels_last: activation layout: ``None`` (default) chooses by batch size
+            (:meth:`input_layout`), ``True`` / ``False`` force channels-last / NCHW.
         grad_equilibrium: IMTA gradient equilibrium on (identity in the forward pass).
         collab: :class:`CollaborationHeads` when built with ``enable_collaboration``, else ``None``.
     """
@@ -46,6 +58,7 @@ class MultiExitModel(PonderModel):
     def __init__(self) -> None:
         super().__init__()
         self.executor = "masked"
+        self.channels_last: bool | None = None
         self.grad_equilibrium = False
         self.collab: CollaborationHeads | None = None
         self._thresholds: list[float] | None = None
@@ -208,9 +221,29 @@ class MultiExitModel(PonderModel):
             return None
         return F.softmax(logits, dim=1).amax(dim=1) >= self._thresholds[k]
 
+    def use_channels_last(self, batch: int, height: int, width: int) -> bool:
+        """Whether a batch of ``batch`` images of ``height x width`` runs channels-last.
+
+        ``self.channels_last`` when set, else ``batch * height * width >= CHANNELS_LAST_MIN_POSITIONS``.
+        """
+        if self.channels_last is not None:
+            return bool(self.channels_last)
+        return batch * height * width >= CHANNELS_LAST_MIN_POSITIONS
+
+    def input_layout(self, x: Tensor) -> Tensor:
+        """``x [B, C, H, W]`` in the layout the network runs in (a copy only when it changes).
+
+        Every later activation keeps that layout; the sparse executor chooses again, by the same
+        rule, whenever samples leave the batch.
+        """
+        if self.use_channels_last(x.shape[0], x.shape[2], x.shape[3]):
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def forward(self, x: Tensor) -> DynamicOutput:
         """``x [B, C, H, W]`` -> :class:`DynamicOutput` (``exit_logits`` only from the compute-all executor)."""
         self.check_input(x)
+        x = self.input_layout(x)
         if self.executor == "sparse":
             return self._forward_sparse(x)
         return self._forward_all(x)
@@ -277,7 +310,8 @@ class MultiExitModel(PonderModel):
             gone, stay = leave.nonzero().squeeze(1), (~leave).nonzero().squeeze(1)
             out_logits[here[gone]] = logits[gone]
             exit_index[here[gone]] = k
-            here, state = here[stay], select_samples(state, stay)
+            cl = self.use_channels_last(stay.shape[0], x.shape[2], x.shape[3])
+            here, state = here[stay], select_samples(state, stay, channels_last=cl)
             carry = None if carry is None else carry[stay]
             if keys is not None:
                 keys = keys[stay]

@@ -50,9 +50,25 @@ def gradient_rescale(x: Tensor, scale: float) -> Tensor:
     return _GradRescale.apply(x, scale)
 
 
-def select_samples(state: Any, idx: Tensor) -> Any:
-    """Keep the samples ``idx [n]`` (long) of every tensor in the pytree ``state``."""
-    return tree_map(lambda t: t.index_select(0, idx) if isinstance(t, Tensor) else t, state)
+def select_samples(state: Any, idx: Tensor, channels_last: bool | None = None) -> Any:
+    """Keep the samples ``idx [n]`` (long) of every tensor in the pytree ``state``.
+
+    ``channels_last``: the layout of the selected 4-D tensors (``None`` keeps each tensor's own);
+    the copy that selects also changes the layout, so switching costs nothing extra.
+    """
+    return tree_map(lambda t: _select(t, idx, channels_last) if isinstance(t, Tensor) else t, state)
+
+
+def _select(t: Tensor, idx: Tensor, channels_last: bool | None) -> Tensor:
+    if t.dim() != 4:
+        return t.index_select(0, idx)
+    if channels_last is None:
+        channels_last = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        out = torch.empty((idx.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device,
+                          memory_format=torch.channels_last)
+        return torch.index_select(t, 0, idx, out=out)
+    return t.index_select(0, idx).contiguous()
 
 
 def sample_keys(x: Tensor) -> Tensor:
@@ -158,7 +174,7 @@ class LastExitNetwork(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.model
-        state = x
+        state = m.input_layout(x)
         for k in range(m.num_exits):
             state = m.run_block(k, state)
         last = m.num_exits - 1
