@@ -210,6 +210,22 @@ def test_sparse_residual_errors():
         sparse_residual(block, x, torch.rand(1, 6, 6) < 0.5)
 
 
+@pytest.mark.parametrize("kind,stride,shortcut", [("basic", 1, "A"), ("bottleneck", 1, "A"), ("bottleneck", 2, "A")])
+def test_overwrite_writes_into_the_input_only_when_allowed_and_gives_the_same_output(kind, stride, shortcut):
+    block = make_block(kind, stride, shortcut, seed=3)
+    torch.manual_seed(3)
+    x = torch.randn(2, in_channels(block), 8, 8).contiguous(memory_format=torch.channels_last)
+    ho = 8 // stride
+    m = torch.rand(2, ho, ho) < 0.4
+    keep = x.clone()
+    ref = sparse_residual(block, x, m, break_even=None)
+    assert torch.equal(x, keep)  # not allowed: x untouched
+    out = sparse_residual(block, x, m, break_even=None, overwrite=True)
+    torch.testing.assert_close(out, ref)
+    shares = out.data_ptr() == x.data_ptr()
+    assert shares == (block.downsample is None)  # identity shortcut: written in place, no copy
+
+
 def test_folded_weights_follow_parameter_updates():
     block = make_block("basic", 1, "A")
     x, m = torch.randn(1, 4, 6, 6), torch.rand(1, 6, 6) < 0.5

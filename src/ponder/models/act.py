@@ -232,7 +232,9 @@ class ACTResNetMixin:
             if bool(mask.any()):
                 conv1_mask = first_conv_mask(blocks[l], mask, in_size[1:])  # shared by the kernel and the ledger
                 if self.executor == "sparse":
-                    x = sparse_residual(blocks[l], x, mask, break_even=self.break_even, first=conv1_mask)
+                    # x is this stage's own intermediate (already accumulated): the unit may overwrite it
+                    x = sparse_residual(blocks[l], x, mask, break_even=self.break_even, first=conv1_mask,
+                                        overwrite=True)
                 else:
                     x = masked_residual(blocks[l], x, mask)
                 macs = macs + residual_macs(blocks[l], in_size, mask, first=conv1_mask)

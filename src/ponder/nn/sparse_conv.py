@@ -207,24 +207,32 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedCon
     return folded
 
 
-_DENSE_FOLD: "weakref.WeakKeyDictionary[nn.Module, tuple[FoldedConv, Tensor]]" = weakref.WeakKeyDictionary()
+_DENSE_FOLD: "weakref.WeakKeyDictionary[nn.Module, tuple[FoldedConv, dict[bool, Tensor]]]" = \
+    weakref.WeakKeyDictionary()
 
 
-def fold_conv_bn_dense(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> tuple[Tensor, Tensor]:
+def fold_conv_bn_dense(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None,
+                       channels_last: bool | None = None) -> tuple[Tensor, Tensor]:
     """:func:`fold_conv_bn` in conv layout: ``(weight [C_out, C_in, k, k], bias [C_out])`` for ``F.conv2d``.
 
-    The weight keeps ``conv.weight``'s memory format (channels-last stays channels-last); cached
-    with the folded GEMM weights, so it follows the same invalidation rules.
+    ``channels_last``: the weight's memory format (``None``: ``conv.weight``'s own). Give the input's
+    layout: oneDNN reorders a weight of the other layout on every call. Cached with the folded GEMM
+    weights, so it follows the same invalidation rules.
     """
     f = fold_conv_bn(conv, bn)
+    if channels_last is None:
+        w0 = conv._parameters["weight"]
+        channels_last = not w0.is_contiguous() and w0.is_contiguous(memory_format=torch.channels_last)
     hit = _DENSE_FOLD.get(conv)
     if hit is None or hit[0] is not f:
-        w = f.weight.reshape(f.k, f.k, conv.in_channels, conv.out_channels).permute(3, 2, 0, 1)
-        fmt = torch.channels_last if not conv.weight.is_contiguous() and \
-            conv.weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        hit = (f, w.contiguous(memory_format=fmt))
+        hit = (f, {})
         _DENSE_FOLD[conv] = hit
-    return hit[1], f.bias
+    weight = hit[1].get(channels_last)
+    if weight is None:
+        w = f.weight.reshape(f.k, f.k, conv.in_channels, conv.out_channels).permute(3, 2, 0, 1)
+        weight = w.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        hit[1][channels_last] = weight
+    return weight, f.bias
 
 
 CHUNK_BYTES = 1 << 20

@@ -55,7 +55,8 @@ def _check_break_even(value: BreakEven) -> None:
 
 
 def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Inactive = "shortcut",
-                    break_even: BreakEven = "default", first: Tensor | None = None) -> Tensor:
+                    break_even: BreakEven = "default", first: Tensor | None = None,
+                    overwrite: bool = False) -> Tensor:
     """Run ``block`` only where ``mask`` is set (inference): ``[B, C, H, W]`` -> ``[B, C', Ho, Wo]``.
 
     Args:
@@ -70,10 +71,12 @@ def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
             always sparse, ``"default"`` = :func:`set_default_break_even`'s value.
         first: the unit's :func:`~ponder.nn.sparse_units.first_conv_mask` of ``mask`` (bool), when the
             caller already has it (e.g. for :func:`ponder.nn.sparse_cost.residual_macs`); computed if ``None``.
+        overwrite: the caller no longer needs ``x``: the sparse kernel may write the output into
+            ``x``'s storage (identity shortcut, channels-last ``x``) instead of into a copy of it.
 
     Returns a new tensor (contiguous channels_last on the sparse path; the dense fall-back keeps
     ``x``'s layout), or ``x`` itself when nothing is active and the unit has no downsample (with
-    ``inactive="shortcut"``). No gradient flows.
+    ``inactive="shortcut"``), or with ``overwrite`` possibly ``x`` updated in place. No gradient flows.
     """
     check_unit(block, x, mask, inactive)
     if block.training:
@@ -102,7 +105,7 @@ def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
                 return dense_fallback(block, x, m, inactive)
         elif first is None:
             first = first_conv_mask(block, m, (x.shape[2], x.shape[3]))
-        return run_sparse(block, x, m, first, inactive)
+        return run_sparse(block, x, m, first, inactive, overwrite)
 
 
 class SparseResidual(nn.Module):

@@ -172,8 +172,9 @@ def folded_branch(block: ResidualBlock, x: Tensor) -> Tensor:
     pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
     if not is_basic(block):
         pairs.append((block.conv3, block.bn3))
+    cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     for i, (conv, bn) in enumerate(pairs):
-        weight, bias = fold_conv_bn_dense(conv, bn)
+        weight, bias = fold_conv_bn_dense(conv, bn, channels_last=cl)
         x = F.conv2d(x, weight, bias, conv.stride, conv.padding)
         if i < len(pairs) - 1:
             x = x.relu_()
@@ -210,10 +211,23 @@ def _finish(out: Tensor, rows: Tensor, y: Tensor, inactive: str) -> None:
     out.index_copy_(0, rows, y)
 
 
-def run_sparse_basic(block: BasicBlock, x: Tensor, mask: Tensor, first: Tensor, inactive: str) -> Tensor:
+def _output_plane(block: ResidualBlock, x: Tensor, overwrite: bool) -> Tensor:
+    """The ``[B*Ho*Wo, C_out]`` rows the unit's output is written into, holding the shortcut.
+
+    With ``overwrite`` and an identity shortcut on a channels-last ``x``, ``x``'s own storage (no copy).
+    """
+    if block.downsample is not None:
+        return padded_plane(block.shortcut(x), 0)
+    if overwrite and x.is_contiguous(memory_format=torch.channels_last):
+        return rows_view(x)
+    return padded_plane(x, 0)
+
+
+def run_sparse_basic(block: BasicBlock, x: Tensor, mask: Tensor, first: Tensor, inactive: str,
+                     overwrite: bool = False) -> Tensor:
     """Sparse ``BasicBlock``: conv1 (3x3, stride s) on ``first``, conv2 (3x3) on ``mask``.
 
-    Returns a contiguous channels_last tensor.
+    Returns a contiguous channels_last tensor (``x`` itself, updated, when ``overwrite`` allows it).
     """
     B, _, H, W = x.shape
     _, ho, wo = mask.shape
@@ -224,25 +238,24 @@ def run_sparse_basic(block: BasicBlock, x: Tensor, mask: Tensor, first: Tensor, 
     hp = empty_plane((B, ho, wo), h.shape[1], 1, x)
     hp.index_copy_(0, pos1.padded_rows(1), h)
     y = gather_gemm(hp, window_starts(pos, (ho, wo), 3, 1, 1, 1), f2, relu=False)
-    out = padded_plane(x if block.downsample is None else block.shortcut(x), 0)
+    out = _output_plane(block, x, overwrite)
     _finish(out, pos.rows, y, inactive)
     return plane_interior(out, (B, ho, wo), 0)
 
 
-def run_sparse_bottleneck(block: Bottleneck, x: Tensor, mask: Tensor, first: Tensor, inactive: str) -> Tensor:
+def run_sparse_bottleneck(block: Bottleneck, x: Tensor, mask: Tensor, first: Tensor, inactive: str,
+                          overwrite: bool = False) -> Tensor:
     """Sparse ``Bottleneck``: conv1 (1x1) on ``first`` (input grid), conv2 (3x3, stride s) and conv3 on ``mask``.
 
-    Returns a contiguous channels_last tensor.
+    Returns a contiguous channels_last tensor (``x`` itself, updated, when ``overwrite`` allows it).
     """
     B, _, H, W = x.shape
     _, ho, wo = mask.shape
     f1, f2, f3 = (fold_conv_bn(block.conv1, block.bn1), fold_conv_bn(block.conv2, block.bn2),
                   fold_conv_bn(block.conv3, block.bn3))
     pos1, pos = PositionIndex.from_mask(first), PositionIndex.from_mask(mask)
-    if block.downsample is None:
-        x_rows = out = padded_plane(x, 0)
-    else:
-        x_rows, out = rows_view(x), padded_plane(block.shortcut(x), 0)
+    out = _output_plane(block, x, overwrite)
+    x_rows = out if block.downsample is None else rows_view(x)  # conv1 reads x before out is written
     h = gather_gemm(x_rows, pos1.rows, f1, relu=True)
     hp = empty_plane((B, H, W), h.shape[1], 1, x)
     hp.index_copy_(0, pos1.padded_rows(1), h)
@@ -252,12 +265,17 @@ def run_sparse_bottleneck(block: Bottleneck, x: Tensor, mask: Tensor, first: Ten
     return plane_interior(out, (B, ho, wo), 0)
 
 
-def run_sparse(block: ResidualBlock, x: Tensor, mask: Tensor, first: Tensor, inactive: str) -> Tensor:
-    """The sparse kernel for ``block`` (no fall-back, no fast paths); ``mask``/``first`` bool."""
+def run_sparse(block: ResidualBlock, x: Tensor, mask: Tensor, first: Tensor, inactive: str,
+               overwrite: bool = False) -> Tensor:
+    """The sparse kernel for ``block`` (no fall-back, no fast paths); ``mask``/``first`` bool.
+
+    ``overwrite``: the caller no longer needs ``x``, so an identity-shortcut unit may write its
+    output into ``x``'s storage instead of a copy of it.
+    """
     if block.training:
         raise ValueError("the sparse executor is inference-only: call model.eval(), or use executor='masked' "
                          "to train.")
     with torch.no_grad():
         if is_basic(block):
-            return run_sparse_basic(block, x, mask, first, inactive)
-        return run_sparse_bottleneck(block, x, mask, first, inactive)
+            return run_sparse_basic(block, x, mask, first, inactive, overwrite)
+        return run_sparse_bottleneck(block, x, mask, first, inactive, overwrite)
