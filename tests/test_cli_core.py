@@ -63,3 +63,29 @@ def test_bench_static_json_fields(capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "ponder.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("ponder ")
+
+
+def test_bench_checkpoint_budget_calibrates_on_held_out_split_and_reuses_the_cache(capsys, tmp_path):
+    from cifar_fixtures import write_fake_cifar
+
+    from ponder.config import load_config
+    from ponder.engine import train
+
+    data = write_fake_cifar(tmp_path / "data", "cifar10", n_train=48, n_test=16, seed=0)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "model: {name: msdnet_cifar_budgeted, kwargs: {n_blocks: 3, n_channels: 8, growth_rate: 4, head_width: 16}}\n"
+        f"data: {{dataset: cifar10, data_dir: {data}, val_size: 16, batch_size: 16, eval_batch_size: 16}}\n"
+        "method: {name: multi_exit}\ntrain: {epochs: 1, device: cpu}\n")
+    run = train(load_config(recipe), tmp_path / "run", verbose=False)
+    argv = ["bench", "--checkpoint", str(run), "--budget", "3e6", "--batch", "4", "--images", "8",
+            "--repeats", "1", "--warmup", "1", "--threads", "1", "--json"]
+    code, out, _ = run_cli(capsys, *argv)
+    d = json.loads(out)
+    assert code == 0 and d["mode"] == "checkpoint" and d["batch"] == 4
+    assert d["dense_macs"] > d["dynamic_macs"] > 0 and d["efficiency"] == pytest.approx(d["speedup"] / d["mac_ratio"])
+    cached = list((run / "cache").glob("exits-val-*.safetensors"))
+    assert len(cached) == 1  # the held-out outputs, shared with `ponder eval`
+    stamp = cached[0].stat().st_mtime_ns
+    assert run_cli(capsys, *argv)[0] == 0
+    assert [p.stat().st_mtime_ns for p in (run / "cache").glob("exits-val-*.safetensors")] == [stamp]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
@@ -137,12 +139,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from ponder.engine import load_run
 
         model, config = load_run(args.checkpoint)
+        data_cfg = copy.deepcopy(config.data)
         if args.data_dir:
-            config.data.data_dir = args.data_dir
-        bundle = build_datasets(config.data, seed=config.train.seed)
+            data_cfg.data_dir = args.data_dir
+        bundle = build_datasets(data_cfg, seed=config.train.seed)
         test = bundle.test
         if args.budget is not None and hasattr(model, "calibrate"):
-            _calibrate_on_heldout(model, bundle, config)
+            _calibrate_on_heldout(model, bundle, config, data_cfg, Path(args.checkpoint))
         n = max(args.batch, args.images)
         n_batches = max(1, n // args.batch)
         if n_batches * args.batch > len(test):
@@ -177,17 +180,25 @@ def cmd_bench(args: argparse.Namespace) -> None:
     _print_bench(result, args.json)
 
 
-def _calibrate_on_heldout(model: Any, bundle: Any, config: Any) -> None:
-    """Give an early-exit model held-out confidences so that ``--budget`` (target MACs) can fit thresholds."""
+def _calibrate_on_heldout(model: Any, bundle: Any, config: Any, data_cfg: Any, run_dir: Path) -> None:
+    """Give an early-exit model held-out confidences so that ``--budget`` (target MACs) can fit thresholds.
+
+    The confidences come from the run's exit-output cache (``RUN/cache``, shared with ``ponder eval``
+    and keyed to the weights and the data), computed and stored there on first use.
+    """
     import torch
 
     from ponder.data import build_loaders
-    from ponder.evaluate.early_exit import collect_exit_outputs
+    from ponder.evaluate.early_exit import cached_exit_outputs
+    from ponder.evaluate.protocols import EvalContext
 
     if bundle.val is None:
         raise CLIError("--budget on an early-exit run needs its held-out split (data.val_size > 0 in its recipe)")
-    _, val_loader, _ = build_loaders(bundle, config.data, seed=config.train.seed)
-    model.calibrate(collect_exit_outputs(model.eval(), val_loader, torch.device("cpu")).conf)
+    _, val_loader, _ = build_loaders(bundle, data_cfg, seed=config.train.seed)
+    ctx = EvalContext(model=model.eval(), config=config, run_dir=run_dir, out_dir=run_dir, test_loader=None,
+                      val_loader=val_loader, device=torch.device("cpu"))
+    with torch.no_grad():
+        model.calibrate(cached_exit_outputs(ctx, "val", val_loader).conf)
 
 
 def _print_bench(result: Any, as_json: bool) -> None:
