@@ -238,12 +238,14 @@ def test_activation_layout_follows_batch_size_and_survives_sample_selection():
     model = _small()
     cl = torch.channels_last
     big = torch.randn(CHANNELS_LAST_MIN_POSITIONS // (32 * 32), 3, 32, 32)
-    assert model.input_layout(big).is_contiguous(memory_format=cl)
-    assert model.input_layout(big[:1]).is_contiguous()  # batch 1: stays NCHW
-    model.channels_last = True
-    assert model.input_layout(big[:1]).is_contiguous(memory_format=cl)
-    model.channels_last = False
-    assert model.input_layout(big) is big
+    assert model.input_layout(big) is big  # with autograd (training): NCHW, DDP's gradient layout
+    with torch.no_grad():
+        assert model.input_layout(big).is_contiguous(memory_format=cl)
+        assert model.input_layout(big[:1]).is_contiguous()  # batch 1: stays NCHW
+        model.channels_last = True
+        assert model.input_layout(big[:1]).is_contiguous(memory_format=cl)
+        model.channels_last = False
+        assert model.input_layout(big) is big
     model.channels_last = None
     idx = torch.tensor([3, 1])
     for source in (big, big.contiguous(memory_format=cl)):

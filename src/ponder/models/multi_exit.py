@@ -9,9 +9,9 @@ A multi-exit model subclasses :class:`MultiExitModel` and describes itself *step
 - the **sparse** executor (``set_executor(model, "sparse")``): after exit ``k`` the samples
   whose max-softmax is ``>= threshold[k]`` leave the batch, so later blocks only run on the rest.
 
-Both executors give the same per-sample exit and prediction. Activations are channels-last when a
-batch holds at least :data:`CHANNELS_LAST_MIN_POSITIONS` input positions (``B * H * W``; see
-:meth:`MultiExitModel.input_layout`). Per-sample MACs are the
+Both executors give the same per-sample exit and prediction. At inference, activations are
+channels-last when a batch holds at least :data:`CHANNELS_LAST_MIN_POSITIONS` input positions
+(``B * H * W``; see :meth:`MultiExitModel.use_channels_last`). Per-sample MACs are the
 cumulative cost of everything run up to and including the exit taken (earlier heads included).
 Without thresholds (and without ``force_keep_rate``) every sample takes the last exit.
 """
@@ -34,11 +34,11 @@ from ponder.nn.exits import (CollaborationHeads, LastExitNetwork, gradient_resca
 from ponder.output import DynamicOutput
 
 
-#: ``B * H * W`` from which a multi-exit model runs on channels-last activations (``channels_last=None``).
-#: Measured on a 2-core CPU with MSDNet CIFAR (one thread): NCHW 1x1 convolutions over large maps take
-#: PyTorch's slow path, so channels-last is 1.3x faster at batch 16 and 1.5x at batch 64 (dense
-#: inference), 11 % faster to train at batch 64 and 11 % faster for MSDNet ImageNet at batch 1; at
-#: batch 1-8 on 32x32 images it is no faster, and the first blocks are slower.
+#: ``B * H * W`` from which a multi-exit model runs on channels-last activations at inference
+#: (``channels_last=None``). Measured on a 2-core CPU with MSDNet CIFAR (one thread): NCHW 1x1
+#: convolutions over large maps take PyTorch's slow path, so channels-last is 1.3x faster at batch 16
+#: and 1.5x at batch 64, and 11 % faster for MSDNet ImageNet at batch 1; at batch 1-8 on 32x32 images
+#: it is no faster, and the first blocks are slower.
 CHANNELS_LAST_MIN_POSITIONS = 16 * 32 * 32
 
 
@@ -224,11 +224,14 @@ class MultiExitModel(PonderModel):
     def use_channels_last(self, batch: int, height: int, width: int) -> bool:
         """Whether a batch of ``batch`` images of ``height x width`` runs channels-last.
 
-        ``self.channels_last`` when set, else ``batch * height * width >= CHANNELS_LAST_MIN_POSITIONS``.
+        ``self.channels_last`` when set, else without autograd (inference, evaluation)
+        ``batch * height * width >= CHANNELS_LAST_MIN_POSITIONS``. Training stays NCHW by default:
+        channels-last activations give 1x1 convolutions gradients whose strides break DDP's
+        bucket layout (a warning per step); ``channels_last = True`` trains channels-last anyway.
         """
         if self.channels_last is not None:
             return bool(self.channels_last)
-        return batch * height * width >= CHANNELS_LAST_MIN_POSITIONS
+        return not torch.is_grad_enabled() and batch * height * width >= CHANNELS_LAST_MIN_POSITIONS
 
     def input_layout(self, x: Tensor) -> Tensor:
         """``x [B, C, H, W]`` in the layout the network runs in (a copy only when it changes).
