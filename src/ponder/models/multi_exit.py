@@ -291,12 +291,14 @@ class MultiExitModel(PonderModel):
         for k in range(n):
             state = self.run_block(k, state)
             logits, _, carry = self._exit(k, state, carry)
-            leave = self._leaves(k, logits, keys) if k < n - 1 else None
             if k < n - 1:
+                leave = self._leaves(k, logits, keys)
                 n_leave = 0 if leave is None else int(leave.sum())  # the one host sync per exit
                 if n_leave == 0:
                     continue
-            everyone = k == n - 1 or n_leave == logits.shape[0]
+                everyone = n_leave == logits.shape[0]
+            else:
+                leave, everyone = None, True
             if out_logits is None:
                 if everyone and here is None:  # the whole batch leaves together: nothing to scatter
                     exit_index = torch.full((batch,), k, dtype=torch.long, device=x.device)

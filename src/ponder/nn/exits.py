@@ -25,6 +25,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from ponder.nn.layout import is_channels_last
+
 if TYPE_CHECKING:
     from ponder.models.multi_exit import MultiExitModel
 
@@ -63,7 +65,7 @@ def _select(t: Tensor, idx: Tensor, channels_last: bool | None) -> Tensor:
     if t.dim() != 4:
         return t.index_select(0, idx)
     if channels_last is None:
-        channels_last = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+        channels_last = is_channels_last(t)
     if channels_last:
         out = torch.empty((idx.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device,
                           memory_format=torch.channels_last)

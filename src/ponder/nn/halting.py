@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ponder.nn.layout import is_channels_last
+
 HALT_EPS = 0.01
 """Halting threshold slack: a position halts once its cumulative score reaches ``1 - eps``."""
 
@@ -152,7 +154,7 @@ class ACTAccumulator:
 
 def _like_layout(x: Tensor, ref: Tensor) -> Tensor:
     """``x`` in ``ref``'s memory format (channels-last or contiguous; a copy only when they differ)."""
-    if x.dim() == 4 and ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous():
+    if x.dim() == 4 and is_channels_last(ref):
         return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous() if ref.is_contiguous() else x
 
@@ -237,7 +239,7 @@ class SpatialHaltingBranch(nn.Module):
         """
         w9 = self.local.weight[0].permute(1, 2, 0).reshape(9, -1)  # [(kh, kw), C]
         b, c, hgt, wid = x.shape
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if is_channels_last(x):
             rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: [B*H*W, C]
             taps = F.pad(torch.addmm((w9 @ shift)[:, None], w9 * scale, rows.t()).view(9, b, hgt, wid), (1, 1, 1, 1))
         else:  # [B, 9, H+2, W+2] padded, then viewed as [9, B, H+2, W+2]

@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ponder.nn.layout import is_channels_last
+
 
 def dilate_mask(mask: Tensor, k: int = 3) -> Tensor:
     """Positions within the ``k x k`` neighbourhood of an active one: ``[B, H, W]`` -> ``[B, H, W]`` bool.
@@ -221,8 +223,7 @@ def fold_conv_bn_dense(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None,
     """
     f = fold_conv_bn(conv, bn)
     if channels_last is None:
-        w0 = conv._parameters["weight"]
-        channels_last = not w0.is_contiguous() and w0.is_contiguous(memory_format=torch.channels_last)
+        channels_last = is_channels_last(conv._parameters["weight"])
     hit = _DENSE_FOLD.get(conv)
     if hit is None or hit[0] is not f:
         hit = (f, {})

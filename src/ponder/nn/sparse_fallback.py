@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
+from ponder.nn.layout import is_channels_last
 from ponder.nn.sparse_units import dense_fallback, first_conv_mask, output_hw, run_sparse, unit_info, work_fraction
 
 if TYPE_CHECKING:  # duck-typed at run time (no import cycle with ponder.models)
@@ -30,7 +31,7 @@ CALIBRATION_DENSITIES = (0.1, 0.35, 0.6)
 
 def break_even_key(block: ResidualBlock, x: Tensor, inactive: str) -> tuple:
     """Cache key: unit signature (conv shapes), input shape, layout, dtype, device, threads."""
-    layout = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    layout = is_channels_last(x)
     return (unit_info(block).signature, tuple(x.shape), layout, x.dtype, x.device, torch.get_num_threads(),
             inactive)
 
@@ -81,7 +82,7 @@ def calibrate_break_even(block: ResidualBlock, x: Tensor, inactive: str = "short
     g = torch.Generator().manual_seed(0)
     with _disable_current_modes(), torch.no_grad():
         data = torch.randn(x.shape, generator=g).relu_().to(device=x.device, dtype=x.dtype)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if is_channels_last(x):
             data = data.contiguous(memory_format=torch.channels_last)
         hw = (int(x.shape[2]), int(x.shape[3]))
         ho, wo = output_hw(block, hw)

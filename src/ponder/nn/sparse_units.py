@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ponder.nn.layout import is_channels_last
 from ponder.nn.sparse_conv import (
     PositionIndex,
     empty_plane,
@@ -172,7 +173,7 @@ def folded_branch(block: ResidualBlock, x: Tensor) -> Tensor:
     pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
     if not is_basic(block):
         pairs.append((block.conv3, block.bn3))
-    cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    cl = is_channels_last(x)
     for i, (conv, bn) in enumerate(pairs):
         weight, bias = fold_conv_bn_dense(conv, bn, channels_last=cl)
         x = F.conv2d(x, weight, bias, conv.stride, conv.padding)
