@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -136,12 +135,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     if args.checkpoint:
         from ponder.data import build_datasets
-        from ponder.engine import load_run
+        from ponder.engine import data_config_for, load_run
 
         model, config = load_run(args.checkpoint)
-        data_cfg = copy.deepcopy(config.data)
-        if args.data_dir:
-            data_cfg.data_dir = args.data_dir
+        data_cfg = data_config_for(config, args.data_dir)
         bundle = build_datasets(data_cfg, seed=config.train.seed)
         test = bundle.test
         if args.budget is not None and hasattr(model, "calibrate"):

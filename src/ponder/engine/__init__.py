@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ponder.config import RunConfig
+from ponder.config import DataConfig, RunConfig
 from ponder.engine.checkpoint import (CONFIG_FILE, METRICS_FILE, STATE_FILE, WEIGHTS_FILE, RunDirError,
                                       load_init_weights, load_run, load_run_config)
 from ponder.engine.distributed import DistInfo, init_distributed, resolve_device, shutdown_distributed
@@ -26,6 +26,14 @@ __all__ = ["DistInfo", "NonFiniteLossError", "RunDirError", "Trainer", "evaluate
 # fields that may differ between a run's saved config and the one it is resumed with
 _RESUMABLE_CHANGES = {"train.epochs", "train.device", "train.tensorboard", "data.data_dir", "data.workers",
                       "data.eval_batch_size"}
+
+
+def data_config_for(config: RunConfig, data_dir: str | Path | None = None) -> DataConfig:
+    """A copy of ``config.data``, with ``data_dir`` in place of the recipe's folder when given."""
+    data_cfg = copy.deepcopy(config.data)
+    if data_dir is not None:
+        data_cfg.data_dir = str(data_dir)
+    return data_cfg
 
 
 def resolve_config(config: RunConfig, num_classes: int, data_dir: str | None = None) -> RunConfig:
@@ -99,9 +107,7 @@ def train(config: RunConfig | None, out_dir: str | Path | None, resume: str | Pa
             _prepare_run_dir(run_dir, resume is not None)
         seed = config.train.seed
         seed_everything(seed + info.rank)
-        data_cfg = copy.deepcopy(config.data)
-        if data_dir is not None:
-            data_cfg.data_dir = str(data_dir)
+        data_cfg = data_config_for(config, data_dir)
         bundle = build_datasets(data_cfg, seed)
         config = resolve_config(config, bundle.num_classes, data_cfg.data_dir)
         if resume is not None:
@@ -143,9 +149,7 @@ def evaluate_run(run_dir: str | Path, protocol: str = "standard", data_dir: str 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     model, config = load_run(run_dir, device=dev)
-    data_cfg = copy.deepcopy(config.data)
-    if data_dir is not None:
-        data_cfg.data_dir = str(data_dir)
+    data_cfg = data_config_for(config, data_dir)
     bundle = build_datasets(data_cfg, config.train.seed)
     _, val_loader, test_loader = build_loaders(bundle, data_cfg, config.train.seed, distributed=False)
     ctx = EvalContext(model=model, config=config, run_dir=run_dir, out_dir=Path(out_dir) if out_dir else run_dir,
