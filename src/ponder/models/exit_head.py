@@ -54,11 +54,12 @@ class ConvBasic(nn.Module):
 class ExitHead(nn.Module):
     """Exit classifier: ``features`` (two ConvBasic 3x3/2, AvgPool 2, flatten) then ``linear``.
 
-    ``width`` is the hidden width (128 on CIFAR; the input width on ImageNet).
+    ``width`` is the hidden width (128 on CIFAR); ``None`` keeps the input width (ImageNet).
     """
 
-    def __init__(self, cin: int, width: int, num_classes: int):
+    def __init__(self, cin: int, width: int | None, num_classes: int):
         super().__init__()
+        width = width or cin
         self.m = nn.Sequential(ConvBasic(cin, width, 3, 2, 1), ConvBasic(width, width, 3, 2, 1), nn.AvgPool2d(2))
         self.m.to(memory_format=torch.channels_last)
         self.linear = nn.Linear(width, num_classes)

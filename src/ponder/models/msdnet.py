@@ -192,7 +192,7 @@ class MSDNet(MultiExitModel):
             self.blocks.append(nn.Sequential(*mods))
             cin = c * gr_factor[-1]
             self.head_inputs.append(cin)
-            self.classifier.append(ExitHead(cin, head_width or cin, num_classes))
+            self.classifier.append(ExitHead(cin, head_width, num_classes))
         if init == "paper":
             _paper_init(self)
         if collaboration:

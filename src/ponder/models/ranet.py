@@ -182,7 +182,7 @@ class RANet(MultiExitModel):
                             growth_rate * grs[i], compress_factor, bns[i], bns[i - 1])
                 for spec in specs))
         self.heads = nn.ModuleList(
-            ExitHead(spec.out_channels, head_width or spec.out_channels, num_classes)
+            ExitHead(spec.out_channels, head_width, num_classes)
             for specs in self.plan for spec in specs if not spec.fusion)
         self.num_exits = len(self.heads)
         # exit k runs blocks (flow, [block indices]) of self._segments[k]
