@@ -133,6 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     from ponder import bench
 
+    bench.keep_freed_memory()
     if args.checkpoint:
         from ponder.data import build_datasets
         from ponder.engine import data_config_for, load_run
@@ -212,11 +213,16 @@ def _print_bench(result: Any, as_json: bool) -> None:
         return
     print(f"  mode         {d['mode']}")
     print(f"  dense        {d['dense_ms']:.2f} ms/batch  ({format_count(d['dense_macs'])} MACs/image)")
+    if d["dense_kernels_ms"] is not None:
+        print(f"  dense*       {d['dense_kernels_ms']:.2f} ms/batch  (the same dense network on the sparse "
+              f"executor's kernels)")
     print(f"  dynamic      {d['dynamic_ms']:.2f} ms/batch  ({format_count(d['dynamic_macs'])} "
           f"± {format_count(d['dynamic_macs_std'])} MACs/image)")
     if d["masked_ms"] is not None:
         print(f"  masked       {d['masked_ms']:.2f} ms/batch  (dense compute x mask: never faster)")
     print(f"  speedup {d['speedup']:.2f}x  mac_ratio {d['mac_ratio']:.2f}x  efficiency {d['efficiency']:.2f}")
+    if d["dense_kernels_ms"] is not None:
+        print(f"  vs dense*: speedup {d['speedup_vs_kernels']:.2f}x  efficiency {d['efficiency_vs_kernels']:.2f}")
 
 
 def cmd_ponder_map(args: argparse.Namespace) -> None:

@@ -74,6 +74,18 @@ class DenseResNetView(nn.Module):
         return self.model.forward_logits(x)
 
 
+class DenseResNetKernels(DenseResNetView):
+    """The plain ResNet on the sparse executor's kernels (inference): every unit through
+    :func:`dense_unit_channels_last` (BN folded, 1x1 convs as oneDNN row GEMMs, channels-last).
+    ``[B, 3, H, W]`` -> logits ``[B, classes]``; equal to :class:`DenseResNetView` up to rounding."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.model.stem(x)
+        for block in self.model.blocks:
+            h = dense_unit_channels_last(block, h)
+        return self.model.head(h)
+
+
 _LAYOUT: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]]" = weakref.WeakKeyDictionary()
 
 
@@ -87,11 +99,12 @@ def dense_unit_channels_last(block: nn.Module, x: Tensor) -> Tensor:
     input shape, layout and thread count (four rounds each, minimum; not seen by ``FlopCounterMode``)
     and cached.
     """
-    from ponder.nn.sparse_units import folded_branch  # (import cycle: sparse_units imports models.resnet)
+    # (import cycle: sparse_units imports models.resnet)
+    from ponder.nn.sparse_units import folded_branch, folded_shortcut
 
-    def unit(t: Tensor) -> Tensor:  # BN folded into the branch convs, as in every later (sparse) unit
+    def unit(t: Tensor) -> Tensor:  # BN folded into the convs, as in every later (sparse) unit
         with torch.no_grad():
-            return folded_branch(block, t).add_(block.shortcut(t)).relu_()
+            return folded_branch(block, t).add_(folded_shortcut(block, t)).relu_()
 
     cl = torch.channels_last
     key = (tuple(x.shape), x.is_contiguous(), x.dtype, x.device, torch.get_num_threads())
@@ -281,6 +294,10 @@ class ACTResNetMixin:
     def dense_baseline(self) -> nn.Module:
         """The plain ResNet with the same weights (every unit dense, no halting branches)."""
         return DenseResNetView(self)
+
+    def dense_baseline_kernels(self) -> nn.Module:
+        """The plain ResNet run on the sparse executor's kernels (``ponder bench`` times it as ``dense*``)."""
+        return DenseResNetKernels(self)
 
     def force_keep_rate(self, rate: float | None, seed: int = 0) -> None:
         """Override the halting decisions with seeded random ones (``None`` restores the learned ones).

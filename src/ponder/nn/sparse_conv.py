@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ponder.nn.gemm import linear_rows
 from ponder.nn.layout import is_channels_last
 
 
@@ -137,9 +138,9 @@ def window_starts(out: PositionIndex, in_hw: tuple[int, int], k: int, stride: in
 
 @dataclass(frozen=True)
 class FoldedConv:
-    """A conv (+ eval-mode BN) as one GEMM on gathered rows: ``rows [n, k*k*C_in] @ weight + bias``."""
+    """A conv (+ eval-mode BN) as one GEMM on gathered rows: ``rows [n, k*k*C_in] @ weight^T + bias``."""
 
-    weight: Tensor  # [k*k*C_in, C_out], rows ordered (kh, kw, C_in)
+    weight: Tensor  # [C_out, k*k*C_in], columns ordered (kh, kw, C_in) (``F.linear`` layout)
     bias: Tensor  # [C_out]
     k: int
     stride: int
@@ -203,7 +204,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedCon
             shift = bn.bias if bn.bias is not None else torch.zeros_like(scale)
             w = w * scale[:, None, None, None]
             bias = (bias - bn.running_mean) * scale + shift
-        weight = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]).contiguous()
+        weight = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
         folded = FoldedConv(weight, bias.detach().clone(), k, conv.stride[0], conv.padding[0])
     _FOLD_CACHE[conv] = (key, folded)
     return folded
@@ -230,44 +231,27 @@ def fold_conv_bn_dense(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None,
         _DENSE_FOLD[conv] = hit
     weight = hit[1].get(channels_last)
     if weight is None:
-        w = f.weight.reshape(f.k, f.k, conv.in_channels, conv.out_channels).permute(3, 2, 0, 1)
+        w = f.weight.reshape(conv.out_channels, f.k, f.k, conv.in_channels).permute(0, 3, 1, 2)
         weight = w.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         hit[1][channels_last] = weight
     return weight, f.bias
 
 
-CHUNK_BYTES = 1 << 20
-
-
 def gather_gemm(plane: Tensor, starts: Tensor | None, conv: FoldedConv, relu: bool) -> Tensor:
-    """``act(window(plane, starts) @ conv.weight + conv.bias)``: ``[n, C_out]``.
+    """``act(window(plane, starts) @ conv.weight^T + conv.bias)``: ``[n, C_out]``.
 
     ``plane`` is a contiguous ``[R, C_in]`` row table; ``starts`` the ``[n * k]`` kernel-row
     starts from :func:`window_starts` (``k = conv.k``), or ``None`` when the rows of ``plane``
-    already are the inputs in order (a 1x1 conv on the same positions). The gather runs in chunks
-    of about ``CHUNK_BYTES`` through one reused buffer, so the GEMM reads its operand from cache
-    instead of a freshly allocated ``n x k*k*C_in`` matrix.
+    already are the inputs in order (a 1x1 conv on the same positions). The GEMM runs on the
+    faster CPU backend (:func:`ponder.nn.gemm.linear_rows`).
     """
-    kin, cout = conv.weight.shape
+    cout, kin = conv.weight.shape
     if starts is None:
-        y = torch.addmm(conv.bias, plane.view(-1, kin), conv.weight)
-        return y.relu_() if relu else y
+        return linear_rows(plane.view(-1, kin), conv.weight, conv.bias, relu)
     k, c = conv.k, plane.shape[1]
     runs = plane.as_strided((plane.shape[0] - k + 1, k * c), (c, 1)) if k > 1 else plane
     n = starts.numel() // k
-    y = plane.new_empty(n, cout)
-    step = max(64, CHUNK_BYTES // (kin * plane.element_size()))
-    if n <= step:
-        torch.addmm(conv.bias, runs.index_select(0, starts).view(n, kin), conv.weight, out=y)
-        return y.relu_() if relu else y
-    buf = plane.new_empty(step * k, k * c)
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        a = torch.index_select(runs, 0, starts[s * k:e * k], out=buf[: (e - s) * k])
-        torch.addmm(conv.bias, a.view(e - s, kin), conv.weight, out=y[s:e])
-        if relu:
-            y[s:e].relu_()
-    return y
+    return linear_rows(runs.index_select(0, starts).view(n, kin), conv.weight, conv.bias, relu)
 
 
 def padded_plane(x: Tensor, pad: int) -> Tensor:
@@ -322,7 +306,7 @@ def sparse_conv2d(x: Tensor, mask: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d |
                          f"got {list(mask.shape)}")
     f = fold_conv_bn(conv, bn)
     pos = PositionIndex.from_mask(mask)
-    out = x.new_zeros(B * ho * wo, f.weight.shape[1])
+    out = x.new_zeros(B * ho * wo, f.weight.shape[0])
     with torch.no_grad():
         if pos.n:
             plane = padded_plane(x, f.padding)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ponder.nn.gemm import linear_rows
 from ponder.nn.layout import is_channels_last
 from ponder.nn.sparse_conv import (
     PositionIndex,
@@ -164,22 +165,48 @@ def masked_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
     return F.relu(s + m * b)
 
 
-def folded_branch(block: ResidualBlock, x: Tensor) -> Tensor:
-    """``block.branch(x)`` in eval mode with every BN folded into its conv (dense convs, no BN passes).
+def folded_conv(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, relu: bool) -> Tensor:
+    """``act(bn(conv(x)))`` in eval mode with BN folded into the conv: ``[B, C, H, W]`` -> ``[B, C', H', W']``.
 
-    The folded weights are :func:`~ponder.nn.sparse_conv.fold_conv_bn_dense`'s (the sparse kernel's,
-    in conv layout), cached until they change.
+    A 1x1 conv (padding 0) on a channels-last ``x`` runs as one row GEMM on the faster CPU backend
+    (:func:`ponder.nn.gemm.linear_rows`; a strided one on the subsampled map), any other conv
+    through ``F.conv2d`` with the folded weight in ``x``'s layout. The output keeps ``x``'s layout.
+    """
+    cl = is_channels_last(x)
+    if cl and conv.kernel_size == (1, 1) and conv.padding == (0, 0):
+        f = fold_conv_bn(conv, bn)
+        s = conv.stride[0]
+        if s > 1:
+            x = x[:, :, ::s, ::s].contiguous(memory_format=torch.channels_last)
+        B, _, H, W = x.shape
+        y = linear_rows(rows_view(x), f.weight, f.bias, relu)
+        return y.view(B, H, W, -1).permute(0, 3, 1, 2)
+    weight, bias = fold_conv_bn_dense(conv, bn, channels_last=cl)
+    y = F.conv2d(x, weight, bias, conv.stride, conv.padding)
+    return y.relu_() if relu else y
+
+
+def folded_branch(block: ResidualBlock, x: Tensor) -> Tensor:
+    """``block.branch(x)`` in eval mode with every BN folded into its conv (:func:`folded_conv`; no BN passes).
+
+    The folded weights are :func:`~ponder.nn.sparse_conv.fold_conv_bn`'s (the sparse kernel's),
+    cached until they change.
     """
     pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
     if not is_basic(block):
         pairs.append((block.conv3, block.bn3))
-    cl = is_channels_last(x)
     for i, (conv, bn) in enumerate(pairs):
-        weight, bias = fold_conv_bn_dense(conv, bn, channels_last=cl)
-        x = F.conv2d(x, weight, bias, conv.stride, conv.padding)
-        if i < len(pairs) - 1:
-            x = x.relu_()
+        x = folded_conv(x, conv, bn, relu=i < len(pairs) - 1)
     return x
+
+
+def folded_shortcut(block: ResidualBlock, x: Tensor) -> Tensor:
+    """``block.shortcut(x)`` in eval mode, a ``Conv2d -> BatchNorm2d`` downsample folded (:func:`folded_conv`)."""
+    ds = block.downsample
+    if isinstance(ds, torch.nn.Sequential) and len(ds) == 2 and isinstance(ds[0], torch.nn.Conv2d) \
+            and isinstance(ds[1], torch.nn.BatchNorm2d) and not ds.training:
+        return folded_conv(x, ds[0], ds[1], relu=False)
+    return block.shortcut(x)
 
 
 def dense_fallback(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: str) -> Tensor:
@@ -190,7 +217,7 @@ def dense_fallback(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: str)
     ``s >= 0`` (any unit input that is a ReLU output). Otherwise the inactive positions are restored
     from the shortcut afterwards.
     """
-    s = block.shortcut(x)
+    s = folded_shortcut(block, x)
     out = folded_branch(block, x)
     if inactive == "relu" or bool(s.amin() >= 0):  # amin: a fast full reduction (min() is slow)
         return torch.addcmul(s, out, mask[:, None].to(out.dtype), out=out).relu_()
@@ -218,7 +245,7 @@ def _output_plane(block: ResidualBlock, x: Tensor, overwrite: bool) -> Tensor:
     With ``overwrite`` and an identity shortcut on a channels-last ``x``, ``x``'s own storage (no copy).
     """
     if block.downsample is not None:
-        return padded_plane(block.shortcut(x), 0)
+        return padded_plane(folded_shortcut(block, x), 0)
     if overwrite and x.is_contiguous(memory_format=torch.channels_last):
         return rows_view(x)
     return padded_plane(x, 0)

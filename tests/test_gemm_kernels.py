@@ -1,0 +1,130 @@
+"""The executors' kernels: row GEMM backends, BN-folded convs, the dense-on-kernels baseline, the bench allocator."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ponder.bench import bench_dynamic, keep_freed_memory
+from ponder.models.act import ACTCifarResNet, ACTImageNetResNet
+from ponder.models.resnet import Bottleneck
+from ponder.nn import gemm
+from ponder.nn.gemm import ONEDNN_MIN_MACS, gemm_backend, linear_rows, onednn_available, set_gemm_backend
+from ponder.nn.sparse_units import folded_conv, folded_shortcut
+from ponder.registry import create_model
+from test_sparse_conv import randomise_bn
+
+BACKENDS = ["blas"] + (["onednn"] if onednn_available() else [])
+
+
+@pytest.fixture
+def backend():
+    yield set_gemm_backend
+    set_gemm_backend("auto")
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("n, k, cout", [(4, 8, 3), (700, 144, 16), (300, 1152, 128)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_linear_rows_equals_addmm_on_every_backend(backend, name, n, k, cout, relu):
+    backend(name)
+    g = torch.Generator().manual_seed(n)
+    x, w, b = torch.randn(n, k, generator=g), torch.randn(cout, k, generator=g), torch.randn(cout, generator=g)
+    want = torch.addmm(b, x, w.t())
+    want = want.relu() if relu else want
+    with torch.no_grad():
+        got = linear_rows(x, w, b, relu)
+    assert got.shape == (n, cout)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN inner product in this build")
+def test_flop_counter_counts_the_onednn_route(backend):
+    backend("onednn")
+    n, k, cout = 512, 256, 64
+    assert n * k * cout >= ONEDNN_MIN_MACS  # so the oneDNN route really runs
+    x, w, b = torch.randn(n, k), torch.randn(cout, k), torch.randn(cout)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        linear_rows(x, w, b)
+    assert counter.get_total_flops() == 2 * n * k * cout
+
+
+def test_backend_choice_errors_and_auto_is_cached(backend, monkeypatch):
+    with pytest.raises(ValueError, match="one of"):
+        set_gemm_backend("mkl")
+    backend("blas")
+    assert gemm_backend() == "blas"
+    backend("auto")
+    monkeypatch.setattr(gemm, "_BACKEND", {})
+    calls = []
+    monkeypatch.setattr(gemm, "_measure", lambda: calls.append(1) or "blas")
+    monkeypatch.setattr(gemm, "onednn_available", lambda: True)
+    assert gemm_backend() == "blas" and gemm_backend() == "blas"
+    assert calls == [1]  # measured once per thread count
+
+
+@pytest.mark.parametrize("k, stride", [(1, 1), (1, 2), (3, 1), (3, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+def test_folded_conv_equals_conv_bn_relu(k, stride, channels_last, relu):
+    torch.manual_seed(k * 10 + stride)
+    conv = nn.Conv2d(24, 40, k, stride, k // 2, bias=False)
+    bn = randomise_bn(nn.Sequential(nn.BatchNorm2d(40)))[0]
+    x = torch.randn(2, 24, 9, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = bn(conv(x))
+    want = F.relu(want) if relu else want
+    with torch.no_grad():
+        got = folded_conv(x, conv, bn, relu)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    if channels_last:  # (an NCHW input may come back either way: PyTorch's own 1x1-conv layout rule)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_folded_shortcut_folds_a_projection_and_keeps_identity():
+    block = randomise_bn(Bottleneck(32, 16, stride=2))
+    x = torch.randn(1, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(folded_shortcut(block, x), block.shortcut(x), atol=1e-4, rtol=1e-4)
+    same = randomise_bn(Bottleneck(64, 16))
+    y = torch.randn(1, 64, 8, 8)
+    assert folded_shortcut(same, y) is y
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_dense_on_kernels_equals_the_plain_dense_network(backend, name):
+    backend(name)
+    for model, size in ((ACTCifarResNet(14, num_classes=10), 32),
+                        (ACTImageNetResNet(Bottleneck, [1, 2, 1, 1], num_classes=7), 64)):
+        randomise_bn(model)
+        x = torch.randn(2, 3, size, size)
+        with torch.inference_mode():
+            want, got = model.dense_baseline()(x), model.dense_baseline_kernels()(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+def test_bench_times_the_kernel_matched_dense_network_only_where_there_is_one():
+    sact = create_model("sact_resnet32_cifar", num_classes=10)
+    sact.force_keep_rate(0.5)
+    r = bench_dynamic(sact, "sact", [torch.randn(2, 3, 32, 32)], threads=1, mode="keep-rate 0.5", repeats=1,
+                      warmup=1, with_masked=False)
+    assert r.dense_kernels_ms > 0
+    assert r.speedup_vs_kernels == pytest.approx(r.dense_kernels_ms / r.dynamic_ms)
+    assert r.efficiency_vs_kernels == pytest.approx(r.speedup_vs_kernels / r.mac_ratio)
+    msd = create_model("msdnet_cifar_budgeted", num_classes=10)
+    msd.force_keep_rate(0.5)
+    r = bench_dynamic(msd, "msd", [torch.randn(2, 3, 32, 32)], threads=1, mode="keep-rate 0.5", repeats=1,
+                      warmup=1, with_masked=False)
+    assert r.dense_kernels_ms is None and r.efficiency_vs_kernels is None
+
+
+def test_keep_freed_memory_configures_glibc():
+    import platform
+
+    ok = keep_freed_memory()
+    assert isinstance(ok, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert ok
