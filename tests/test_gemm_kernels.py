@@ -64,6 +64,14 @@ def test_backend_choice_errors_and_auto_is_cached(backend, monkeypatch):
     assert calls == [1]  # measured once per thread count
 
 
+@pytest.mark.skipif(not onednn_available(), reason="no oneDNN inner product in this build")
+def test_backend_measurement_is_invisible_to_flop_counters(monkeypatch):
+    monkeypatch.setattr(gemm, "_BACKEND", {})  # the first call measures, inside the counter
+    with FlopCounterMode(display=False) as counter:
+        gemm_backend()
+    assert counter.get_total_flops() == 0
+
+
 @pytest.mark.parametrize("k, stride", [(1, 1), (1, 2), (3, 1), (3, 2)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("relu", [False, True])

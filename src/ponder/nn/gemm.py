@@ -20,6 +20,7 @@ import time
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import register_flop_formula
 
 #: GEMMs with fewer MACs than this use ``addmm`` (measured crossover ~0.5-1M MACs, one thread).
@@ -60,7 +61,7 @@ def gemm_backend() -> str:
     """The backend :func:`linear_rows` uses for large CPU GEMMs: ``"onednn"`` or ``"blas"``.
 
     ``"auto"`` times both on a ``[1024, 1152] x [1152, 128]`` GEMM (three rounds each, minimum)
-    the first time per thread count and keeps the faster.
+    the first time per thread count and keeps the faster (invisible to an enclosing ``FlopCounterMode``).
     """
     if _FORCED[0] is not None:
         return _FORCED[0]
@@ -77,7 +78,7 @@ def _measure() -> str:
     runs = {"blas": lambda: torch.addmm(b, a, w.t()),
             "onednn": lambda: torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")}
     best = {k: float("inf") for k in runs}
-    with torch.no_grad():
+    with _disable_current_modes(), torch.no_grad():  # not seen by an enclosing FlopCounterMode
         for _ in range(4):  # the first round warms up
             for k, run in runs.items():
                 t0 = time.perf_counter()
