@@ -100,16 +100,28 @@ class BlockSkipper(nn.Module):
         skipped = F.relu(sc) if self.skipped == "relu_shortcut" else sc
         return k * F.relu(sc + f) + (1 - k) * skipped
 
-    def _sparse(self, block: ResidualBlock, x: Tensor, hard: Tensor, n_keep: int) -> Tensor:
+    def _sparse(self, block: ResidualBlock, x: Tensor, hard: Tensor, n_keep: int, own: bool = False) -> Tensor:
+        """``block`` on the kept samples only. ``own``: ``x`` is the executor's own intermediate, so
+        without autograd an identity-shortcut block writes the kept rows into ``x`` instead of a copy."""
         if n_keep == x.shape[0]:
             return block(x)
         if n_keep == 0:
             return self.skip_output(block, x)
         idx = hard.nonzero().squeeze(1)
-        sc = block.shortcut(x)  # every sample needs it; kept ones reuse their rows
-        out = F.relu(sc) if self.skipped == "relu_shortcut" else sc
-        kept = F.relu(sc.index_select(0, idx) + block.branch(x.index_select(0, idx)))
-        return out.index_copy(0, idx, kept.to(out.dtype))  # dtypes can differ under autocast
+        xi = x.index_select(0, idx)
+        if block.downsample is None:  # identity: the kept rows' shortcut is xi itself
+            sc, sci = x, xi
+        else:
+            sc = block.shortcut(x)  # every sample needs it; kept ones reuse their rows
+            sci = sc.index_select(0, idx)
+        kept = F.relu(sci + block.branch(xi))
+        if self.skipped == "relu_shortcut":
+            out = F.relu(sc)
+        elif sc is x and not (own and not torch.is_grad_enabled()):
+            return sc.index_copy(0, idx, kept.to(sc.dtype))  # dtypes can differ under autocast
+        else:
+            out = sc
+        return out.index_copy_(0, idx, kept.to(out.dtype))
 
     # all blocks --------------------------------------------------------------------------
     def run_blocks(self, blocks: Sequence[ResidualBlock], x: Tensor, keep: Tensor | None) -> Tensor:
@@ -129,8 +141,9 @@ class BlockSkipper(nn.Module):
             raise ValueError(f"executor must be 'masked' or 'sparse', got {self.executor!r}")
         hard = keep > 0.5
         counts = hard.sum(0).tolist()  # one host sync for the whole network
+        given = x
         for i, block in enumerate(blocks):
-            x = self._sparse(block, x, hard[:, i], counts[i])
+            x = self._sparse(block, x, hard[:, i], counts[i], own=x is not given)
         return x
 
 
