@@ -136,3 +136,13 @@ def test_keep_freed_memory_configures_glibc():
     assert isinstance(ok, bool)
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert ok
+
+
+def test_blockdrop_policy_inference_on_kernels_equals_the_autograd_path():
+    model = create_model("blockdrop_resnet110_cifar", num_classes=10)
+    randomise_bn(model)
+    x = torch.randn(3, 3, 32, 32)
+    want = model.policy(x)  # autograd on: the plain modules
+    with torch.inference_mode():
+        got = model.policy(x)  # the trunk on the executors' kernels
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-4)

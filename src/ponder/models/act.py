@@ -75,15 +75,21 @@ class DenseResNetView(nn.Module):
 
 
 class DenseResNetKernels(DenseResNetView):
-    """The plain ResNet on the sparse executor's kernels (inference): every unit through
-    :func:`dense_unit_channels_last` (BN folded, 1x1 convs as oneDNN row GEMMs, channels-last).
+    """The plain ResNet on the sparse executor's kernels (inference): :func:`resnet_on_kernels`.
     ``[B, 3, H, W]`` -> logits ``[B, classes]``; equal to :class:`DenseResNetView` up to rounding."""
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.model.stem(x)
-        for block in self.model.blocks:
-            h = dense_unit_channels_last(block, h)
-        return self.model.head(h)
+        return resnet_on_kernels(self.model, x)
+
+
+def resnet_on_kernels(model: nn.Module, x: Tensor) -> Tensor:
+    """``model.forward_logits(x)`` of a ``ponder.models.resnet`` ResNet at inference, every unit through
+    :func:`dense_unit_channels_last` (BN folded, 1x1 convs as row GEMMs on the faster backend,
+    channels-last where measured faster); the stem and head as they are. ``[B, C, H, W]`` -> ``[B, K]``."""
+    h = model.stem(x)
+    for block in model.blocks:
+        h = dense_unit_channels_last(block, h)
+    return model.head(h)
 
 
 _LAYOUT: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]]" = weakref.WeakKeyDictionary()

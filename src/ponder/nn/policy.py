@@ -77,7 +77,8 @@ def decide_blocks(probs: Tensor, *, sample: bool = False, alpha: float = 1.0, th
 class ResNetPolicy(nn.Module):
     """A small ResNet trunk (its classifier removed) -> ``Linear(features -> blocks)`` -> sigmoid.
 
-    ``forward(x [B, C, H, W]) -> probs [B, blocks]``. ``downsample > 1`` average-pools the input
+    ``forward(x [B, C, H, W]) -> probs [B, blocks]`` (without autograd the trunk runs on the
+    executors' kernels: :func:`ponder.models.act.resnet_on_kernels`). ``downsample > 1`` average-pools the input
     by that factor first (BlockDrop's ImageNet policy sees 112 px). ``init_keep_prob`` (not in
     the paper; ``None`` = PyTorch's default init) starts every block's keep probability near that
     value, so a short curriculum does not begin by dropping blocks at random.
@@ -97,7 +98,12 @@ class ResNetPolicy(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.downsample > 1:
             x = F.avg_pool2d(x, self.downsample)
-        return torch.sigmoid(self.fc(self.trunk.forward_logits(x)))
+        if self.training or torch.is_grad_enabled():
+            return torch.sigmoid(self.fc(self.trunk.forward_logits(x)))
+        # inference: the trunk on the executors' kernels (BN folded; 17 % faster at CIFAR batch 64)
+        from ponder.models.act import resnet_on_kernels  # (ponder.models imports this module)
+
+        return torch.sigmoid(self.fc(resnet_on_kernels(self.trunk, x)))
 
 
 class PooledLinearGates(nn.Module):
