@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from ponder.bench import keep_freed_memory
 from ponder.models.skipnet import SkipNet
 from ponder.nn.executor import set_executor
 from ponder.nn.gates import GATE_TYPES
@@ -80,6 +81,7 @@ def main() -> None:
     p.add_argument("--keep-rate", type=float, default=1.0, help="also time random decisions at this rate")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = p.parse_args()
+    keep_freed_memory()  # time kernels, not page faults (ponder.bench)
     torch.set_num_threads(1)
     rows = run(args.depth, args.batches, args.rounds, args.keep_rate)
     if args.json:
