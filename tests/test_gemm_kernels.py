@@ -39,6 +39,15 @@ def test_linear_rows_equals_addmm_on_every_backend(backend, name, n, k, cout, re
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
 
 
+def test_linear_rows_passes_gradients(backend):
+    backend("onednn" if onednn_available() else "blas")
+    x = torch.randn(512, 256, requires_grad=True)
+    w, b = torch.randn(64, 256), torch.randn(64)
+    linear_rows(x, w, b, relu=True).sum().backward()
+    want = ((x.detach() @ w.t() + b) > 0).float() @ w
+    torch.testing.assert_close(x.grad, want, atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN inner product in this build")
 def test_flop_counter_counts_the_onednn_route(backend):
     backend("onednn")

@@ -90,11 +90,13 @@ def _measure() -> str:
 def linear_rows(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) -> Tensor:
     """``act(x @ weight^T + bias)``: ``x [n, K]`` (contiguous rows), ``weight [N, K]``, ``bias [N]`` -> ``[n, N]``.
 
-    Inference only (no autograd through the oneDNN route). ``act`` is ReLU when ``relu``.
+    ``act`` is ReLU when ``relu``. The oneDNN route has no autograd formula, so inputs that need a
+    gradient always take ``addmm``.
     """
     n, k = x.shape
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and n * k * weight.shape[0] >= ONEDNN_MIN_MACS
-            and gemm_backend() == "onednn"):
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    if (not needs_grad and x.device.type == "cpu" and x.dtype == torch.float32
+            and n * k * weight.shape[0] >= ONEDNN_MIN_MACS and gemm_backend() == "onednn"):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none",
                                                    [None] if relu else [], "")
     y = torch.addmm(bias, x, weight.t())
