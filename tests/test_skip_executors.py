@@ -151,3 +151,17 @@ def test_block_usage_statistics():
     assert stats["blocks_std"] == pytest.approx(torch.tensor([2.0, 3, 2, 0]).std(unbiased=False).item())
     assert stats["unique_policies"] == 3
     assert stats["keep_rate"] == pytest.approx(7 / 12)
+
+
+@pytest.mark.parametrize("skipped", ["shortcut", "relu_shortcut"])
+def test_sparse_executor_passes_the_same_gradients_as_masked(skipped):
+    net = _NETS["A"]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    keep = (torch.rand(4, len(net.blocks), generator=g) < 0.5).float()
+    grads = {}
+    for executor in ("masked", "sparse"):
+        h = net.stem(x).detach().requires_grad_(True)
+        BlockSkipper(skipped=skipped, executor=executor).run_blocks(net.blocks, h, keep).square().sum().backward()
+        grads[executor] = h.grad
+    torch.testing.assert_close(grads["sparse"], grads["masked"], atol=1e-4, rtol=1e-4)

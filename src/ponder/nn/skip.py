@@ -115,12 +115,10 @@ class BlockSkipper(nn.Module):
             sc = block.shortcut(x)  # every sample needs it; kept ones reuse their rows
             sci = sc.index_select(0, idx)
         kept = F.relu(sci + block.branch(xi))
-        if self.skipped == "relu_shortcut":
-            out = F.relu(sc)
-        elif sc is x and not (own and not torch.is_grad_enabled()):
-            return sc.index_copy(0, idx, kept.to(sc.dtype))  # dtypes can differ under autocast
-        else:
-            out = sc
+        out = F.relu(sc) if self.skipped == "relu_shortcut" else sc
+        # in place only without autograd, and never into the caller's tensor
+        if torch.is_grad_enabled() or (out is x and not own):
+            return out.index_copy(0, idx, kept.to(out.dtype))  # dtypes can differ under autocast
         return out.index_copy_(0, idx, kept.to(out.dtype))
 
     # all blocks --------------------------------------------------------------------------
