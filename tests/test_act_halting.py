@@ -10,6 +10,7 @@ from ponder.nn.halting import (
     HaltingBranch,
     SpatialHaltingBranch,
     act_halting,
+    bn_affine,
 )
 
 # (h for units 1..4 of a 5-unit block, N, rho, halting distribution, d rho / d h)
@@ -192,3 +193,32 @@ def test_halting_branches_receive_gradient_from_ponder_cost():
     act_halting(h).ponder_cost.mean().backward()
     # lowering the ponder cost means raising the halting scores: the bias gradient is negative
     assert branch.local.bias.grad.item() < 0
+
+
+@pytest.mark.parametrize("route", ["_local_small", "_local_taps", "_local_eval"])
+@pytest.mark.parametrize("shape", [(1, 5, 8, 8), (2, 3, 6, 7)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spatial_halting_local_term_is_exact_at_the_borders_on_every_route(route, shape, channels_last):
+    # the direct conv carries BN's shift through the in-map taps only; the taps route zero-pads taps
+    branch = _random_spatial_branch(shape[1], seed=shape[2])
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def reference():
+        return torch.nn.functional.conv2d(branch.bn(x), branch.local.weight, branch.local.bias, padding=1)[:, 0]
+
+    def run():
+        scale, shift = bn_affine(branch.bn)
+        return getattr(branch, route)(x, scale) if route == "_local_small" else getattr(branch, route)(x, scale, shift)
+
+    with torch.no_grad():
+        torch.testing.assert_close(run(), reference(), atol=1e-5, rtol=1e-5)
+        branch.bn.running_mean.add_(1.0)  # a statistics change must rebuild the cached weight and map
+        torch.testing.assert_close(run(), reference(), atol=1e-5, rtol=1e-5)
+
+
+def test_spatial_halting_small_route_cache_is_not_counted():
+    branch = _random_spatial_branch(5, seed=3)  # fresh: the first call builds the cached map
+    x = torch.randn(1, 5, 8, 8)
+    assert count_macs(branch, x) == 9 * 5 * 8 * 8 + 5
