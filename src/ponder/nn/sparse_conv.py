@@ -41,10 +41,18 @@ def dilate_mask(mask: Tensor, k: int = 3) -> Tensor:
     return _dilate(m, k)
 
 
+DILATE_POOL_MAX = 1024
+"""Masks of at most this many elements are dilated with one max-pool (fewer, slower ops: 7-15 us
+against ~20 us for the separable ORs on batch-1 CIFAR maps; the ORs win from ~3,000 elements on)."""
+
+
 def _dilate(m: Tensor, k: int) -> Tensor:
-    """Separable ``k x k`` OR-dilation (SAME) of a bool ``[B, H, W]`` map (2k-2 elementwise ORs)."""
+    """``k x k`` OR-dilation (SAME) of a bool ``[B, H, W]`` map: separable (2k-2 elementwise ORs), or
+    one max-pool for small maps."""
     if k == 1:
         return m.clone()
+    if m.numel() <= DILATE_POOL_MAX:
+        return F.max_pool2d(m[:, None].to(torch.float32), k, 1, k // 2)[:, 0] > 0
     r, (B, H, W) = k // 2, m.shape
     p = m.new_zeros(B, H + 2 * r, W)
     p[:, r:r + H] = m
