@@ -155,3 +155,17 @@ def test_blockdrop_policy_inference_on_kernels_equals_the_autograd_path():
     with torch.inference_mode():
         got = model.policy(x)  # the trunk on the executors' kernels
     torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_fastest_picks_the_quicker_route_outside_flop_counters():
+    import time
+
+    from ponder.nn.timing import fastest
+
+    a = torch.randn(64, 64)
+    slow = lambda: (time.sleep(0.005), a @ a)  # noqa: E731
+    quick = lambda: a @ a  # noqa: E731
+    with FlopCounterMode(display=False) as counter:
+        assert fastest([slow, quick]) == 1
+        assert fastest([quick, slow]) == 0
+    assert counter.get_total_flops() == 0

@@ -34,14 +34,12 @@ reference counts it at active positions only, so our per-image MACs are slightly
 
 from __future__ import annotations
 
-import time
 import weakref
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.utils._python_dispatch import _disable_current_modes
 
 from ponder.cost import CostLedger, eval_unit_macs
 from ponder.models.base import example_input
@@ -55,6 +53,7 @@ from ponder.models.resnet import (
     _MethodUnit,
 )
 from ponder.nn.halting import ACTAccumulator, HaltingBranch, SpatialHaltingBranch
+from ponder.nn.timing import fastest
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
 
@@ -116,16 +115,8 @@ def dense_unit_channels_last(block: nn.Module, x: Tensor) -> Tensor:
     key = (tuple(x.shape), x.is_contiguous(), x.dtype, x.device, torch.get_num_threads())
     per = _LAYOUT.setdefault(block, {})
     if key not in per:
-        routes = [lambda: unit(x.contiguous()).contiguous(memory_format=cl),
-                  lambda: unit(x.contiguous(memory_format=cl))]
-        best = [float("inf")] * 2
-        with _disable_current_modes(), torch.no_grad():  # not seen by an enclosing FlopCounterMode
-            for _ in range(4):  # the first round warms up
-                for i, route in enumerate(routes):
-                    t0 = time.perf_counter()
-                    route()
-                    best[i] = min(best[i], time.perf_counter() - t0)
-        per[key] = best[1] <= best[0]
+        per[key] = fastest([lambda: unit(x.contiguous(memory_format=cl)),  # ties: channels-last
+                            lambda: unit(x.contiguous()).contiguous(memory_format=cl)]) == 0
     if per[key]:
         return unit(x.contiguous(memory_format=cl))
     return unit(x.contiguous()).contiguous(memory_format=cl)

@@ -16,12 +16,11 @@ reports the dense network both as PyTorch runs it and with these kernels (README
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import register_flop_formula
+
+from ponder.nn.timing import fastest
 
 #: GEMMs with fewer MACs than this use ``addmm`` (measured crossover ~0.5-1M MACs, one thread).
 ONEDNN_MIN_MACS = 1 << 20
@@ -75,16 +74,9 @@ def _measure() -> str:
     g = torch.Generator().manual_seed(0)
     a, w, b = (torch.randn(1024, 1152, generator=g), torch.randn(128, 1152, generator=g),
                torch.randn(128, generator=g))
-    runs = {"blas": lambda: torch.addmm(b, a, w.t()),
-            "onednn": lambda: torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")}
-    best = {k: float("inf") for k in runs}
-    with _disable_current_modes(), torch.no_grad():  # not seen by an enclosing FlopCounterMode
-        for _ in range(4):  # the first round warms up
-            for k, run in runs.items():
-                t0 = time.perf_counter()
-                run()
-                best[k] = min(best[k], time.perf_counter() - t0)
-    return "onednn" if best["onednn"] < best["blas"] else "blas"
+    routes = [lambda: torch.addmm(b, a, w.t()),  # ties: blas
+              lambda: torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")]
+    return ("blas", "onednn")[fastest(routes)]
 
 
 def linear_rows(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) -> Tensor:

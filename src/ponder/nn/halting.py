@@ -17,7 +17,6 @@ everything else.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ponder.nn.layout import is_channels_last
 from ponder.nn.sparse_conv import fold_key
+from ponder.nn.timing import fastest
 
 HALT_EPS = 0.01
 """Halting threshold slack: a position halts once its cumulative score reaches ``1 - eps``."""
@@ -248,25 +248,13 @@ class SpatialHaltingBranch(nn.Module):
         if x.numel() > HALT_CONV_MAX_ELEMENTS:
             return self._local_taps(x, scale, shift)
         key = (tuple(x.shape), is_channels_last(x), x.dtype, x.device, torch.get_num_threads())
-        if key not in _SMALL_ROUTE:
-            _SMALL_ROUTE[key] = self._small_is_faster(x, scale, shift)
-        if _SMALL_ROUTE[key]:
-            return self._local_small(x, scale)
-        return self._local_taps(x, scale, shift)
+        if key not in _SMALL_ROUTE:  # timed once (ponder.nn.timing.fastest; ties: the taps route)
+            _SMALL_ROUTE[key] = fastest([lambda: self._local_taps(x, scale, shift),
+                                         lambda: self._local_small(x, scale, shift)]) == 1
+        route = self._local_small if _SMALL_ROUTE[key] else self._local_taps
+        return route(x, scale, shift)
 
-    def _small_is_faster(self, x: Tensor, scale: Tensor, shift: Tensor) -> bool:
-        """Times both routes on ``x`` (a warm-up, then three rounds each, minimum; invisible to flop counters)."""
-        routes = [lambda: self._local_small(x, scale), lambda: self._local_taps(x, scale, shift)]
-        best = [float("inf")] * 2
-        with _disable_current_modes(), torch.no_grad():
-            for _ in range(4):
-                for i, route in enumerate(routes):
-                    t0 = time.perf_counter()
-                    route()
-                    best[i] = min(best[i], time.perf_counter() - t0)
-        return best[0] < best[1]
-
-    def _local_small(self, x: Tensor, scale: Tensor) -> Tensor:
+    def _local_small(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         """``conv3x3(BN(x))[:, 0]`` as one direct ``C -> 1`` convolution of ``x`` (BN's scale folded into
         the weight) plus a constant ``[H, W]`` map: BN's shift through the kernel taps that fall inside
         the map, and the bias. Exact at the borders (BN(x) is zero-padded, not x). The folded weight
@@ -276,7 +264,6 @@ class SpatialHaltingBranch(nn.Module):
         key = (fold_key(self.local, self.bn), hgt, wid, cl, x.dtype, x.device)
         if self._small is None or self._small[0] != key:
             with _disable_current_modes(), torch.no_grad():
-                _, shift = bn_affine(self.bn)
                 w = self.local.weight * scale[None, :, None, None]
                 w = w.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
                 wshift = (self.local.weight * shift[None, :, None, None]).sum(1, keepdim=True)  # [1, 1, 3, 3]
