@@ -17,7 +17,7 @@ Timings are the minimum and median over interleaved repetitions after warm-up (w
 runs the break-even calibration). On a shared host expect a few percent of noise. "dense" is the
 fastest of the dense network as PyTorch runs it (NCHW or channels-last modules) and the dense
 network on the executor's own kernels (BN folded, 1x1 convs as row GEMMs on the faster backend:
-``ponder.models.act.DenseResNetKernels``), so the speed-ups are owed to sparsity alone.
+``ponder.models.act.resnet_on_kernels``), so the speed-ups are owed to sparsity alone.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import Tensor
 
 import ponder
 from ponder.bench import keep_freed_memory
-from ponder.models.act import DenseResNetKernels, dense_unit_channels_last
+from ponder.models.act import dense_unit_channels_last, resnet_on_kernels
 from ponder.nn.sparse_cost import residual_macs
 from ponder.nn.sparse_fallback import cached_break_evens, coherent_mask
 from ponder.nn.sparse_residual import masked_residual, sparse_residual
@@ -117,7 +117,7 @@ def run_resnet50(args) -> None:
     fns = {
         "dense NCHW": lambda: model.forward_logits(x),
         "dense channels_last": lambda: model_cl.forward_logits(xc),
-        "dense on kernels": lambda: DenseResNetKernels(model_cl)(xc),
+        "dense on kernels": lambda: resnet_on_kernels(model_cl, xc),
         "sparse (auto fall-back)": lambda: spatial_forward(model_cl, xc, masks, "sparse", "auto", first),
         "sparse (always)": lambda: spatial_forward(model_cl, xc, masks, "sparse", None, first),
         "masked dense": lambda: spatial_forward(model_cl, xc, masks, "masked", None, first),
@@ -180,7 +180,7 @@ def run_cifar(args) -> None:
         masks = stage_masks(model, x, d, [0, 1, 2], args.seed)
         mac_ratio = dense_macs / spatial_macs(model, x, masks)
         r = bench({"dense NCHW": lambda: model.forward_logits(x), "dense": lambda: model_cl.forward_logits(xc),
-                   "kernels": lambda: DenseResNetKernels(model_cl)(xc),
+                   "kernels": lambda: resnet_on_kernels(model_cl, xc),
                    "auto": lambda: spatial_forward(model_cl, xc, masks, "sparse", "auto"),
                    "always": lambda: spatial_forward(model_cl, xc, masks, "sparse", None)}, args.reps)
         r["dense"] = min(r["dense"], r.pop("kernels"))
