@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from ponder.nn.sparse_conv import fold_conv_bn_dense
+from ponder.nn.sparse_units import folded_conv
 
 
 def conv_bn_relu(net: nn.Sequential, x: Tensor) -> Tensor:
@@ -33,9 +32,7 @@ def conv_bn_relu(net: nn.Sequential, x: Tensor) -> Tensor:
         return net(x)
     layers = list(net._modules.values())
     for i in range(0, len(layers), 3):
-        conv = layers[i]
-        weight, bias = fold_conv_bn_dense(conv, layers[i + 1])
-        x = F.conv2d(x, weight, bias, conv.stride, conv.padding).relu_()
+        x = folded_conv(x, layers[i], layers[i + 1], relu=True)
     return x
 
 

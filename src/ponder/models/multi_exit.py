@@ -9,9 +9,8 @@ A multi-exit model subclasses :class:`MultiExitModel` and describes itself *step
 - the **sparse** executor (``set_executor(model, "sparse")``): after exit ``k`` the samples
   whose max-softmax is ``>= threshold[k]`` leave the batch, so later blocks only run on the rest.
 
-Both executors give the same per-sample exit and prediction. At inference, activations are
-channels-last when a batch holds at least :data:`CHANNELS_LAST_MIN_POSITIONS` input positions
-(``B * H * W``; see :meth:`MultiExitModel.use_channels_last`). Per-sample MACs are the
+Both executors give the same per-sample exit and prediction. At inference (no autograd),
+activations are channels-last (see :meth:`MultiExitModel.use_channels_last`). Per-sample MACs are the
 cumulative cost of everything run up to and including the exit taken (earlier heads included).
 Without thresholds (and without ``force_keep_rate``) every sample takes the last exit.
 """
@@ -34,21 +33,13 @@ from ponder.nn.exits import (CollaborationHeads, LastExitNetwork, gradient_resca
 from ponder.output import DynamicOutput
 
 
-#: ``B * H * W`` from which a multi-exit model runs on channels-last activations at inference
-#: (``channels_last=None``). Measured on a 2-core CPU with MSDNet CIFAR (one thread): NCHW 1x1
-#: convolutions over large maps take PyTorch's slow path, so channels-last is 1.3x faster at batch 16
-#: and 1.5x at batch 64, and 11 % faster for MSDNet ImageNet at batch 1; at batch 1-8 on 32x32 images
-#: it is no faster, and the first blocks are slower.
-CHANNELS_LAST_MIN_POSITIONS = 16 * 32 * 32
-
-
 class MultiExitModel(PonderModel):
     """Base of multi-exit networks (MSDNet, RANet): stepwise description, two executors, cost ledger.
 
     Attributes:
         executor: ``"masked"`` (compute-all) or ``"sparse"`` (real early exit).
-        channels_last: activation layout: ``None`` (default) chooses by batch size
-            (:meth:`input_layout`), ``True`` / ``False`` force channels-last / NCHW.
+        channels_last: activation layout: ``None`` (default) is channels-last without autograd and
+            NCHW with it (:meth:`use_channels_last`), ``True`` / ``False`` force channels-last / NCHW.
         grad_equilibrium: IMTA gradient equilibrium on (identity in the forward pass).
         collab: :class:`CollaborationHeads` when built with ``enable_collaboration``, else ``None``.
     """
@@ -221,25 +212,24 @@ class MultiExitModel(PonderModel):
             return None
         return F.softmax(logits, dim=1).amax(dim=1) >= self._thresholds[k]
 
-    def use_channels_last(self, batch: int, height: int, width: int) -> bool:
-        """Whether a batch of ``batch`` images of ``height x width`` runs channels-last.
+    def use_channels_last(self) -> bool:
+        """Whether activations run channels-last: ``self.channels_last`` when set, else without autograd.
 
-        ``self.channels_last`` when set, else without autograd (inference, evaluation)
-        ``batch * height * width >= CHANNELS_LAST_MIN_POSITIONS``. Training stays NCHW by default:
-        channels-last activations give 1x1 convolutions gradients whose strides break DDP's
-        bucket layout (a warning per step); ``channels_last = True`` trains channels-last anyway.
+        At inference channels-last is faster at every batch size measured (MSDNet / RANet CIFAR,
+        batch 1-64, one thread: 1.1-1.5x; README, "Real early exit"). Training stays NCHW by
+        default: channels-last activations give 1x1 convolutions gradients whose strides break
+        DDP's bucket layout (a warning per step); ``channels_last = True`` trains channels-last anyway.
         """
         if self.channels_last is not None:
             return bool(self.channels_last)
-        return not torch.is_grad_enabled() and batch * height * width >= CHANNELS_LAST_MIN_POSITIONS
+        return not torch.is_grad_enabled()
 
     def input_layout(self, x: Tensor) -> Tensor:
         """``x [B, C, H, W]`` in the layout the network runs in (a copy only when it changes).
 
-        Every later activation keeps that layout; the sparse executor chooses again, by the same
-        rule, whenever samples leave the batch.
+        Every later activation keeps that layout, also when samples leave the batch.
         """
-        if self.use_channels_last(x.shape[0], x.shape[2], x.shape[3]):
+        if self.use_channels_last():
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -315,8 +305,7 @@ class MultiExitModel(PonderModel):
             gone, stay = leave.nonzero().squeeze(1), (~leave).nonzero().squeeze(1)
             out_logits[here[gone]] = logits[gone]
             exit_index[here[gone]] = k
-            cl = self.use_channels_last(stay.shape[0], x.shape[2], x.shape[3])
-            here, state = here[stay], select_samples(state, stay, channels_last=cl)
+            here, state = here[stay], select_samples(state, stay)
             carry = None if carry is None else carry[stay]
             if keys is not None:
                 keys = keys[stay]

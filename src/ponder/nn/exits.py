@@ -52,25 +52,17 @@ def gradient_rescale(x: Tensor, scale: float) -> Tensor:
     return _GradRescale.apply(x, scale)
 
 
-def select_samples(state: Any, idx: Tensor, channels_last: bool | None = None) -> Any:
-    """Keep the samples ``idx [n]`` (long) of every tensor in the pytree ``state``.
-
-    ``channels_last``: the layout of the selected 4-D tensors (``None`` keeps each tensor's own);
-    the copy that selects also changes the layout, so switching costs nothing extra.
-    """
-    return tree_map(lambda t: _select(t, idx, channels_last) if isinstance(t, Tensor) else t, state)
+def select_samples(state: Any, idx: Tensor) -> Any:
+    """Keep the samples ``idx [n]`` (long) of every tensor in the pytree ``state``, each in its own layout."""
+    return tree_map(lambda t: _select(t, idx) if isinstance(t, Tensor) else t, state)
 
 
-def _select(t: Tensor, idx: Tensor, channels_last: bool | None) -> Tensor:
-    if t.dim() != 4:
-        return t.index_select(0, idx)
-    if channels_last is None:
-        channels_last = is_channels_last(t)
-    if channels_last:
+def _select(t: Tensor, idx: Tensor) -> Tensor:
+    if t.dim() == 4 and is_channels_last(t):
         out = torch.empty((idx.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device,
                           memory_format=torch.channels_last)
         return torch.index_select(t, 0, idx, out=out)
-    return t.index_select(0, idx).contiguous()
+    return t.index_select(0, idx)
 
 
 def sample_keys(x: Tensor) -> Tensor:
