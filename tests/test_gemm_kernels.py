@@ -169,3 +169,40 @@ def test_fastest_picks_the_quicker_route_outside_flop_counters():
         assert fastest([slow, quick]) == 1
         assert fastest([quick, slow]) == 0
     assert counter.get_total_flops() == 0
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
+@pytest.mark.parametrize("onednn", [False, True])
+@pytest.mark.parametrize("cin, cout, hw, stride, bias", [(16, 16, 32, 1, True), (6, 24, 9, 2, False), (64, 8, 4, 1, True)])
+def test_batch1_conv2d_routes_equal_f_conv2d_and_are_counted(monkeypatch, onednn, cin, cout, hw, stride, bias):
+    from ponder.nn import dense_conv
+
+    g = torch.Generator().manual_seed(cin + hw)
+    x = torch.randn(1, cin, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, cin, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(cout, generator=g) if bias else None
+    want = F.conv2d(x, w, b, stride, 1)
+    routes: dict = {}
+    monkeypatch.setattr(dense_conv, "_ROUTE", routes)
+    with torch.no_grad():
+        dense_conv.conv2d(x, w, b, stride, 1)  # first call: timed, one route per shape
+        assert len(routes) == 1
+        routes[next(iter(routes))] = onednn  # force the route under test
+        with FlopCounterMode(display=False) as counter:
+            got = dense_conv.conv2d(x, w, b, stride, 1)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert counter.get_total_flops() == 2 * cout * cin * 9 * want.shape[2] * want.shape[3]
+
+
+def test_conv2d_leaves_batches_and_autograd_to_f_conv2d(monkeypatch):
+    from ponder.nn import dense_conv
+
+    routes: dict = {}
+    monkeypatch.setattr(dense_conv, "_ROUTE", routes)
+    w = torch.randn(8, 4, 3, 3)
+    with torch.no_grad():
+        dense_conv.conv2d(torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last), w, None, 1, 1)
+        dense_conv.conv2d(torch.randn(1, 4, 8, 8), w, None, 1, 1)  # NCHW
+    x = torch.randn(1, 4, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    dense_conv.conv2d(x, w, None, 1, 1).sum().backward()  # autograd: F.conv2d's gradient
+    assert routes == {} and x.grad is not None

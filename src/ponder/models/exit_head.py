@@ -3,14 +3,16 @@
 The head is the MSDNet classifier (official names ``m`` / ``linear``): two ConvBasic 3x3 with
 stride 2, AvgPool 2, Linear. Its convolutions keep their weights **channels-last**. At batch 1
 on a CPU, PyTorch runs a 3x3 convolution on a small map through im2col (128 -> 128 channels,
-4x4 -> 2x2: about 120 us for 0.6M MACs on this project's CPU); channels-last weights send it to
-oneDNN instead (about 22 us), so an early exit costs in time what its MACs say. Batch 64 and
+4x4 -> 2x2: about 120 us for 0.6M MACs on this project's CPU); with channels-last weights (and
+input) it takes PyTorch's channels-last kernel instead (about 25 us; oneDNN, which PyTorch does
+not pick at batch 1, takes 75 us), so an early exit costs in time what its MACs say. Batch 64 and
 training are no slower (README, "Real early exit"). ``state_dict`` values are the same numbers
 in any memory format, and checkpoints are written contiguous.
 
 Without autograd (``torch.no_grad`` / ``inference_mode`` in eval mode) every conv -> BN -> ReLU
-chain here and in MSDNet's ``ConvBN`` runs as one convolution with BN folded in (cached folded
-weights, :func:`ponder.nn.sparse_conv.fold_conv_bn_dense`); forward hooks on those inner Conv2d /
+chain here and in MSDNet's ``ConvBN`` runs as one convolution with BN folded in
+(:func:`ponder.nn.sparse_units.folded_conv`: cached folded weights, 1x1 convolutions as row GEMMs,
+batch-1 convolutions on oneDNN where measured faster); forward hooks on those inner Conv2d /
 BatchNorm2d / ReLU modules then do not fire (hooks on blocks and heads do).
 """
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
+from ponder.nn.dense_conv import conv2d
 from ponder.nn.layout import is_channels_last
 from ponder.nn.sparse_conv import fold_key
 from ponder.nn.timing import fastest
@@ -271,7 +272,7 @@ class SpatialHaltingBranch(nn.Module):
                 const = F.conv2d(ones, wshift, padding=1)[0, 0] + self.local.bias
             self._small = (key, w, const)
         _, w, const = self._small
-        return F.conv2d(x, w, None, 1, 1)[:, 0] + const
+        return conv2d(x, w, None, 1, 1)[:, 0] + const
 
     def _local_taps(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         """``conv3x3(BN(x))[:, 0]`` in eval mode as one ``C -> 9`` GEMM (BN folded) plus 9 shifted adds.
