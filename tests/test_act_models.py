@@ -209,3 +209,33 @@ def test_train_init_from_a_dense_weights_file_leaves_only_halting_fresh(tmp_path
     assert not unexpected and missing and all(k.startswith("halting.") for k in missing)
     assert torch.equal(model.layer2[1].conv1.weight, dense.layer2[1].conv1.weight)
     assert model.halting[0][0].local.bias.item() == HALT_BIAS_INIT
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_sparse_executor_skips_units_after_everything_halted_and_still_agrees(spatial, monkeypatch):
+    from ponder.nn.halting import ACTAccumulator
+
+    model = _small(spatial, depth=20)
+    _randomize_halting(model, seed=1, std=0.1, bias=8.0)  # h ~ 1: everything halts after unit 1 of a stage
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        masked = model(x)
+    calls = []
+    finish = ACTAccumulator.finish_halted
+    monkeypatch.setattr(ACTAccumulator, "finish_halted", lambda self: (calls.append(1), finish(self))[1])
+    set_executor(model, "sparse")
+    with torch.no_grad():
+        sparse = model(x)
+    assert len(calls) == 3  # once per stage
+    assert torch.allclose(masked.logits, sparse.logits, atol=1e-4) and torch.equal(masked.macs, sparse.macs)
+    for a, b in zip(masked.ponder, sparse.ponder):
+        assert torch.equal(a, b)
+    if spatial:
+        assert len(sparse.masks) == len(masked.masks) and all(torch.equal(a, b) for a, b in zip(masked.masks, sparse.masks))
+        assert not any(m.any() for i, m in enumerate(sparse.masks) if i % 3)
+    else:
+        assert torch.equal(masked.gates, sparse.gates) and sparse.gates[:, 1::3].sum() == 0
+    with torch.enable_grad(), pytest.raises(RuntimeError, match="inference"):
+        ACTAccumulator(2, (1,), "cpu").finish_halted()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="still running"):
+        ACTAccumulator(2, (1,), "cpu").finish_halted()

@@ -179,6 +179,7 @@ class ACTResNetMixin:
         b, num = x.shape[0], len(blocks)
         acc = ACTAccumulator(num, (b,), x.device)
         keep = self._forced_keep((b,), s, x.device)
+        fast = self.executor == "sparse" and not torch.is_grad_enabled()
         for l, block in enumerate(blocks):
             branch = self.halting[s][l] if l < num - 1 else None
             run = acc.running
@@ -187,6 +188,9 @@ class ACTResNetMixin:
                 x = block(x)
                 h = branch(x) if branch is not None else None
             elif not bool(run.any()):
+                if fast:  # every image halted: the remaining units run nowhere
+                    acc.finish_halted()
+                    break
                 h = torch.zeros(b, device=x.device) if branch is not None else None
             elif self.executor == "sparse":
                 idx = run.nonzero()[:, 0]
@@ -233,13 +237,19 @@ class ACTResNetMixin:
             if keep is not None:
                 h = (~keep).to(h.dtype)
         acc.step(x, h)
+        fast = self.executor == "sparse" and not torch.is_grad_enabled()
         for l in range(1, num):
             branch = self.halting[s][l] if l < num - 1 else None
             mask = acc.running
+            active = bool(mask.any())
+            if fast and not active:  # every position halted: the remaining units run nowhere
+                masks.extend([mask] * (num - l))
+                acc.finish_halted()
+                break
             masks.append(mask)
             in_size = tuple(x.shape[1:])
             h = None
-            if bool(mask.any()):
+            if active:
                 conv1_mask = first_conv_mask(blocks[l], mask, in_size[1:])  # shared by the kernel and the ledger
                 if self.executor == "sparse":
                     # x is this stage's own intermediate (already accumulated): the unit may overwrite it

@@ -23,11 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import _disable_current_modes
 
-from ponder.nn.dense_conv import conv2d
 from ponder.nn.layout import is_channels_last
-from ponder.nn.sparse_conv import fold_key
 from ponder.nn.timing import fastest
 
 HALT_EPS = 0.01
@@ -38,12 +35,12 @@ HALT_BIAS_INIT = -3.0
 
 HALT_CONV_MAX_ELEMENTS = 1 << 16
 """Inputs of at most this many elements (``B * C * H * W``) let the eval-mode spatial halting branch
-time its two routes for the 3x3 term (a direct ``C -> 1`` conv or the GEMM-and-taps route) once per
-shape and layout and keep the faster; larger ones always take the taps route. On this project's CPU
-the direct conv wins on batch-1 CIFAR maps (7-35 us against about 52 us) and loses from about 25,000
-elements on (and on NCHW inputs with many channels)."""
+time its two routes for the 3x3 term (GEMM and ``F.fold``, or GEMM and nine shifted adds) once per
+shape and layout and keep the faster; larger ones always take the shifted adds. On this project's
+CPU the fold route wins on batch-1 CIFAR maps (13-22 us against 38-44 us) and loses on large
+channels-last batches (its taps need a transposing copy there)."""
 
-_SMALL_ROUTE: dict[tuple, bool] = {}  # (shape, layout, dtype, device, threads) -> direct conv is faster
+_FOLD_ROUTE: dict[tuple, bool] = {}  # (shape, layout, dtype, device, threads) -> the fold route is faster
 
 
 @dataclass
@@ -130,6 +127,21 @@ class ACTAccumulator:
         if x is not None:
             weight = _broadcast_to_state(p, x)
             self._output = weight * x if self._output is None else self._output + weight * x
+
+    def finish_halted(self) -> None:
+        """Step all remaining units at once, without autograd, once no position is running.
+
+        What :meth:`step` would record for each of them: nothing runs, every ``p`` is 0, and the
+        output and the sums stay as they are; but no element-wise work is done.
+        """
+        if torch.is_grad_enabled():
+            raise RuntimeError("finish_halted() is for inference: with autograd, step() through every unit")
+        if bool(self.running.any()):
+            raise RuntimeError("finish_halted() needs every position halted; some are still running")
+        zero = torch.zeros_like(self._hsum)
+        while self.units_done < self.num_units:
+            self._dist.append(zero)
+            self._ran.append(self.running)
 
     def _step_inference(self, x: Tensor | None, h: Tensor | None, run: Tensor, last: bool) -> None:
         """:meth:`step` without autograd: the same values (same expressions for the halting test and
@@ -233,7 +245,6 @@ class SpatialHaltingBranch(nn.Module):
         nn.init.zeros_(self.local.weight)
         nn.init.constant_(self.local.bias, HALT_BIAS_INIT)
         nn.init.zeros_(self.glob.weight)
-        self._small: tuple | None = None  # cache of :meth:`_local_small`
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
@@ -244,35 +255,33 @@ class SpatialHaltingBranch(nn.Module):
         return torch.sigmoid(self._local_eval(x, scale, shift) + glob)
 
     def _local_eval(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        """``conv3x3(BN(x))[:, 0]`` in eval mode by the faster of :meth:`_local_small` and
+        """``conv3x3(BN(x))[:, 0]`` in eval mode by the faster of :meth:`_local_fold` and
         :meth:`_local_taps` (measured once per shape and layout up to :data:`HALT_CONV_MAX_ELEMENTS`)."""
         if x.numel() > HALT_CONV_MAX_ELEMENTS:
             return self._local_taps(x, scale, shift)
         key = (tuple(x.shape), is_channels_last(x), x.dtype, x.device, torch.get_num_threads())
-        if key not in _SMALL_ROUTE:  # timed once (ponder.nn.timing.fastest; ties: the taps route)
-            _SMALL_ROUTE[key] = fastest([lambda: self._local_taps(x, scale, shift),
-                                         lambda: self._local_small(x, scale, shift)]) == 1
-        route = self._local_small if _SMALL_ROUTE[key] else self._local_taps
+        if key not in _FOLD_ROUTE:  # timed once (ponder.nn.timing.fastest; ties: the taps route)
+            _FOLD_ROUTE[key] = fastest([lambda: self._local_taps(x, scale, shift),
+                                        lambda: self._local_fold(x, scale, shift)]) == 1
+        route = self._local_fold if _FOLD_ROUTE[key] else self._local_taps
         return route(x, scale, shift)
 
-    def _local_small(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        """``conv3x3(BN(x))[:, 0]`` as one direct ``C -> 1`` convolution of ``x`` (BN's scale folded into
-        the weight) plus a constant ``[H, W]`` map: BN's shift through the kernel taps that fall inside
-        the map, and the bias. Exact at the borders (BN(x) is zero-padded, not x). The folded weight
-        and the map are cached until a parameter or statistic changes (built outside any flop counter).
+    def _local_fold(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        """``conv3x3(BN(x))[:, 0]`` in eval mode as one ``C -> 9`` GEMM (BN folded) and one ``F.fold``.
+
+        ``F.fold`` (col2im) adds each position's 9 tap values into the 3x3 neighbourhood around it,
+        which is the convolution with the taps in mirrored order; taps of positions outside the map
+        do not exist, so it is exact at the borders (BN(x) is zero-padded). The same ``9 C`` MACs per
+        position as the convolution; two calls in all, against ten for :meth:`_local_taps`.
         """
-        hgt, wid, cl = x.shape[2], x.shape[3], is_channels_last(x)
-        key = (fold_key(self.local, self.bn), hgt, wid, cl, x.dtype, x.device)
-        if self._small is None or self._small[0] != key:
-            with _disable_current_modes(), torch.no_grad():
-                w = self.local.weight * scale[None, :, None, None]
-                w = w.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-                wshift = (self.local.weight * shift[None, :, None, None]).sum(1, keepdim=True)  # [1, 1, 3, 3]
-                ones = torch.ones(1, 1, hgt, wid, dtype=x.dtype, device=x.device)
-                const = F.conv2d(ones, wshift, padding=1)[0, 0] + self.local.bias
-            self._small = (key, w, const)
-        _, w, const = self._small
-        return conv2d(x, w, None, 1, 1)[:, 0] + const
+        w9 = self.local.weight[0].permute(1, 2, 0).reshape(9, -1).flip(0)  # [(kh, kw) mirrored, C]
+        b, c, hgt, wid = x.shape
+        if is_channels_last(x):
+            rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: [B*H*W, C]
+            taps = torch.addmm((w9 @ shift)[:, None], w9 * scale, rows.t()).view(9, b, hgt * wid).transpose(0, 1)
+        else:
+            taps = F.conv2d(x, (w9 * scale)[:, :, None, None], w9 @ shift).view(b, 9, hgt * wid)
+        return F.fold(taps, (hgt, wid), 3, padding=1)[:, 0] + self.local.bias
 
     def _local_taps(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         """``conv3x3(BN(x))[:, 0]`` in eval mode as one ``C -> 9`` GEMM (BN folded) plus 9 shifted adds.
