@@ -239,3 +239,25 @@ def test_sparse_executor_skips_units_after_everything_halted_and_still_agrees(sp
         ACTAccumulator(2, (1,), "cpu").finish_halted()
     with torch.no_grad(), pytest.raises(RuntimeError, match="still running"):
         ACTAccumulator(2, (1,), "cpu").finish_halted()
+
+
+def test_sact_imagenet_sparse_executor_agrees_with_masked_stem_included():
+    from ponder.models.act import ACTImageNetResNet, stem_on_kernels
+    from ponder.models.resnet import Bottleneck
+    from test_sparse_conv import randomise_bn
+
+    torch.manual_seed(0)
+    model = randomise_bn(ACTImageNetResNet(Bottleneck, [1, 2, 1, 1], num_classes=7, spatial=True)).eval()
+    _randomize_halting(model, seed=2, std=0.3)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        stem = stem_on_kernels(model, x)
+        assert stem.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(stem, model.stem(x), atol=1e-4, rtol=1e-4)
+        masked = model(x)
+        set_executor(model, "sparse")
+        sparse = model(x)
+    assert all(torch.equal(a, b) for a, b in zip(masked.masks, sparse.masks))
+    assert 0 < sparse.masks[2].float().mean() < 1  # unit 2 of stage 2 runs on part of the map
+    torch.testing.assert_close(sparse.logits, masked.logits, atol=1e-3, rtol=1e-3)
+    assert torch.equal(masked.macs, sparse.macs)
