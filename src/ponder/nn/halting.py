@@ -267,42 +267,46 @@ class SpatialHaltingBranch(nn.Module):
         return route(x, scale, shift)
 
     def _local_fold(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        """``conv3x3(BN(x))[:, 0]`` in eval mode as one ``C -> 9`` GEMM (BN folded) and one ``F.fold``.
+        """``conv3x3(BN(x))[:, 0]`` in eval mode as the tap GEMM (:meth:`_tap_maps`) and one ``F.fold``.
 
         ``F.fold`` (col2im) adds each position's 9 tap values into the 3x3 neighbourhood around it,
         which is the convolution with the taps in mirrored order; taps of positions outside the map
         do not exist, so it is exact at the borders (BN(x) is zero-padded). The same ``9 C`` MACs per
         position as the convolution; two calls in all, against ten for :meth:`_local_taps`.
         """
-        w9 = self.local.weight[0].permute(1, 2, 0).reshape(9, -1).flip(0)  # [(kh, kw) mirrored, C]
-        b, c, hgt, wid = x.shape
-        if is_channels_last(x):
-            rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: [B*H*W, C]
-            taps = torch.addmm((w9 @ shift)[:, None], w9 * scale, rows.t()).view(9, b, hgt * wid).transpose(0, 1)
-        else:
-            taps = F.conv2d(x, (w9 * scale)[:, :, None, None], w9 @ shift).view(b, 9, hgt * wid)
+        b, _, hgt, wid = x.shape
+        taps = self._tap_maps(x, scale, shift, mirrored=True).transpose(0, 1).reshape(b, 9, hgt * wid)
         return F.fold(taps, (hgt, wid), 3, padding=1)[:, 0] + self.local.bias
 
     def _local_taps(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        """``conv3x3(BN(x))[:, 0]`` in eval mode as one ``C -> 9`` GEMM (BN folded) plus 9 shifted adds.
+        """``conv3x3(BN(x))[:, 0]`` in eval mode as the tap GEMM (:meth:`_tap_maps`) plus 9 shifted adds.
 
         Exact, zero padding included (taps outside the map read zeros of the padded tap maps), and
         much faster than a ``C -> 1`` 3x3 conv for wide layers; the same ``9 C`` MACs per position.
-        A channels-last ``x`` (the sparse executor's) is read as ``[B*H*W, C]`` rows and multiplied
-        as ``w9 @ rows^T``, which gives contiguous tap planes ``[9, B, H, W]``.
         """
-        w9 = self.local.weight[0].permute(1, 2, 0).reshape(9, -1)  # [(kh, kw), C]
-        b, c, hgt, wid = x.shape
-        if is_channels_last(x):
-            rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: [B*H*W, C]
-            taps = F.pad(torch.addmm((w9 @ shift)[:, None], w9 * scale, rows.t()).view(9, b, hgt, wid), (1, 1, 1, 1))
-        else:  # [B, 9, H+2, W+2] padded, then viewed as [9, B, H+2, W+2]
-            taps = F.pad(F.conv2d(x, (w9 * scale)[:, :, None, None], w9 @ shift), (1, 1, 1, 1)).transpose(0, 1)
+        hgt, wid = x.shape[2], x.shape[3]
+        taps = F.pad(self._tap_maps(x, scale, shift, mirrored=False), (1, 1, 1, 1))  # [9, B, H+2, W+2]
         out = taps[4, :, 1:hgt + 1, 1:wid + 1] + self.local.bias
         for k in (0, 1, 2, 3, 5, 6, 7, 8):
             i, j = divmod(k, 3)
             out += taps[k, :, i:i + hgt, j:j + wid]
         return out
+
+    def _tap_maps(self, x: Tensor, scale: Tensor, shift: Tensor, mirrored: bool) -> Tensor:
+        """The local conv's 9 tap maps on ``BN(x)``, bias excluded: ``[9, B, H, W]``, one ``C -> 9`` GEMM.
+
+        Tap ``(kh, kw)`` is map ``3 kh + kw`` (``8 - 3 kh - kw`` when ``mirrored``). A channels-last
+        ``x`` (the sparse executor's) is read as ``[B*H*W, C]`` rows and multiplied as ``w9 @ rows^T``,
+        which gives contiguous maps; an NCHW ``x`` gives a transposed view of ``[B, 9, H, W]``.
+        """
+        w9 = self.local.weight[0].permute(1, 2, 0).reshape(9, -1)  # [(kh, kw), C]
+        if mirrored:
+            w9 = w9.flip(0)
+        b, c, hgt, wid = x.shape
+        if is_channels_last(x):
+            rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: [B*H*W, C]
+            return torch.addmm((w9 @ shift)[:, None], w9 * scale, rows.t()).view(9, b, hgt, wid)
+        return F.conv2d(x, (w9 * scale)[:, :, None, None], w9 @ shift).transpose(0, 1)
 
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
