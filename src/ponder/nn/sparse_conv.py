@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ponder.nn.gemm import linear_rows
-from ponder.nn.layout import is_channels_last
 
 
 def dilate_mask(mask: Tensor, k: int = 3) -> Tensor:
@@ -162,7 +161,7 @@ def _tensor_key(t: Tensor | None) -> tuple:
     return () if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
 
 
-def fold_key(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
+def _fold_key(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
     """Changes whenever ``conv``'s or ``bn``'s parameters or running statistics change (cache key of folded weights)."""
     # a train-mode forward updates the running statistics in place without bumping their version;
     # it does bump num_batches_tracked's (a Python-side add_), which the key therefore includes
@@ -190,7 +189,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedCon
     if bn is not None and bn.training:
         raise ValueError("sparse convolution folds BatchNorm with running statistics; call model.eval() "
                          "(or use the masked executor to train).")
-    key = fold_key(conv, bn)
+    key = _fold_key(conv, bn)
     hit = _FOLD_CACHE.get(conv)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -223,17 +222,14 @@ _DENSE_FOLD: "weakref.WeakKeyDictionary[nn.Module, tuple[FoldedConv, dict[bool, 
     weakref.WeakKeyDictionary()
 
 
-def fold_conv_bn_dense(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None,
-                       channels_last: bool | None = None) -> tuple[Tensor, Tensor]:
+def fold_conv_bn_dense(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, channels_last: bool) -> tuple[Tensor, Tensor]:
     """:func:`fold_conv_bn` in conv layout: ``(weight [C_out, C_in, k, k], bias [C_out])`` for ``F.conv2d``.
 
-    ``channels_last``: the weight's memory format (``None``: ``conv.weight``'s own). Give the input's
-    layout: oneDNN reorders a weight of the other layout on every call. Cached with the folded GEMM
-    weights, so it follows the same invalidation rules.
+    ``channels_last``: the weight's memory format; give the input's layout (oneDNN reorders a weight
+    of the other layout on every call). Cached with the folded GEMM weights, so it follows the same
+    invalidation rules.
     """
     f = fold_conv_bn(conv, bn)
-    if channels_last is None:
-        channels_last = is_channels_last(conv._parameters["weight"])
     hit = _DENSE_FOLD.get(conv)
     if hit is None or hit[0] is not f:
         hit = (f, {})
