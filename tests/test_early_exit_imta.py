@@ -152,3 +152,17 @@ def test_imta_stage2_collaboration_heads_kd_loss_and_frozen_backbone():
         sparse = model(x)
     assert torch.equal(dense.exit_index, sparse.exit_index)
     torch.testing.assert_close(dense.logits, sparse.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_enabling_collaboration_later_adds_the_heads_to_every_cost():
+    model = _model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model.exit_costs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).macs, torch.full((2,), float(before[-1]), dtype=torch.float64))
+    model.enable_collaboration()
+    after = model.exit_costs()
+    # exit k gains the MACs of its own head and of the ISC heads of exits 1..k (plus those before it)
+    assert all(a > b for a, b in zip(after, before))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).macs, torch.full((2,), float(after[-1]), dtype=torch.float64))

@@ -110,6 +110,10 @@ class LedgerCache:
             self._cache[key] = self._measure(key)  # type: ignore[arg-type]
         return self._cache[key]
 
+    def clear(self) -> None:
+        """Forget every ledger (after the architecture changed, e.g. heads were added)."""
+        self._cache.clear()
+
 
 def count_params(module: nn.Module) -> int:
     """Number of parameters (each shared tensor counted once)."""

@@ -56,6 +56,7 @@ class MultiExitModel(PonderModel):
         self._keep_rate: float | None = None
         self._keep_seed = 0
         self._calibration: Tensor | None = None
+        self._cost_tables: dict[tuple, tuple[CostLedger, Tensor]] = {}
 
     # ---- what a family implements -------------------------------------------------------
     def run_block(self, k: int, state: Any) -> Any:  # pragma: no cover - abstract
@@ -88,6 +89,7 @@ class MultiExitModel(PonderModel):
     def enable_collaboration(self) -> None:
         """Add IMTA collaboration heads (stage 2); the exits then predict with the new heads."""
         self.collab = CollaborationHeads(self.exit_feature_dims(), self.num_classes)
+        self._ledgers.clear()  # every exit now costs its collaboration head too
 
     def set_thresholds(self, thresholds: Sequence[float] | None) -> None:
         """Exit ``k`` takes the samples whose max-softmax is ``>= thresholds[k]``.
@@ -313,8 +315,14 @@ class MultiExitModel(PonderModel):
         return DynamicOutput(logits=out_logits, macs=self._macs_of(exit_index, x), exit_index=exit_index)
 
     def _macs_of(self, exit_index: Tensor, x: Tensor) -> Tensor:
-        costs = torch.tensor(self.exit_costs(tuple(x.shape[1:])), dtype=torch.float64, device=x.device)
-        return costs[exit_index]
+        """Per-sample MACs ``[B]`` (float64) of the exits ``exit_index [B]`` taken on inputs shaped like ``x``."""
+        size = tuple(x.shape[1:])
+        led, key = self.ledger(size), (size, x.device)
+        hit = self._cost_tables.get(key)
+        if hit is None or hit[0] is not led:  # a new ledger (size, heads added) gets a new table
+            hit = self._cost_tables[key] = (led, torch.tensor(self.exit_costs(size), dtype=torch.float64,
+                                                                device=x.device))
+        return hit[1][exit_index]
 
     # ---- benchmark hooks ----------------------------------------------------------------
     def dense_baseline(self) -> nn.Module:
