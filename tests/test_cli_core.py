@@ -79,11 +79,13 @@ def test_bench_checkpoint_budget_calibrates_on_held_out_split_and_reuses_the_cac
         "method: {name: multi_exit}\ntrain: {epochs: 1, device: cpu}\n")
     run = train(load_config(recipe), tmp_path / "run", verbose=False)
     argv = ["bench", "--checkpoint", str(run), "--budget", "3e6", "--batch", "4", "--images", "8",
-            "--repeats", "1", "--warmup", "1", "--threads", "1", "--json"]
+            "--repeats", "3", "--warmup", "1", "--threads", "1", "--json"]
     code, out, _ = run_cli(capsys, *argv)
     d = json.loads(out)
     assert code == 0 and d["mode"] == "checkpoint" and d["batch"] == 4
     assert d["dense_macs"] > d["dynamic_macs"] > 0 and d["efficiency"] == pytest.approx(d["speedup"] / d["mac_ratio"])
+    lo, hi = d["speedup_range"]  # the ratio of the medians lies between the extreme single-round ratios
+    assert 0 < lo <= d["speedup"] <= hi
     cached = list((run / "cache").glob("exits-val-*.safetensors"))
     assert len(cached) == 1  # the held-out outputs, shared with `ponder eval`
     stamp = cached[0].stat().st_mtime_ns

@@ -131,11 +131,12 @@ def test_bench_times_the_kernel_matched_dense_network_only_where_there_is_one():
     assert r.dense_kernels_ms > 0
     assert r.speedup_vs_kernels == pytest.approx(r.dense_kernels_ms / r.dynamic_ms)
     assert r.efficiency_vs_kernels == pytest.approx(r.speedup_vs_kernels / r.mac_ratio)
+    assert r.speedup_vs_kernels_range == pytest.approx((r.speedup_vs_kernels,) * 2)  # one round
     msd = create_model("msdnet_cifar_budgeted", num_classes=10)
     msd.force_keep_rate(0.5)
     r = bench_dynamic(msd, "msd", [torch.randn(2, 3, 32, 32)], threads=1, mode="keep-rate 0.5", repeats=1,
                       warmup=1, with_masked=False)
-    assert r.dense_kernels_ms is None and r.efficiency_vs_kernels is None
+    assert r.dense_kernels_ms is None and r.efficiency_vs_kernels is None and r.speedup_vs_kernels_range is None
 
 
 def test_keep_freed_memory_configures_glibc():

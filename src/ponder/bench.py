@@ -63,9 +63,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 10, warmup: int = 2,
-                     device: torch.device | str = "cpu") -> dict[str, float]:
-    """Median wall-clock milliseconds of each zero-argument function, interleaved rounds."""
+def time_rounds(fns: dict[str, Callable[[], Any]], repeats: int = 10, warmup: int = 2,
+                device: torch.device | str = "cpu") -> dict[str, list[float]]:
+    """Wall-clock milliseconds of each zero-argument function in each of ``repeats`` interleaved rounds."""
     device = torch.device(device)
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
@@ -79,7 +79,13 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 10, warmu
                 fn()
                 _sync(device)
                 times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 10, warmup: int = 2,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """Median wall-clock milliseconds of each zero-argument function, interleaved rounds (:func:`time_rounds`)."""
+    return {k: statistics.median(v) for k, v in time_rounds(fns, repeats, warmup, device).items()}
 
 
 @dataclass
@@ -108,11 +114,14 @@ class DynamicBench:
     mac_ratio: float     # dense_macs / dynamic_macs: the ideal speed-up
     efficiency: float    # speedup / mac_ratio
     images_per_s: float
+    # lowest and highest dense/dynamic time ratio of one interleaved round: how noisy ``speedup`` is
+    speedup_range: tuple[float, float]
     # the dense network run with the sparse executor's own kernels (``dense_baseline_kernels()``;
     # None for models whose dense baseline already runs on them): the speed-up owed to sparsity alone
     dense_kernels_ms: float | None = None
     speedup_vs_kernels: float | None = None
     efficiency_vs_kernels: float | None = None
+    speedup_vs_kernels_range: tuple[float, float] | None = None
 
 
 def _macs_of(module: nn.Module, x1: Tensor) -> int:
@@ -157,7 +166,8 @@ def bench_dynamic(model: nn.Module, name: str, batches: list[Tensor], threads: i
         fns = {"dense": run(dense), "sparse": run(model)}
         if hasattr(model, "dense_baseline_kernels"):
             fns["kernels"] = run(model.dense_baseline_kernels().eval().to(device))
-        ms = time_interleaved(fns, repeats, warmup, device)
+        rounds = time_rounds(fns, repeats, warmup, device)
+        ms = {k: statistics.median(v) for k, v in rounds.items()}
         masked_ms = None
         if with_masked:
             set_executor(model, "masked")
@@ -169,15 +179,21 @@ def bench_dynamic(model: nn.Module, name: str, batches: list[Tensor], threads: i
     speedup = ms["dense"] / ms["sparse"]
     mac_ratio = dense_macs / dyn
     kernels = ms.get("kernels")
+    def extremes(base: str) -> tuple[float, float]:
+        ratios = [b / s for b, s in zip(rounds[base], rounds["sparse"])]
+        return min(ratios), max(ratios)
+
     return DynamicBench(
         model=name, batch=batches[0].shape[0], threads=threads or torch.get_num_threads(), mode=mode,
         dense_ms=ms["dense"] / n, dynamic_ms=ms["sparse"] / n,
         masked_ms=None if masked_ms is None else masked_ms / n, speedup=speedup, dense_macs=dense_macs,
         dynamic_macs=dyn, dynamic_macs_std=float(macs.std(unbiased=False)), mac_ratio=mac_ratio,
         efficiency=speedup / mac_ratio, images_per_s=batches[0].shape[0] / (ms["sparse"] / n) * 1e3,
+        speedup_range=extremes("dense"),
         dense_kernels_ms=None if kernels is None else kernels / n,
         speedup_vs_kernels=None if kernels is None else kernels / ms["sparse"],
         efficiency_vs_kernels=None if kernels is None else kernels / ms["sparse"] / mac_ratio,
+        speedup_vs_kernels_range=None if kernels is None else extremes("kernels"),
     )
 
 

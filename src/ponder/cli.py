@@ -220,9 +220,16 @@ def _print_bench(result: Any, as_json: bool) -> None:
           f"± {format_count(d['dynamic_macs_std'])} MACs/image)")
     if d["masked_ms"] is not None:
         print(f"  masked       {d['masked_ms']:.2f} ms/batch  (dense compute x mask: never faster)")
-    print(f"  speedup {d['speedup']:.2f}x  mac_ratio {d['mac_ratio']:.2f}x  efficiency {d['efficiency']:.2f}")
+    print(f"  speedup {d['speedup']:.2f}x  mac_ratio {d['mac_ratio']:.2f}x  efficiency {d['efficiency']:.2f}"
+          + _rounds(d["speedup_range"], d["mac_ratio"]))
     if d["dense_kernels_ms"] is not None:
-        print(f"  vs dense*: speedup {d['speedup_vs_kernels']:.2f}x  efficiency {d['efficiency_vs_kernels']:.2f}")
+        print(f"  vs dense*: speedup {d['speedup_vs_kernels']:.2f}x  efficiency {d['efficiency_vs_kernels']:.2f}"
+              + _rounds(d["speedup_vs_kernels_range"], d["mac_ratio"]))
+
+
+def _rounds(extremes: tuple[float, float], mac_ratio: float) -> str:
+    lo, hi = extremes
+    return f"  (single rounds: speedup {lo:.2f}-{hi:.2f}x, efficiency {lo / mac_ratio:.2f}-{hi / mac_ratio:.2f})"
 
 
 def cmd_ponder_map(args: argparse.Namespace) -> None:
