@@ -195,15 +195,32 @@ def test_batch1_conv2d_routes_equal_f_conv2d_and_are_counted(monkeypatch, onednn
     assert counter.get_total_flops() == 2 * cout * cin * 9 * want.shape[2] * want.shape[3]
 
 
-def test_conv2d_leaves_batches_and_autograd_to_f_conv2d(monkeypatch):
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv2d_packs_the_weight_for_batches_and_leaves_nchw_and_autograd_to_f_conv2d(monkeypatch, relu):
     from ponder.nn import dense_conv
 
     routes: dict = {}
     monkeypatch.setattr(dense_conv, "_ROUTE", routes)
-    w = torch.randn(8, 4, 3, 3)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 4, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(8, generator=g)
+    x = torch.randn(3, 4, 9, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(x, w, b, 2, 1)
+    want = want.relu() if relu else want
     with torch.no_grad():
-        dense_conv.conv2d(torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last), w, None, 1, 1)
-        dense_conv.conv2d(torch.randn(1, 4, 8, 8), w, None, 1, 1)  # NCHW
-    x = torch.randn(1, 4, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
-    dense_conv.conv2d(x, w, None, 1, 1).sum().backward()  # autograd: F.conv2d's gradient
-    assert routes == {} and x.grad is not None
+        with FlopCounterMode(display=False) as counter:
+            got = dense_conv.conv2d(x, w, b, 2, 1, relu=relu)
+        assert len(dense_conv._PACKED[id(w)]) == 1  # packed once for this input shape
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert counter.get_total_flops() == 2 * 8 * 4 * 9 * want[0, 0].numel() * x.shape[0]
+        torch.testing.assert_close(dense_conv.conv2d(x[:2], w, b, 2, 1, relu=relu), want[:2], atol=1e-4, rtol=1e-4)
+        assert len(dense_conv._PACKED[id(w)]) == 1  # another batch size reuses the packing
+        dense_conv.conv2d(torch.randn(1, 4, 8, 8), w, None, 1, 1)  # NCHW: F.conv2d
+    xg = torch.randn(1, 4, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    dense_conv.conv2d(xg, w, None, 1, 1).sum().backward()  # autograd: F.conv2d's gradient
+    assert routes == {} and xg.grad is not None
+    key = id(w)
+    del w
+    assert key not in dense_conv._PACKED  # the packing goes with its weight

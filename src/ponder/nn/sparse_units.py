@@ -171,8 +171,9 @@ def folded_conv(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | Non
 
     A 1x1 conv (padding 0) on a channels-last ``x`` runs as one row GEMM on the faster CPU backend
     (:func:`ponder.nn.gemm.linear_rows`; a strided one on the subsampled map), any other conv
-    through :func:`ponder.nn.dense_conv.conv2d` (``F.conv2d``, or oneDNN at batch 1 where faster)
-    with the folded weight in ``x``'s layout. The output keeps ``x``'s layout.
+    through :func:`ponder.nn.dense_conv.conv2d` (channels-last: oneDNN with the folded weight packed
+    once and the ReLU fused; at batch 1 only where faster than ``F.conv2d``) with the folded weight in
+    ``x``'s layout. The output keeps ``x``'s layout.
     """
     cl = is_channels_last(x)
     if cl and conv.kernel_size == (1, 1) and conv.padding == (0, 0):
@@ -184,8 +185,7 @@ def folded_conv(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | Non
         y = linear_rows(rows_view(x), f.weight, f.bias, relu)
         return y.view(B, H, W, -1).permute(0, 3, 1, 2)
     weight, bias = fold_conv_bn_dense(conv, bn, channels_last=cl)
-    y = conv2d(x, weight, bias, conv.stride[0], conv.padding[0])
-    return y.relu_() if relu else y
+    return conv2d(x, weight, bias, conv.stride[0], conv.padding[0], relu)
 
 
 def folded_branch(block: ResidualBlock, x: Tensor) -> Tensor:
