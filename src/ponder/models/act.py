@@ -230,9 +230,9 @@ class ACTResNetMixin:
     def _sact_stage(self, s: int, first: int, blocks: list[ResidualBlock], x: Tensor, led: CostLedger):
         """One SACT block with a decision per position; returns (output, ACTResult, masks, macs [B])."""
         # imported here: ponder.nn.sparse_units imports ponder.models.resnet (and so this module)
-        from ponder.nn.sparse_cost import residual_macs
+        from ponder.nn.sparse_cost import unit_masks_and_macs
         from ponder.nn.sparse_residual import sparse_residual
-        from ponder.nn.sparse_units import first_conv_mask, masked_residual
+        from ponder.nn.sparse_units import masked_residual
 
         num = len(blocks)
         if self.executor == "sparse" and not self.training:  # the sparse units work and return channels-last
@@ -264,17 +264,18 @@ class ACTResNetMixin:
             in_size = tuple(x.shape[1:])
             h = None
             if active:
-                conv1_mask = first_conv_mask(blocks[l], mask, in_size[1:])  # shared by the kernel and the ledger
+                # the first conv's (dilated) mask, shared by the kernel and the ledger, and the unit's MACs
+                conv1_mask, unit_macs = unit_masks_and_macs(
+                    blocks[l], in_size, mask, led[f"halt.{first + l}"] if branch is not None else 0.0)
                 if self.executor == "sparse":
                     # x is this stage's own intermediate (already accumulated): the unit may overwrite it
                     x = sparse_residual(blocks[l], x, mask, break_even=self.break_even, first=conv1_mask,
                                         overwrite=True)
                 else:
                     x = masked_residual(blocks[l], x, mask)
-                macs = macs + residual_macs(blocks[l], in_size, mask, first=conv1_mask)
+                macs = macs + unit_macs
                 if branch is not None:
                     h = branch(x)
-                    macs = macs + mask.flatten(1).any(1).double() * led[f"halt.{first + l}"]
             elif branch is not None:
                 h = torch.zeros(b, hgt, wid, device=x.device)
             if keep is not None and h is not None:

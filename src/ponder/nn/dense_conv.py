@@ -19,6 +19,7 @@ second copy of the (folded) weights in memory.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -33,6 +34,7 @@ _ROUTE: dict[tuple, bool] = {}  # batch-1 shape key -> True when the packed oneD
 _PACKED: dict[int, dict[tuple, Tensor]] = {}  # id(weight) -> {(version, input C H W, ...): packed}; freed with it
 
 
+@functools.lru_cache(maxsize=1)
 def onednn_conv_available() -> bool:
     """Whether this PyTorch build has oneDNN's convolution with packed weights and fused activations."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")

@@ -24,7 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ponder.nn.fused_spatial import act_step, spatial_halting, spatial_halting_applies
 from ponder.nn.layout import is_channels_last
+from ponder.nn.sparse_conv import fold_key
 from ponder.nn.timing import fastest
 
 HALT_EPS = 0.01
@@ -146,11 +148,18 @@ class ACTAccumulator:
     def _step_inference(self, x: Tensor | None, h: Tensor | None, run: Tensor, last: bool) -> None:
         """:meth:`step` without autograd: the same values (same expressions for the halting test and
         the sums) in about half the element-wise ops, and the state accumulated in place."""
+        if h is not None:
+            h = h.to(self._hsum.dtype)
+        fused = act_step(self._hsum, self._n, self._remainder, run, h, x, self._output, self.eps, last)
+        if fused is not None:  # one pass (compiled kernel): the same sums, p and halting test
+            p, self.running, self._output = fused
+            self._dist.append(p)
+            self._ran.append(run)
+            return
         rest = 1.0 - self._hsum
         if last:
             halts, p = run, rest * run
         else:
-            h = h.to(self._hsum.dtype)
             cum = self._hsum + h
             halts = (cum >= 1.0 - self.eps).logical_and_(run)
             keeps = run ^ halts
@@ -245,11 +254,14 @@ class SpatialHaltingBranch(nn.Module):
         nn.init.zeros_(self.local.weight)
         nn.init.constant_(self.local.bias, HALT_BIAS_INIT)
         nn.init.zeros_(self.glob.weight)
+        self._folded: tuple[tuple, tuple[Tensor, Tensor, float, float]] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
             z = self.bn(x)
             return torch.sigmoid(self.local(z)[:, 0] + self.glob(z.mean((2, 3)))[:, :, None])
+        if spatial_halting_applies(x):  # one GEMM and one pass over the map (compiled kernel)
+            return spatial_halting(x, *self._folded_weights())
         scale, shift = bn_affine(self.bn)  # eval: BN folded into both terms
         glob = self.glob(x.mean((2, 3)) * scale + shift)[:, :, None]
         return torch.sigmoid(self._local_eval(x, scale, shift) + glob)
@@ -292,6 +304,24 @@ class SpatialHaltingBranch(nn.Module):
             out += taps[k, :, i:i + hgt, j:j + wid]
         return out
 
+    def _folded_weights(self) -> tuple[Tensor, Tensor, float, float]:
+        """BN folded into both terms for :func:`~ponder.nn.fused_spatial.spatial_halting`, cached until a
+        parameter or running statistic changes: ``(weights [10, C], shifts [10], glob_shift, bias)``."""
+        key = fold_key(self.local, self.bn) + (self.glob.weight.data_ptr(), self.glob.weight._version)
+        folded = getattr(self, "_folded", None)  # (absent on a module unpickled from before it existed)
+        if folded is None or folded[0] != key:
+            with torch.no_grad():
+                scale, shift = bn_affine(self.bn)
+                w9, wg = self._tap_weights(), self.glob.weight[0]
+                weights = torch.cat([w9 * scale, (wg * scale)[None]]).contiguous()
+                shifts = torch.cat([w9 @ shift, shift.new_zeros(1)])
+                folded = self._folded = (key, (weights, shifts, float(wg @ shift), float(self.local.bias)))
+        return folded[1]
+
+    def _tap_weights(self) -> Tensor:
+        """The local conv's weights as ``[9, C]``: row ``3 kh + kw`` is tap ``(kh, kw)``."""
+        return self.local.weight[0].permute(1, 2, 0).reshape(9, -1)
+
     def _tap_maps(self, x: Tensor, scale: Tensor, shift: Tensor, mirrored: bool) -> Tensor:
         """The local conv's 9 tap maps on ``BN(x)``, bias excluded: ``[9, B, H, W]``, one ``C -> 9`` GEMM.
 
@@ -299,7 +329,7 @@ class SpatialHaltingBranch(nn.Module):
         ``x`` (the sparse executor's) is read as ``[B*H*W, C]`` rows and multiplied as ``w9 @ rows^T``,
         which gives contiguous maps; an NCHW ``x`` gives a transposed view of ``[B, 9, H, W]``.
         """
-        w9 = self.local.weight[0].permute(1, 2, 0).reshape(9, -1)  # [(kh, kw), C]
+        w9 = self._tap_weights()
         if mirrored:
             w9 = w9.flip(0)
         b, c, hgt, wid = x.shape

@@ -161,7 +161,7 @@ def _tensor_key(t: Tensor | None) -> tuple:
     return () if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
 
 
-def _fold_key(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
+def fold_key(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
     """Changes whenever ``conv``'s or ``bn``'s parameters or running statistics change (cache key of folded weights)."""
     # a train-mode forward updates the running statistics in place without bumping their version;
     # it does bump num_batches_tracked's (a Python-side add_), which the key therefore includes
@@ -189,7 +189,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedCon
     if bn is not None and bn.training:
         raise ValueError("sparse convolution folds BatchNorm with running statistics; call model.eval() "
                          "(or use the masked executor to train).")
-    key = _fold_key(conv, bn)
+    key = fold_key(conv, bn)
     hit = _FOLD_CACHE.get(conv)
     if hit is not None and hit[0] == key:
         return hit[1]

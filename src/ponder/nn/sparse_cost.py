@@ -19,7 +19,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ponder.cost import count_macs
-from ponder.nn.sparse_units import branch_convs, first_conv_mask
+from ponder.nn.fused_spatial import unit_masks
+from ponder.nn.sparse_units import branch_convs, first_conv_mask, unit_info
 
 if TYPE_CHECKING:  # duck-typed at run time (no import cycle with ponder.models)
     from ponder.models.resnet import ResidualBlock
@@ -65,3 +66,25 @@ def residual_macs(block: ResidualBlock, in_size: tuple[int, int, int], mask: Ten
     for name, on_first in branch_convs(block):
         total = total + (n_first if on_first else n_mask) * position_macs(getattr(block, name))
     return total
+
+
+def unit_masks_and_macs(block: ResidualBlock, in_size: tuple[int, int, int], mask: Tensor,
+                        halt_macs: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``(first-conv mask, per-sample MACs [B])`` of a unit run where ``mask [B, Ho, Wo]`` (bool).
+
+    The MACs are :func:`residual_macs` plus ``halt_macs`` (a halting branch's cost) for every sample
+    with an active position. A stride-1 unit (whose first-conv mask is the 3x3 dilation of ``mask``
+    for both block types) takes one compiled pass over the mask
+    (:func:`ponder.nn.fused_spatial.unit_masks`) where available; the values are the same.
+    """
+    if unit_info(block).stride == 1:
+        per = [(position_macs(getattr(block, name)), on_first) for name, on_first in branch_convs(block)]
+        fused = unit_masks(mask, shortcut_macs(block, in_size), sum(m for m, f in per if f),
+                           sum(m for m, f in per if not f), halt_macs)
+        if fused is not None:
+            return fused
+    first = first_conv_mask(block, mask, (int(in_size[1]), int(in_size[2])))
+    macs = residual_macs(block, in_size, mask, first=first)
+    if halt_macs:
+        macs = macs + mask.flatten(1).any(1).double() * halt_macs
+    return first, macs

@@ -91,8 +91,8 @@ def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
         if n == 0:
             s = block.shortcut(x)
             return torch.relu(s) if inactive == "relu" else s
-        if n == m.numel():
-            return block(x)
+        if n == m.numel():  # every position active: the dense unit (BN folded, as the fall-back)
+            return dense_fallback(block, x, m, inactive)
         if break_even is not None:
             limit = break_even_for(block, x, inactive) if break_even == "auto" else float(break_even)
             first_total = m.numel() if is_basic(block) else x.shape[0] * x.shape[2] * x.shape[3]

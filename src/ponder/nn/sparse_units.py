@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ponder.nn.dense_conv import conv2d
+from ponder.nn.fused_spatial import residual_epilogue
 from ponder.nn.gemm import linear_rows
 from ponder.nn.layout import is_channels_last
 from ponder.nn.sparse_conv import (
@@ -217,10 +218,14 @@ def dense_fallback(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: str)
     The unit runs densely (BN folded into the convs: :func:`folded_branch`) with in-place ops as
     ``relu(s + mask * branch)``; that is exact for ``inactive="relu"``, and for ``"shortcut"`` whenever
     ``s >= 0`` (any unit input that is a ReLU output). Otherwise the inactive positions are restored
-    from the shortcut afterwards.
+    from the shortcut afterwards. Channels-last float32 maps take the fused epilogue
+    (:func:`ponder.nn.fused_spatial.residual_epilogue`, one pass, exact for any ``s``) when compiled.
     """
     s = folded_shortcut(block, x)
     out = folded_branch(block, x)
+    fused = residual_epilogue(out, s, mask, inactive == "relu")
+    if fused is not None:
+        return fused
     if inactive == "relu" or bool(s.amin() >= 0):  # amin: a fast full reduction (min() is slow)
         return torch.addcmul(s, out, mask[:, None].to(out.dtype), out=out).relu_()
     out += s

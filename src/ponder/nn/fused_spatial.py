@@ -1,0 +1,137 @@
+"""Fused CPU kernels for the spatial (SACT) executor, compiled on first use (optional).
+
+Three steps of a SACT unit at inference each take one C++ pass over the map
+(``csrc/fused_spatial.cpp``) instead of several PyTorch calls:
+
+- :func:`residual_epilogue`: the dense fall-back's ``relu(s + b)`` at active positions, ``s``
+  (or ``relu(s)``) elsewhere, in place into the branch output;
+- :func:`spatial_halting`: the halting map ``sigmoid(conv3x3(BN(x)) + linear(GAP(BN(x))))`` from
+  the BN-folded tap and global weights, with the global mean taken in the same pass;
+- :func:`act_step`: the inference ACT step (halting test, ``p``, sums, remainder) and the
+  mean-field accumulation ``out += p * x``;
+- :func:`unit_masks`: a stride-1 unit's dilated first-conv mask and its per-sample MACs (the
+  ledger's count of active positions) in one pass over the mask.
+
+Each returns ``None`` where it does not apply (:func:`spatial_halting`: check
+:func:`spatial_halting_applies` first), and the caller runs its PyTorch code instead:
+without the compiled module (no C++ compiler or ``ninja``; or ``PONDER_NO_KERNELS=1``), with
+autograd, off the CPU, outside float32, for tensors that are not channels-last contiguous, and
+under a ``TorchDispatchMode`` such as ``FlopCounterMode`` (which cannot see inside the kernels, so
+cost counting always runs the PyTorch path). The results equal the PyTorch path's up to float
+rounding (the halting test and the ACT sums exactly; tested).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+_SOURCE = Path(__file__).with_name("csrc") / "fused_spatial.cpp"
+
+
+@functools.lru_cache(maxsize=1)
+def _extension() -> Any:
+    """The compiled module, built once per machine into torch's extension cache; ``None`` if unavailable."""
+    if os.environ.get("PONDER_NO_KERNELS"):
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        print("ponder: compiling the fused spatial kernels (once per machine, about 30 s)...", file=sys.stderr)
+        return load(name="ponder_fused_spatial", sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
+    except Exception as err:  # no compiler, no ninja, a read-only cache...: the PyTorch path serves
+        print(f"ponder: fused spatial kernels unavailable ({type(err).__name__}: {err}); using PyTorch ops",
+              file=sys.stderr)
+        return None
+
+
+def kernels_available() -> bool:
+    """Whether the fused kernels are compiled and loadable here (builds them on the first call)."""
+    return _extension() is not None
+
+
+def _usable(t: Tensor) -> bool:
+    """No autograd, no dispatch mode (cost counting), ``t`` on the CPU, and the kernels built."""
+    return (not torch.is_grad_enabled() and t.device.type == "cpu" and _get_current_dispatch_mode() is None
+            and _extension() is not None)
+
+
+def _cl(t: Tensor) -> bool:
+    return t.dim() == 4 and t.dtype == torch.float32 and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _map(t: Tensor, dtype: torch.dtype) -> bool:
+    return t.dim() == 3 and t.dtype == dtype and t.is_contiguous()
+
+
+def residual_epilogue(y: Tensor, s: Tensor, mask: Tensor, relu_inactive: bool) -> Tensor | None:
+    """``y <- relu(s + y)`` where ``mask [B, H, W]``, ``s`` (``relu(s)`` with ``relu_inactive``) elsewhere.
+
+    ``y`` (the branch output) and ``s`` (the shortcut) ``[B, C, H, W]`` channels-last; returns ``y``
+    (written in place), or ``None`` where the kernel does not apply.
+    """
+    if not (_usable(y) and _cl(y) and _cl(s) and _map(mask, torch.bool) and y.shape == s.shape
+            and tuple(mask.shape) == (y.shape[0], y.shape[2], y.shape[3])):
+        return None
+    return _extension().residual_epilogue(y, s, mask, relu_inactive)
+
+
+def spatial_halting_applies(x: Tensor) -> bool:
+    """Whether :func:`spatial_halting` runs on ``x`` (so the caller need not fold its weights otherwise)."""
+    return _usable(x) and _cl(x)
+
+
+def spatial_halting(x: Tensor, weights: Tensor, shifts: Tensor, glob_shift: float, bias: float) -> Tensor:
+    """Halting map ``[B, H, W]`` from a channels-last ``x [B, C, H, W]`` (check :func:`spatial_halting_applies`).
+
+    ``weights [10, C]``: rows ``3 kh + kw`` the local 3x3 conv's taps, row 9 the global term's
+    weight, all times the BN scale; ``shifts [10]``: the taps times the BN shift (added only inside
+    the map: zero padding of the BN'd input), 0 for row 9; ``glob_shift``: the global weight times
+    the BN shift; ``bias``: the local conv's bias.
+    """
+    if not spatial_halting_applies(x) or weights.shape != (10, x.shape[1]):
+        raise ValueError(f"spatial_halting needs a channels-last float32 CPU map without autograd and [10, C] "
+                         f"weights; got x {list(x.shape)}, weights {list(weights.shape)}")
+    return _extension().spatial_halting(x, weights, shifts, float(glob_shift), float(bias))
+
+
+def act_step(hsum: Tensor, n: Tensor, remainder: Tensor, run: Tensor, h: Tensor | None, x: Tensor | None,
+             output: Tensor | None, eps: float, last: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """One inference ACT step on per-position maps ``[B, H, W]``, or ``None``.
+
+    Updates ``hsum``, ``n`` and ``remainder`` (``ACTAccumulator``'s sums: same shape, dtype and
+    layout as each other) in place; returns ``(p, running after the step, output)`` with
+    ``output = p * x`` (new) or ``output + p * x`` (in place); ``h`` is ``None`` for the last unit,
+    ``x`` ``None`` when no state is accumulated.
+    """
+    if not (_usable(run) and _map(hsum, torch.float32) and _map(run, torch.bool) and hsum.shape == run.shape
+            and n.is_contiguous() and remainder.is_contiguous()):
+        return None
+    if h is None and not last or h is not None and not (_map(h, torch.float32) and h.shape == run.shape):
+        return None
+    if x is not None:
+        if not (_cl(x) and tuple(run.shape) == (x.shape[0], x.shape[2], x.shape[3])):
+            return None
+        if output is not None and not (_cl(output) and output.shape == x.shape):
+            return None
+    p, running, out = _extension().act_step(hsum, n, remainder, run, h, x, output, float(eps), bool(last))
+    return p, running, (out if x is not None else None)
+
+
+def unit_masks(mask: Tensor, base: float, first_macs: float, rest_macs: float,
+               halt_macs: float) -> tuple[Tensor, Tensor] | None:
+    """For a stride-1 unit's ``mask [B, H, W]`` (bool): its 3x3 dilation (where the first conv runs)
+    and the per-sample MACs ``[B]`` (float64) ``base + first_macs * |dilated| + rest_macs * |mask|``,
+    plus ``halt_macs`` for samples with an active position; or ``None``."""
+    if not (_usable(mask) and _map(mask, torch.bool)):
+        return None
+    first, macs = _extension().unit_masks(mask, float(base), float(first_macs), float(rest_macs), float(halt_macs))
+    return first, macs

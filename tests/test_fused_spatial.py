@@ -1,0 +1,163 @@
+"""The compiled SACT kernels equal the PyTorch path they replace (skipped where they cannot be built)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ponder import create_model
+from ponder.nn import fused_spatial, set_executor
+from ponder.nn.halting import ACTAccumulator, SpatialHaltingBranch
+from ponder.nn.sparse_units import dense_fallback
+
+pytestmark = pytest.mark.skipif(not fused_spatial.kernels_available(),
+                                reason="fused spatial kernels not compiled here (no compiler or ninja)")
+CL = torch.channels_last
+
+
+@pytest.fixture
+def pytorch_path(monkeypatch):
+    """Run a block of code on the PyTorch path (the kernels reported unavailable)."""
+    def off():
+        monkeypatch.setattr(fused_spatial, "_extension", lambda: None)
+    return off
+
+
+@pytest.mark.parametrize("inactive", ["shortcut", "relu"])
+@pytest.mark.parametrize("shape", [(2, 8, 7, 5), (1, 16, 4, 4)])
+def test_residual_epilogue_equals_the_pytorch_fall_back(inactive, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    y = torch.randn(*shape, generator=g).contiguous(memory_format=CL)
+    s = torch.randn(*shape, generator=g).contiguous(memory_format=CL)  # negative shortcuts too
+    mask = torch.rand(shape[0], shape[2], shape[3], generator=g) < 0.5
+    want = torch.where(mask[:, None], torch.relu(s + y), torch.relu(s) if inactive == "relu" else s)
+    with torch.no_grad():
+        got = fused_spatial.residual_epilogue(y.clone(memory_format=CL), s, mask, inactive == "relu")
+    assert torch.equal(got, want)
+    with torch.enable_grad():  # autograd, NCHW: not for the kernel
+        assert fused_spatial.residual_epilogue(y, s, mask, False) is None
+    with torch.no_grad():
+        assert fused_spatial.residual_epilogue(y.contiguous(), s.contiguous(), mask, False) is None
+
+
+def test_dense_fall_back_takes_the_kernel_and_keeps_its_values(pytorch_path):
+    model = create_model("resnet32_cifar").eval()
+    block = model.layer2[2]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 32, 16, 16, generator=g).relu_().contiguous(memory_format=CL)
+    mask = torch.rand(3, 16, 16, generator=g) < 0.4
+    with torch.no_grad():
+        fused = dense_fallback(block, x, mask, "shortcut")
+        pytorch_path()
+        plain = dense_fallback(block, x, mask, "shortcut")
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 6, 9), (1, 16, 32, 32), (3, 5, 1, 4)])
+def test_spatial_halting_kernel_equals_the_branch(pytorch_path, shape):
+    torch.manual_seed(shape[1])
+    branch = SpatialHaltingBranch(shape[1])
+    for p in branch.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    branch.bn.running_mean.normal_()
+    branch.bn.running_var.uniform_(0.5, 2.0)
+    branch.eval()
+    x = torch.randn(*shape).relu_().contiguous(memory_format=CL)
+    with torch.no_grad():
+        assert fused_spatial.spatial_halting_applies(x)
+        fused = branch(x)
+        with FlopCounterMode(display=False) as counter:  # cost counting: the PyTorch ops, counted
+            counted = branch(x)
+        pytorch_path()
+        plain = branch(x)
+    assert counter.get_total_flops() > 0
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(counted, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep_state", [True, False])
+def test_act_step_kernel_gives_the_same_quantities_as_the_pytorch_step(pytorch_path, keep_state):
+    g = torch.Generator().manual_seed(3)
+    b, c, hgt, wid, units = 2, 6, 5, 4, 4
+    xs = [torch.randn(b, c, hgt, wid, generator=g).contiguous(memory_format=CL) for _ in range(units)]
+    hs = [torch.rand(b, hgt, wid, generator=g) * 0.6 for _ in range(units - 1)] + [None]
+
+    def run():
+        acc = ACTAccumulator(units, (b, hgt, wid), "cpu")
+        with torch.no_grad():
+            for x, h in zip(xs, hs):
+                acc.step(x if keep_state else None, h)
+        return acc.result(), acc.ran_units
+
+    (fused, fused_ran) = run()
+    pytorch_path()
+    (plain, plain_ran) = run()
+    assert torch.equal(fused.n, plain.n) and torch.equal(fused.remainder, plain.remainder)
+    assert torch.equal(fused.distribution, plain.distribution) and torch.equal(fused_ran, plain_ran)
+    assert 1 < fused.n.min() and fused.n.max() <= units  # the scores make positions halt at different units
+    if keep_state:
+        assert fused.output.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(fused.output, plain.output, rtol=1e-6, atol=1e-6)
+    else:
+        assert fused.output is None and plain.output is None
+
+
+def test_sact_sparse_executor_with_kernels_matches_the_pytorch_path(pytorch_path):
+    torch.manual_seed(0)
+    model = create_model("sact_resnet32_cifar", num_classes=10).eval()
+    for branches in model.halting:
+        for br in branches:
+            torch.nn.init.normal_(br.local.weight, std=0.05)
+            torch.nn.init.constant_(br.local.bias, 0.0)
+    set_executor(model, "sparse")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        fused = model(x)
+        pytorch_path()
+        plain = model(x)
+    assert len(fused.masks) == len(plain.masks)
+    assert all(torch.equal(a, b) for a, b in zip(fused.masks, plain.masks))
+    torch.testing.assert_close(fused.logits, plain.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.macs, plain.macs)
+    for a, b in zip(fused.ponder, plain.ponder):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(bool((~m).any()) for m in fused.masks)  # positions really halted
+
+
+@pytest.mark.parametrize("bottleneck", [False, True])
+@pytest.mark.parametrize("shape", [(3, 8, 8), (1, 5, 7), (2, 1, 1)])
+def test_unit_masks_kernel_gives_the_ledger_and_the_dilated_mask(pytorch_path, shape, bottleneck):
+    from ponder.models.resnet import Bottleneck
+    from ponder.nn.sparse_cost import unit_masks_and_macs
+
+    block = (Bottleneck(32, 8) if bottleneck else create_model("resnet32_cifar").layer1[1]).eval()
+    g = torch.Generator().manual_seed(shape[1])
+    mask = torch.rand(*shape, generator=g) < 0.3
+    mask[0] = False  # a sample with nothing active pays no halting branch
+    in_size = (32 if bottleneck else 16, shape[1], shape[2])
+    with torch.no_grad():
+        first, macs = unit_masks_and_macs(block, in_size, mask, halt_macs=1000.0)
+        pytorch_path()
+        want_first, want_macs = unit_masks_and_macs(block, in_size, mask, halt_macs=1000.0)
+    assert torch.equal(first, want_first) and torch.equal(macs, want_macs)
+    assert macs.dtype == torch.float64 and macs[0] == 0
+
+
+def test_kernels_can_be_switched_off_and_the_pytorch_path_serves():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from ponder import create_model\n"
+            "from ponder.nn import fused_spatial, set_executor\n"
+            "m = create_model('sact_resnet32_cifar').eval()\n"
+            "set_executor(m, 'sparse')\n"
+            "with torch.no_grad():\n"
+            "    assert m(torch.randn(2, 3, 32, 32)).logits.shape == (2, 10)\n"
+            "print(fused_spatial.kernels_available())\n")
+    env = dict(os.environ, PONDER_NO_KERNELS="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False" and "compiling" not in done.stderr
