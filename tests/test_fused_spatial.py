@@ -54,8 +54,11 @@ def test_dense_fall_back_takes_the_kernel_and_keeps_its_values(pytorch_path):
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("onednn_planes", [False, True])
 @pytest.mark.parametrize("shape", [(2, 12, 6, 9), (1, 16, 32, 32), (3, 5, 1, 4)])
-def test_spatial_halting_kernel_equals_the_branch(pytorch_path, shape):
+def test_spatial_halting_kernel_equals_the_branch(pytorch_path, monkeypatch, shape, onednn_planes):
+    key = (shape, torch.get_num_threads())
+    monkeypatch.setitem(fused_spatial._PLANE_ROUTE, key, onednn_planes)  # the tap GEMM route under test
     torch.manual_seed(shape[1])
     branch = SpatialHaltingBranch(shape[1])
     for p in branch.parameters():
@@ -161,3 +164,36 @@ def test_kernels_can_be_switched_off_and_the_pytorch_path_serves():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False" and "compiling" not in done.stderr
+
+
+@pytest.mark.parametrize("relu_all", [False, True])
+def test_scatter_residual_equals_the_index_ops(relu_all):
+    g = torch.Generator().manual_seed(5)
+    out = torch.randn(20, 6, generator=g)
+    rows = torch.tensor([0, 3, 4, 11, 19])
+    y = torch.randn(5, 6, generator=g)
+    want = torch.relu(out) if relu_all else out.clone()
+    want[rows] = torch.relu(out[rows] + y)
+    with torch.no_grad():
+        got = fused_spatial.scatter_residual(out, rows, y, relu_all)
+    assert got is out and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("bottleneck", [False, True])
+def test_sparse_kernel_with_the_fused_epilogue_equals_the_masked_unit(pytorch_path, bottleneck):
+    from ponder.models.resnet import BasicBlock, Bottleneck
+    from ponder.nn.sparse_units import first_conv_mask, masked_residual, run_sparse
+
+    torch.manual_seed(1)
+    block = (Bottleneck(32, 8) if bottleneck else BasicBlock(16, 16)).eval()
+    c = 32 if bottleneck else 16
+    x = torch.randn(2, c, 9, 9).relu_().contiguous(memory_format=CL)
+    mask = torch.rand(2, 9, 9) < 0.4
+    first = first_conv_mask(block, mask, (9, 9))
+    with torch.no_grad():
+        want = masked_residual(block, x, mask, "relu")
+        fused = run_sparse(block, x, mask, first, "relu")
+        pytorch_path()
+        plain = run_sparse(block, x, mask, first, "relu")
+    torch.testing.assert_close(fused, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)

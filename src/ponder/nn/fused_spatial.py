@@ -10,7 +10,9 @@ Three steps of a SACT unit at inference each take one C++ pass over the map
 - :func:`act_step`: the inference ACT step (halting test, ``p``, sums, remainder) and the
   mean-field accumulation ``out += p * x``;
 - :func:`unit_masks`: a stride-1 unit's dilated first-conv mask and its per-sample MACs (the
-  ledger's count of active positions) in one pass over the mask.
+  ledger's count of active positions) in one pass over the mask;
+- :func:`scatter_residual`: the sparse kernel's epilogue, ``relu(out + y)`` written back into
+  the active rows of the output table.
 
 Each returns ``None`` where it does not apply (:func:`spatial_halting`: check
 :func:`spatial_halting_applies` first), and the caller runs its PyTorch code instead:
@@ -27,11 +29,14 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ponder.nn.gemm import onednn_available
+from ponder.nn.timing import fastest
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_spatial.cpp"
 
@@ -95,12 +100,39 @@ def spatial_halting(x: Tensor, weights: Tensor, shifts: Tensor, glob_shift: floa
     ``weights [10, C]``: rows ``3 kh + kw`` the local 3x3 conv's taps, row 9 the global term's
     weight, all times the BN scale; ``shifts [10]``: the taps times the BN shift (added only inside
     the map: zero padding of the BN'd input), 0 for row 9; ``glob_shift``: the global weight times
-    the BN shift; ``bias``: the local conv's bias.
+    the BN shift; ``bias``: the local conv's bias. The ten dot products per position are one GEMM
+    (the tap planes ``[10, B*H*W]``, on BLAS or oneDNN, whichever made the whole kernel faster for
+    this shape when timed once); the rest is one pass.
     """
     if not spatial_halting_applies(x) or weights.shape != (10, x.shape[1]):
         raise ValueError(f"spatial_halting needs a channels-last float32 CPU map without autograd and [10, C] "
                          f"weights; got x {list(x.shape)}, weights {list(weights.shape)}")
-    return _extension().spatial_halting(x, weights, shifts, float(glob_shift), float(bias))
+    b, c, hgt, wid = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: [B*H*W, C]
+
+    def run(planes: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+        return _extension().spatial_halting(planes(rows, weights, shifts), b, hgt, wid, float(glob_shift),
+                                            float(bias))
+
+    key = (tuple(x.shape), torch.get_num_threads())
+    if key not in _PLANE_ROUTE:  # ties: BLAS
+        _PLANE_ROUTE[key] = onednn_available() and fastest([lambda: run(_blas_planes),
+                                                             lambda: run(_onednn_planes)]) == 1
+    return run(_onednn_planes if _PLANE_ROUTE[key] else _blas_planes)
+
+
+# (B, C, H, W, threads) -> True when the halting kernel is faster on oneDNN's [P, 10] tap GEMM than on
+# BLAS's [10, P] one: oneDNN's GEMM is up to 2x faster on most of SACT's shapes here, but its
+# position-major planes make the 3x3 sum strided. Timed once per shape, end to end.
+_PLANE_ROUTE: dict[tuple, bool] = {}
+
+
+def _blas_planes(rows: Tensor, weights: Tensor, shifts: Tensor) -> Tensor:
+    return torch.addmm(shifts[:, None], weights, rows.t())
+
+
+def _onednn_planes(rows: Tensor, weights: Tensor, shifts: Tensor) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, weights, shifts, "none", [], "").t()
 
 
 def act_step(hsum: Tensor, n: Tensor, remainder: Tensor, run: Tensor, h: Tensor | None, x: Tensor | None,
@@ -135,3 +167,13 @@ def unit_masks(mask: Tensor, base: float, first_macs: float, rest_macs: float,
         return None
     first, macs = _extension().unit_masks(mask, float(base), float(first_macs), float(rest_macs), float(halt_macs))
     return first, macs
+
+
+def scatter_residual(out: Tensor, rows: Tensor, y: Tensor, relu_all: bool) -> Tensor | None:
+    """``out[rows] = relu(out[rows] + y)`` in place on a ``[R, C]`` row table (``rows [n]`` int64,
+    ``y [n, C]``), every other row relu'd too with ``relu_all``; or ``None``."""
+    if not (_usable(out) and out.dtype == torch.float32 and y.dtype == torch.float32 and rows.dtype == torch.int64
+            and out.dim() == 2 and out.is_contiguous() and y.is_contiguous() and rows.is_contiguous()
+            and y.shape == (rows.shape[0], out.shape[1])):
+        return None
+    return _extension().scatter_residual(out, rows, y, relu_all)

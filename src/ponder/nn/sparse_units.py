@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ponder.nn.dense_conv import conv2d
-from ponder.nn.fused_spatial import residual_epilogue
+from ponder.nn.fused_spatial import residual_epilogue, scatter_residual
 from ponder.nn.gemm import linear_rows
 from ponder.nn.layout import is_channels_last
 from ponder.nn.sparse_conv import (
@@ -239,6 +239,8 @@ def dense_fallback(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: str)
 
 def _finish(out: Tensor, rows: Tensor, y: Tensor, inactive: str) -> None:
     """``out[rows] = relu(out[rows] + y)``; every other row relu'd too for ``inactive="relu"``."""
+    if scatter_residual(out, rows, y, inactive == "relu") is not None:  # one pass (compiled kernel)
+        return
     y += out.index_select(0, rows)
     y.relu_()
     if inactive == "relu":
