@@ -29,7 +29,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -107,32 +107,25 @@ def spatial_halting(x: Tensor, weights: Tensor, shifts: Tensor, glob_shift: floa
     if not spatial_halting_applies(x) or weights.shape != (10, x.shape[1]):
         raise ValueError(f"spatial_halting needs a channels-last float32 CPU map without autograd and [10, C] "
                          f"weights; got x {list(x.shape)}, weights {list(weights.shape)}")
-    b, c, hgt, wid = x.shape
-    rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: [B*H*W, C]
+    ext, gshift, b = _extension(), float(glob_shift), float(bias)
 
-    def run(planes: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
-        return _extension().spatial_halting(planes(rows, weights, shifts), b, hgt, wid, float(glob_shift),
-                                            float(bias))
+    def onednn() -> Tensor:
+        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view: [B*H*W, C]
+        planes = torch.ops.mkldnn._linear_pointwise(rows, weights, shifts, "none", [], "").t()
+        return ext.spatial_halting(x, weights, shifts, planes, gshift, b)
 
     key = (tuple(x.shape), torch.get_num_threads())
-    if key not in _PLANE_ROUTE:  # ties: BLAS
-        _PLANE_ROUTE[key] = onednn_available() and fastest([lambda: run(_blas_planes),
-                                                             lambda: run(_onednn_planes)]) == 1
-    return run(_onednn_planes if _PLANE_ROUTE[key] else _blas_planes)
+    route = _PLANE_ROUTE.get(key)
+    if route is None:  # ties: BLAS
+        route = _PLANE_ROUTE[key] = onednn_available() and fastest(
+            [lambda: ext.spatial_halting(x, weights, shifts, None, gshift, b), onednn]) == 1
+    return onednn() if route else ext.spatial_halting(x, weights, shifts, None, gshift, b)
 
 
 # (B, C, H, W, threads) -> True when the halting kernel is faster on oneDNN's [P, 10] tap GEMM than on
 # BLAS's [10, P] one: oneDNN's GEMM is up to 2x faster on most of SACT's shapes here, but its
 # position-major planes make the 3x3 sum strided. Timed once per shape, end to end.
 _PLANE_ROUTE: dict[tuple, bool] = {}
-
-
-def _blas_planes(rows: Tensor, weights: Tensor, shifts: Tensor) -> Tensor:
-    return torch.addmm(shifts[:, None], weights, rows.t())
-
-
-def _onednn_planes(rows: Tensor, weights: Tensor, shifts: Tensor) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(rows, weights, shifts, "none", [], "").t()
 
 
 def act_step(hsum: Tensor, n: Tensor, remainder: Tensor, run: Tensor, h: Tensor | None, x: Tensor | None,

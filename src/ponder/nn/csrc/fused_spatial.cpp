@@ -43,7 +43,8 @@ torch::Tensor residual_epilogue(torch::Tensor y, torch::Tensor s, torch::Tensor 
 // plane k < 9 (k = 3 kh + kw) holds tap (kh, kw) of every position (w . x + shift), zero outside the map
 // (the zero padding of the BN'd input); g[b] = mean of plane 9 over sample b + gconst. The 3x3 sum is
 // nine shifted row additions, the sigmoid ATen's vectorised one.
-torch::Tensor spatial_halting(torch::Tensor planes, int64_t B, int64_t H, int64_t W, double gconst, double bias) {
+torch::Tensor halting_from_planes(const torch::Tensor& planes, int64_t B, int64_t H, int64_t W, double gconst,
+                                  double bias) {
   const int64_t HW = H * W, sk = planes.stride(0), sq = planes.stride(1);
   const float* pt = planes.data_ptr<float>();
   auto z = torch::empty({B, H, W}, planes.options().memory_format(at::MemoryFormat::Contiguous));
@@ -74,6 +75,16 @@ torch::Tensor spatial_halting(torch::Tensor planes, int64_t B, int64_t H, int64_
     }
   });
   return z.sigmoid_();
+}
+
+// The halting map of a channels-last x [B, C, H, W]: the tap planes as given ([10, B*H*W], any strides),
+// or computed here as one BLAS GEMM, w10 @ rows(x)^T + t10.
+torch::Tensor spatial_halting(torch::Tensor x, torch::Tensor w10, torch::Tensor t10, c10::optional<torch::Tensor> planes,
+                              double gconst, double bias) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  if (planes.has_value()) return halting_from_planes(*planes, B, H, W, gconst, bias);
+  const torch::Tensor rows = x.permute({0, 2, 3, 1}).reshape({B * H * W, C});
+  return halting_from_planes(at::addmm(t10.unsqueeze(1), w10, rows.t()), B, H, W, gconst, bias);
 }
 
 // One inference ACT step on [B, H, W] maps (hsum, n, rem updated in place; run is not modified).
