@@ -39,6 +39,7 @@ from ponder.nn.gemm import onednn_available
 from ponder.nn.timing import fastest
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_spatial.cpp"
+_NAME = "ponder_fused_spatial"
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,13 +50,23 @@ def _extension() -> Any:
     try:
         from torch.utils.cpp_extension import load
 
-        print("ponder: compiling the fused spatial kernels (once per machine, about 30 s)...", file=sys.stderr)
-        return load(name="ponder_fused_spatial", sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
+        if not _built(_NAME):
+            print("ponder: compiling the fused spatial kernels (once per machine, about 20 s)...", file=sys.stderr)
+        return load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
     except Exception as err:  # no compiler, no ninja, a read-only cache...: the PyTorch path serves
         print(f"ponder: fused spatial kernels unavailable ({type(err).__name__}: {err}); using PyTorch ops",
               file=sys.stderr)
         return None
+
+
+def _built(name: str) -> bool:
+    """Whether a build of ``name`` is already in torch's extension cache (then loading takes no compile)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    except Exception:  # a private helper of torch: if it moves, just say we compile
+        return False
 
 
 def kernels_available() -> bool:
