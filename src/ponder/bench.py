@@ -179,22 +179,24 @@ def bench_dynamic(model: nn.Module, name: str, batches: list[Tensor], threads: i
     speedup = ms["dense"] / ms["sparse"]
     mac_ratio = dense_macs / dyn
     kernels = ms.get("kernels")
-    def extremes(base: str) -> tuple[float, float]:
-        ratios = [b / s for b, s in zip(rounds[base], rounds["sparse"])]
-        return min(ratios), max(ratios)
-
     return DynamicBench(
         model=name, batch=batches[0].shape[0], threads=threads or torch.get_num_threads(), mode=mode,
         dense_ms=ms["dense"] / n, dynamic_ms=ms["sparse"] / n,
         masked_ms=None if masked_ms is None else masked_ms / n, speedup=speedup, dense_macs=dense_macs,
         dynamic_macs=dyn, dynamic_macs_std=float(macs.std(unbiased=False)), mac_ratio=mac_ratio,
         efficiency=speedup / mac_ratio, images_per_s=batches[0].shape[0] / (ms["sparse"] / n) * 1e3,
-        speedup_range=extremes("dense"),
+        speedup_range=_ratio_extremes(rounds["dense"], rounds["sparse"]),
         dense_kernels_ms=None if kernels is None else kernels / n,
         speedup_vs_kernels=None if kernels is None else kernels / ms["sparse"],
         efficiency_vs_kernels=None if kernels is None else kernels / ms["sparse"] / mac_ratio,
-        speedup_vs_kernels_range=None if kernels is None else extremes("kernels"),
+        speedup_vs_kernels_range=None if kernels is None else _ratio_extremes(rounds["kernels"], rounds["sparse"]),
     )
+
+
+def _ratio_extremes(base_ms: list[float], dynamic_ms: list[float]) -> tuple[float, float]:
+    """Lowest and highest ``base / dynamic`` time ratio of a single interleaved round."""
+    ratios = [b / d for b, d in zip(base_ms, dynamic_ms)]
+    return min(ratios), max(ratios)
 
 
 def as_dict(result: StaticBench | DynamicBench) -> dict[str, Any]:
