@@ -106,7 +106,8 @@ def spatial_halting_applies(x: Tensor) -> bool:
 
 
 def spatial_halting(x: Tensor, weights: Tensor, shifts: Tensor, glob_shift: float, bias: float) -> Tensor:
-    """Halting map ``[B, H, W]`` from a channels-last ``x [B, C, H, W]`` (check :func:`spatial_halting_applies`).
+    """Halting map ``[B, H, W]`` from a channels-last ``x [B, C, H, W]``; only where
+    :func:`spatial_halting_applies` (the caller checks: no autograd, CPU, kernels built).
 
     ``weights [10, C]``: rows ``3 kh + kw`` the local 3x3 conv's taps, row 9 the global term's
     weight, all times the BN scale; ``shifts [10]``: the taps times the BN shift (added only inside
@@ -115,25 +116,27 @@ def spatial_halting(x: Tensor, weights: Tensor, shifts: Tensor, glob_shift: floa
     (the tap planes ``[10, B*H*W]``, on BLAS or oneDNN, whichever made the whole kernel faster for
     this shape when timed once); the rest is one pass.
     """
-    if not spatial_halting_applies(x) or weights.shape != (10, x.shape[1]):
-        raise ValueError(f"spatial_halting needs a channels-last float32 CPU map without autograd and [10, C] "
-                         f"weights; got x {list(x.shape)}, weights {list(weights.shape)}")
-    ext, gshift, b = _extension(), float(glob_shift), float(bias)
-
-    def onednn() -> Tensor:
-        rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view: [B*H*W, C]
-        planes = torch.ops.mkldnn._linear_pointwise(rows, weights, shifts, "none", [], "").t()
-        return ext.spatial_halting(x, weights, shifts, planes, gshift, b)
-
-    key = (tuple(x.shape), torch.get_num_threads())
-    route = _PLANE_ROUTE.get(key)
+    if not _cl(x) or weights.shape != (10, x.shape[1]):
+        raise ValueError(f"spatial_halting needs a channels-last float32 map and [10, C] weights; "
+                         f"got x {list(x.shape)}, weights {list(weights.shape)}")
+    ext = _extension()
+    route = _PLANE_ROUTE.get((x.shape, torch.get_num_threads()))
     if route is None:  # ties: BLAS
-        route = _PLANE_ROUTE[key] = onednn_available() and fastest(
-            [lambda: ext.spatial_halting(x, weights, shifts, None, gshift, b), onednn]) == 1
-    return onednn() if route else ext.spatial_halting(x, weights, shifts, None, gshift, b)
+        route = _PLANE_ROUTE[(x.shape, torch.get_num_threads())] = onednn_available() and fastest(
+            [lambda: ext.spatial_halting(x, weights, shifts, None, glob_shift, bias),
+             lambda: _halting_onednn(x, weights, shifts, glob_shift, bias)]) == 1
+    if route:
+        return _halting_onednn(x, weights, shifts, glob_shift, bias)
+    return ext.spatial_halting(x, weights, shifts, None, glob_shift, bias)
 
 
-# (B, C, H, W, threads) -> True when the halting kernel is faster on oneDNN's [P, 10] tap GEMM than on
+def _halting_onednn(x: Tensor, weights: Tensor, shifts: Tensor, glob_shift: float, bias: float) -> Tensor:
+    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view: [B*H*W, C]
+    planes = torch.ops.mkldnn._linear_pointwise(rows, weights, shifts, "none", [], "").t()
+    return _extension().spatial_halting(x, weights, shifts, planes, glob_shift, bias)
+
+
+# (x.shape, threads) -> True when the halting kernel is faster on oneDNN's [P, 10] tap GEMM than on
 # BLAS's [10, P] one: oneDNN's GEMM is up to 2x faster on most of SACT's shapes here, but its
 # position-major planes make the 3x3 sum strided. Timed once per shape, end to end.
 _PLANE_ROUTE: dict[tuple, bool] = {}

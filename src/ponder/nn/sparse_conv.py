@@ -158,7 +158,9 @@ _FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FoldedConv]]" = 
 
 
 def _tensor_key(t: Tensor | None) -> tuple:
-    return () if t is None else (t.data_ptr(), t._version, t.dtype, t.device)
+    # address, version and dtype: .to() (device or dtype) allocates while the old storage still lives,
+    # so a moved or cast tensor always has a new address
+    return () if t is None else (t.data_ptr(), t._version, t.dtype)
 
 
 def fold_key(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
