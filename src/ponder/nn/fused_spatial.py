@@ -1,6 +1,6 @@
 """Fused CPU kernels for the spatial (SACT) executor, compiled on first use (optional).
 
-Three steps of a SACT unit at inference each take one C++ pass over the map
+Five steps of a SACT unit at inference each take one C++ call and one pass over their data
 (``csrc/fused_spatial.cpp``) instead of several PyTorch calls:
 
 - :func:`residual_epilogue`: the dense fall-back's ``relu(s + b)`` at active positions, ``s``
