@@ -77,10 +77,9 @@ def unit_masks_and_macs(block: ResidualBlock, in_size: tuple[int, int, int], mas
     for both block types) takes one compiled pass over the mask
     (:func:`ponder.nn.fused_spatial.unit_masks`) where available; the values are the same.
     """
-    if unit_info(block).stride == 1:
-        per = [(position_macs(getattr(block, name)), on_first) for name, on_first in branch_convs(block)]
-        fused = unit_masks(mask, shortcut_macs(block, in_size), sum(m for m, f in per if f),
-                           sum(m for m, f in per if not f), halt_macs)
+    info = unit_info(block)  # its per-position MACs are the ledger's (C_out * C_in * k * k per conv)
+    if info.stride == 1:
+        fused = unit_masks(mask, shortcut_macs(block, in_size), info.first_macs, info.rest_macs, halt_macs)
         if fused is not None:
             return fused
     first = first_conv_mask(block, mask, (int(in_size[1]), int(in_size[2])))
