@@ -119,10 +119,10 @@ def spatial_halting(x: Tensor, weights: Tensor, shifts: Tensor, glob_shift: floa
     if not _cl(x) or weights.shape != (10, x.shape[1]):
         raise ValueError(f"spatial_halting needs a channels-last float32 map and [10, C] weights; "
                          f"got x {list(x.shape)}, weights {list(weights.shape)}")
-    ext = _extension()
-    route = _PLANE_ROUTE.get((x.shape, torch.get_num_threads()))
+    ext, key = _extension(), (x.shape, torch.get_num_threads())
+    route = _PLANE_ROUTE.get(key)
     if route is None:  # ties: BLAS
-        route = _PLANE_ROUTE[(x.shape, torch.get_num_threads())] = onednn_available() and fastest(
+        route = _PLANE_ROUTE[key] = onednn_available() and fastest(
             [lambda: ext.spatial_halting(x, weights, shifts, None, glob_shift, bias),
              lambda: _halting_onednn(x, weights, shifts, glob_shift, bias)]) == 1
     if route:

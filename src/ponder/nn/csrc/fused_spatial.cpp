@@ -1,13 +1,14 @@
-// Fused CPU kernels for the spatial (SACT) sparse executor: the residual epilogue of the dense
-// fall-back, the spatial halting branch and the inference ACT step, each one pass over the map
-// instead of several PyTorch calls. Inference only, float32, activations channels-last
-// ([B, C, H, W] tensors laid out as [B, H, W, C]), per-position maps [B, H, W] contiguous.
-// ponder/nn/fused_spatial.py checks those conditions and holds the reference semantics.
+// Fused CPU kernels for the spatial (SACT) sparse executor: the residual epilogues of the dense
+// fall-back and of the sparse kernel, the spatial halting branch, the inference ACT step and a
+// unit's mask dilation with its MACs, each one call and one pass instead of several PyTorch calls.
+// Inference only, float32, activations channels-last ([B, C, H, W] tensors laid out as
+// [B, H, W, C]), per-position maps [B, H, W] contiguous. ponder/nn/fused_spatial.py checks those
+// conditions; the PyTorch paths these replace (ponder.nn.sparse_units, halting, sparse_cost) are
+// the reference semantics, and tests/test_fused_spatial.py compares the two.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
-#include <cmath>
 #include <vector>
 
 namespace {
