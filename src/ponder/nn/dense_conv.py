@@ -8,19 +8,20 @@ batch of 6. A batch of one on a small map is not sent to oneDNN at all (PyTorch 
 only when the batch is larger than one or the input holds more than 20,480 elements) and runs
 PyTorch's own im2col + GEMM, or its channels-last kernel.
 
-:func:`conv2d` runs channels-last fp32 CPU inference convolutions as
-``torch.ops.mkldnn._convolution_pointwise`` on a weight packed once into oneDNN's layout (cached
-per weight tensor and input shape) with the ReLU fused in. At batch 1 it times that route against
-``F.conv2d`` once per shape and thread count (:func:`ponder.nn.timing.fastest`) and keeps the
-faster; at larger batches the packed route is PyTorch's own kernel minus the reorder. The op gets
-a flop formula, so ``FlopCounterMode`` and the cost ledgers count it. The packed weights are a
-second copy of the (folded) weights in memory.
+:func:`conv2d` runs channels-last fp32 CPU inference convolutions on the fastest of three routes,
+timed once per shape, batch-size bucket and thread count (:func:`ponder.nn.timing.fastest`):
+``F.conv2d``; ``torch.ops.mkldnn._convolution_pointwise`` on a weight packed once into oneDNN's
+layout (cached per weight tensor and input shape) with the ReLU fused in, which at batches larger
+than one is PyTorch's own kernel minus the reorder; and, for 3x3 layers, the compiled direct
+convolution of :mod:`ponder.nn.small_conv` (few channels, small batches). The oneDNN op gets a
+flop formula, so ``FlopCounterMode`` and the cost ledgers count it; under a dispatch mode the
+compiled kernel never runs. The packed and blocked weights are further copies of the (folded)
+weights in memory.
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,11 @@ from torch import Tensor
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from ponder.nn.layout import is_channels_last
+from ponder.nn.small_conv import conv3x3, conv3x3_applies
 from ponder.nn.timing import fastest
+from ponder.nn.weight_cache import derived
 
-_ROUTE: dict[tuple, bool] = {}  # batch-1 shape key -> True when the packed oneDNN route is faster
-_PACKED: dict[int, dict[tuple, Tensor]] = {}  # id(weight) -> {(version, input C H W, ...): packed}; freed with it
+_ROUTE: dict[tuple, str] = {}  # (batch bucket, shapes, stride, padding, bias?, threads) -> fastest route
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,22 +59,26 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
            relu: bool = False) -> Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` (groups 1, no dilation), then ReLU when ``relu``.
 
-    ``x [B, C, H, W]`` -> ``[B, C', H', W']``. A channels-last fp32 CPU input without autograd runs
-    on oneDNN with the weight packed once (at batch 1 only where measured faster than
-    ``F.conv2d``); give ``weight`` in ``x``'s layout. Everything else runs ``F.conv2d``.
+    ``x [B, C, H, W]`` -> ``[B, C', H', W']``. A channels-last fp32 CPU input without autograd runs on
+    the fastest of PyTorch's ``F.conv2d``, oneDNN with the weight packed once and, for 3x3 layers,
+    the compiled direct convolution (:mod:`ponder.nn.small_conv`), timed once per shape, batch-size
+    bucket (1, 2, 4, ... 2^k) and thread count; give ``weight`` in ``x``'s layout. Everything else
+    runs ``F.conv2d``.
     """
     if (not is_channels_last(x) or x.device.type != "cpu" or x.dtype != torch.float32
-            or torch.is_grad_enabled() or not onednn_conv_available()):
+            or torch.is_grad_enabled()):
         return _pytorch(x, weight, bias, stride, padding, relu)
-    if x.shape[0] == 1:
-        key = (tuple(x.shape), tuple(weight.shape), stride, padding, bias is None, torch.get_num_threads())
-        route = _ROUTE.get(key)
-        if route is None:  # ties: PyTorch's route
-            route = _ROUTE[key] = fastest([lambda: _pytorch(x, weight, bias, stride, padding, relu),
-                                           lambda: _packed_conv(x, weight, bias, stride, padding, relu)]) == 1
-        if not route:
-            return _pytorch(x, weight, bias, stride, padding, relu)
-    return _packed_conv(x, weight, bias, stride, padding, relu)
+    small = conv3x3_applies(x, weight, bias, stride, padding)
+    key = (1 << (x.shape[0] - 1).bit_length(), tuple(x.shape[1:]), tuple(weight.shape), stride, padding,
+           bias is None, torch.get_num_threads())
+    route = _ROUTE.get(key)
+    if route is None:  # ties: the earlier route
+        names = [n for n, ok in (("pytorch", True), ("packed", onednn_conv_available()), ("small", small)) if ok]
+        route = _ROUTE[key] = names[0] if len(names) == 1 else names[fastest(
+            [functools.partial(_RUN[n], x, weight, bias, stride, padding, relu) for n in names])]
+    if route == "small" and not small:  # e.g. under FlopCounterMode, which cannot see inside the kernel
+        route = "packed" if onednn_conv_available() else "pytorch"
+    return _RUN[route](x, weight, bias, stride, padding, relu)
 
 
 def _pytorch(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, relu: bool) -> Tensor:
@@ -86,23 +92,21 @@ def _packed_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, pa
         "relu" if relu else "none", [None] if relu else [], "")
 
 
+def _small(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, relu: bool) -> Tensor:
+    assert bias is not None and padding == 1
+    return conv3x3(x, weight, bias, stride, relu)
+
+
+_RUN = {"pytorch": _pytorch, "packed": _packed_conv, "small": _small}
+
+
 def packed_weight(weight: Tensor, x: Tensor, stride: int, padding: int) -> Tensor:
     """``weight [C', C, k, k]`` in oneDNN's layout for convolving ``x``-shaped inputs (an MKLDNN tensor).
 
-    Cached per weight tensor (until it is freed or, unless it is an inference tensor, modified in
-    place) and input ``(C, H, W)``;
-    any packed weight gives exact results on other shapes too, the cache only keeps each fast.
+    Cached with the weight (:func:`ponder.nn.weight_cache.derived`) per input ``(C, H, W)``; any
+    packed weight gives exact results on other shapes too, the cache only keeps each fast.
     """
-    per_weight = _PACKED.get(id(weight))
-    if per_weight is None:  # (tensors cannot be weak dictionary keys: they compare elementwise)
-        per_weight = _PACKED[id(weight)] = {}
-        weakref.finalize(weight, _PACKED.pop, id(weight), None)
-    version = -1 if weight.is_inference() else weight._version  # inference tensors keep no version
-    key = (version, tuple(x.shape[1:]), stride, padding)
-    packed = per_weight.get(key)
-    if packed is None:
-        for old in [k for k in per_weight if k[0] != version]:  # packings of stale values
-            del per_weight[old]
-        packed = per_weight[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.detach().contiguous().to_mkldnn(), [padding, padding], [stride, stride], [1, 1], 1, list(x.shape))
-    return packed
+    return derived(weight, ("onednn", tuple(x.shape[1:]), stride, padding),
+                   lambda: torch._C._nn.mkldnn_reorder_conv2d_weight(
+                       weight.detach().contiguous().to_mkldnn(), [padding, padding], [stride, stride], [1, 1], 1,
+                       list(x.shape)))

@@ -25,48 +25,21 @@ rounding (the halting test and the ACT sums exactly; tested).
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ponder.nn.gemm import onednn_available
+from ponder.nn.native import cpu_inference, load_kernels
 from ponder.nn.timing import fastest
 
-_SOURCE = Path(__file__).with_name("csrc") / "fused_spatial.cpp"
 _NAME = "ponder_fused_spatial"
 
 
-@functools.lru_cache(maxsize=1)
 def _extension() -> Any:
-    """The compiled module, built once per machine into torch's extension cache; ``None`` if unavailable."""
-    if os.environ.get("PONDER_NO_KERNELS"):
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        if not _built(_NAME):
-            print("ponder: compiling the fused spatial kernels (once per machine, about 20 s)...", file=sys.stderr)
-        return load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
-    except Exception as err:  # no compiler, no ninja, a read-only cache...: the PyTorch path serves
-        print(f"ponder: fused spatial kernels unavailable ({type(err).__name__}: {err}); using PyTorch ops",
-              file=sys.stderr)
-        return None
-
-
-def _built(name: str) -> bool:
-    """Whether a build of ``name`` is already in torch's extension cache (then loading takes no compile)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
-    except Exception:  # a private helper of torch: if it moves, just say we compile
-        return False
+    """The compiled module (built once per machine), or ``None`` (:func:`ponder.nn.native.load_kernels`)."""
+    return load_kernels(_NAME, "fused_spatial.cpp", ("-O3", "-ffp-contract=off"), "the fused spatial kernels")
 
 
 def kernels_available() -> bool:
@@ -76,8 +49,7 @@ def kernels_available() -> bool:
 
 def _usable(t: Tensor) -> bool:
     """No autograd, no dispatch mode (cost counting), ``t`` on the CPU, and the kernels built."""
-    return (not torch.is_grad_enabled() and t.device.type == "cpu" and _get_current_dispatch_mode() is None
-            and _extension() is not None)
+    return cpu_inference(t) and _extension() is not None
 
 
 def _cl(t: Tensor) -> bool:

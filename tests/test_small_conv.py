@@ -1,0 +1,71 @@
+"""The compiled direct 3x3 convolution (ponder.nn.small_conv) against F.conv2d."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ponder.nn import small_conv
+
+CL = torch.channels_last
+
+pytestmark = pytest.mark.skipif(small_conv._extension() is None, reason="no C++ compiler / ninja here")
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("batch, cin, cout, h, w, stride", [
+    (1, 6, 6, 32, 32, 1),     # MSDNet's finest scale
+    (1, 6, 6, 32, 32, 2),
+    (3, 12, 6, 16, 16, 2),
+    (2, 3, 16, 7, 9, 1),      # odd, non-square maps; the RGB stem
+    (2, 13, 17, 9, 7, 2),     # output channels not a multiple of the block of 8
+    (1, 208, 130, 8, 8, 2),   # an exit head's width
+    (4, 5, 1, 5, 5, 1),
+])
+def test_conv3x3_equals_f_conv2d(relu, batch, cin, cout, h, w, stride):
+    g = torch.Generator().manual_seed(batch * 1000 + cin * 10 + cout)
+    x = torch.randn(batch, cin, h, w, generator=g).contiguous(memory_format=CL)
+    weight = torch.randn(cout, cin, 3, 3, generator=g).contiguous(memory_format=CL)
+    bias = torch.randn(cout, generator=g)
+    want = F.conv2d(x, weight, bias, stride, 1)
+    want = want.relu() if relu else want
+    with torch.no_grad():
+        assert small_conv.conv3x3_applies(x, weight, bias, stride, 1)
+        got = small_conv.conv3x3(x, weight, bias, stride, relu)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_blocked_weight_follows_in_place_changes_and_goes_with_the_weight():
+    from ponder.nn import weight_cache
+
+    x = torch.randn(1, 4, 6, 6).contiguous(memory_format=CL)
+    weight, bias = torch.randn(3, 4, 3, 3), torch.randn(3)
+    with torch.no_grad():
+        first = small_conv.conv3x3(x, weight, bias, 1)
+        weight.mul_(2.0)  # a new version: the blocked copy is remade
+        second = small_conv.conv3x3(x, weight, bias, 1)
+    torch.testing.assert_close(second - bias.view(1, 3, 1, 1), 2 * (first - bias.view(1, 3, 1, 1)),
+                               atol=1e-4, rtol=1e-4)
+    key = id(weight)
+    assert len(weight_cache._DERIVED[key]) == 1  # the stale copy was dropped
+    del weight
+    assert key not in weight_cache._DERIVED
+
+
+def test_conv3x3_does_not_apply_where_it_cannot_be_seen_or_differentiated():
+    x = torch.randn(1, 4, 6, 6).contiguous(memory_format=CL)
+    weight, bias = torch.randn(3, 4, 3, 3), torch.randn(3)
+    with torch.no_grad():
+        assert small_conv.conv3x3_applies(x, weight, bias, 2, 1)
+        assert not small_conv.conv3x3_applies(x, weight, None, 1, 1)            # no bias
+        assert not small_conv.conv3x3_applies(x, weight, bias, 1, 0)            # padding 0
+        assert not small_conv.conv3x3_applies(x, weight, bias, 3, 1)            # stride 3
+        assert not small_conv.conv3x3_applies(x.contiguous(), weight, bias, 1, 1)  # NCHW
+        assert not small_conv.conv3x3_applies(x, weight[:, :, :1, :1], bias, 1, 1)  # 1x1
+        assert not small_conv.conv3x3_applies(x.double(), weight.double(), bias.double(), 1, 1)
+        with FlopCounterMode(display=False):  # cost counting must see every MAC
+            assert not small_conv.conv3x3_applies(x, weight, bias, 1, 1)
+    assert not small_conv.conv3x3_applies(x, weight, bias, 1, 1)  # autograd on
