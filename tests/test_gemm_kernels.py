@@ -173,7 +173,7 @@ def test_fastest_picks_the_quicker_route_outside_flop_counters():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
-@pytest.mark.parametrize("route", ["pytorch", "packed", "small"])
+@pytest.mark.parametrize("route", ["pytorch", "packed", "small", "gemm"])
 @pytest.mark.parametrize("batch, cin, cout, hw, stride, bias",
                          [(1, 16, 16, 32, 1, True), (1, 6, 24, 9, 2, False), (3, 64, 8, 4, 1, True), (2, 5, 13, 7, 2, True)])
 def test_conv2d_routes_equal_f_conv2d_and_are_counted(monkeypatch, route, batch, cin, cout, hw, stride, bias):

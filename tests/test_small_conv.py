@@ -14,6 +14,7 @@ CL = torch.channels_last
 pytestmark = pytest.mark.skipif(small_conv._extension() is None, reason="no C++ compiler / ninja here")
 
 
+@pytest.mark.parametrize("kernel", ["conv3x3", "conv3x3_gemm"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("batch, cin, cout, h, w, stride", [
     (1, 6, 6, 32, 32, 1),     # MSDNet's finest scale
@@ -21,10 +22,11 @@ pytestmark = pytest.mark.skipif(small_conv._extension() is None, reason="no C++ 
     (3, 12, 6, 16, 16, 2),
     (2, 3, 16, 7, 9, 1),      # odd, non-square maps; the RGB stem
     (2, 13, 17, 9, 7, 2),     # output channels not a multiple of the block of 8
-    (1, 208, 130, 8, 8, 2),   # an exit head's width
+    (1, 208, 130, 8, 8, 2),   # an exit head's width (more than 4 blocks of 32 output channels)
+    (9, 128, 128, 4, 4, 2),   # patch rows not a multiple of the GEMM's 8
     (4, 5, 1, 5, 5, 1),
 ])
-def test_conv3x3_equals_f_conv2d(relu, batch, cin, cout, h, w, stride):
+def test_conv3x3_kernels_equal_f_conv2d(kernel, relu, batch, cin, cout, h, w, stride):
     g = torch.Generator().manual_seed(batch * 1000 + cin * 10 + cout)
     x = torch.randn(batch, cin, h, w, generator=g).contiguous(memory_format=CL)
     weight = torch.randn(cout, cin, 3, 3, generator=g).contiguous(memory_format=CL)
@@ -33,7 +35,7 @@ def test_conv3x3_equals_f_conv2d(relu, batch, cin, cout, h, w, stride):
     want = want.relu() if relu else want
     with torch.no_grad():
         assert small_conv.conv3x3_applies(x, weight, bias, stride, 1)
-        got = small_conv.conv3x3(x, weight, bias, stride, relu)
+        got = getattr(small_conv, kernel)(x, weight, bias, stride, relu)
     assert got.shape == want.shape and got.is_contiguous(memory_format=CL)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -51,6 +53,9 @@ def test_blocked_weight_follows_in_place_changes_and_goes_with_the_weight():
                                atol=1e-4, rtol=1e-4)
     key = id(weight)
     assert len(weight_cache._DERIVED[key]) == 1  # the stale copy was dropped
+    with torch.no_grad():
+        torch.testing.assert_close(small_conv.conv3x3_gemm(x, weight, bias, 1), second, atol=1e-4, rtol=1e-4)
+    assert len(weight_cache._DERIVED[key]) == 2  # each kernel's layout, of the same version
     del weight
     assert key not in weight_cache._DERIVED
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from ponder.nn.layout import is_channels_last
-from ponder.nn.small_conv import conv3x3, conv3x3_applies
+from ponder.nn.small_conv import conv3x3, conv3x3_applies, conv3x3_gemm
 from ponder.nn.timing import fastest
 from ponder.nn.weight_cache import derived
 
@@ -73,10 +73,11 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
            bias is None, torch.get_num_threads())
     route = _ROUTE.get(key)
     if route is None:  # ties: the earlier route
-        names = [n for n, ok in (("pytorch", True), ("packed", onednn_conv_available()), ("small", small)) if ok]
+        names = [n for n, ok in (("pytorch", True), ("packed", onednn_conv_available()), ("small", small),
+                                 ("gemm", small)) if ok]
         route = _ROUTE[key] = names[0] if len(names) == 1 else names[fastest(
             [functools.partial(_RUN[n], x, weight, bias, stride, padding, relu) for n in names])]
-    if route == "small" and not small:  # e.g. under FlopCounterMode, which cannot see inside the kernel
+    if route in ("small", "gemm") and not small:  # e.g. under FlopCounterMode, which cannot see inside a kernel
         route = "packed" if onednn_conv_available() else "pytorch"
     return _RUN[route](x, weight, bias, stride, padding, relu)
 
@@ -97,7 +98,12 @@ def _small(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
     return conv3x3(x, weight, bias, stride, relu)
 
 
-_RUN = {"pytorch": _pytorch, "packed": _packed_conv, "small": _small}
+def _gemm(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, relu: bool) -> Tensor:
+    assert bias is not None and padding == 1
+    return conv3x3_gemm(x, weight, bias, stride, relu)
+
+
+_RUN = {"pytorch": _pytorch, "packed": _packed_conv, "small": _small, "gemm": _gemm}
 
 
 def packed_weight(weight: Tensor, x: Tensor, stride: int, padding: int) -> Tensor:

@@ -10,6 +10,12 @@
 // row pitch (a few junk columns per row, never stored), and each block of 2x16 positions x 8 output
 // channels accumulates in registers over all C x 9 taps. The weights come pre-blocked as
 // [ceil(Cout/8)][C*9][8] (zero-padded), so each block reads its weights once, contiguously.
+//
+// A second kernel, conv3x3_gemm, serves the opposite shape: few output positions and many output
+// channels (an exit head at batch 1: 16 positions, 128 channels, a 1 MB weight). It gathers the
+// patches (im2col, [P, 9C]) and runs them against the weight pre-blocked as [ceil(Cout/32)][9C][32],
+// 8 positions x 32 output channels per block, vectorised over channels, each weight read once per
+// 8 positions.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -131,8 +137,95 @@ torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& wb, const tor
   return out;
 }
 
+constexpr int kGemmOut = 2 * kLanes;  // output channels per GEMM block (two vectors)
+constexpr int kGemmRows = 8;          // output positions per GEMM block
+
+// Rows r < R of the patch table A (pitch K) times one weight block wb [K][32]: out[r][0 .. valid).
+template <int R>
+void gemm_rows(const float* A, int64_t K, const float* wb, const float* bias, bool relu, float* out, int64_t oP,
+               int valid) {
+  Vec acc[R][2];
+  Vec b0, b1;
+  std::memcpy(&b0, bias, sizeof(Vec));
+  std::memcpy(&b1, bias + kLanes, sizeof(Vec));
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = b0;
+    acc[r][1] = b1;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec w0, w1;
+    std::memcpy(&w0, wb + k * kGemmOut, sizeof(Vec));
+    std::memcpy(&w1, wb + k * kGemmOut + kLanes, sizeof(Vec));
+    for (int r = 0; r < R; ++r) {
+      const float a = A[r * K + k];
+      acc[r][0] += a * w0;
+      acc[r][1] += a * w1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float lanes[kGemmOut];
+    for (int v = 0; v < 2; ++v) {
+      Vec a = acc[r][v];
+      if (relu) a = a > 0.f ? a : Vec{};
+      std::memcpy(lanes + v * kLanes, &a, sizeof(Vec));
+    }
+    std::memcpy(out + r * oP, lanes, valid * sizeof(float));
+  }
+}
+
+using GemmFn = void (*)(const float*, int64_t, const float*, const float*, bool, float*, int64_t, int);
+constexpr GemmFn kGemms[kGemmRows + 1] = {nullptr,        gemm_rows<1>, gemm_rows<2>, gemm_rows<3>, gemm_rows<4>,
+                                          gemm_rows<5>, gemm_rows<6>, gemm_rows<7>, gemm_rows<8>};
+
+// x [B, C, H, W] (channels-last), wg [ceil(Cout/32), 9C, 32] (taps in (kh, kw, c) order, zero-padded),
+// bias [Cout] -> [B, Cout, Ho, Wo] channels-last.
+torch::Tensor conv3x3_gemm(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tensor& bias,
+                           int64_t stride, bool relu) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(1) == 1 && x.scalar_type() == torch::kFloat32, "x: channels-last float32");
+  TORCH_CHECK(stride == 1 || stride == 2, "stride 1 or 2");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Cout = bias.size(0), K = 9 * C;
+  const int64_t blocks = (Cout + kGemmOut - 1) / kGemmOut;
+  TORCH_CHECK(wg.is_contiguous() && wg.dim() == 3 && wg.size(0) == blocks && wg.size(1) == K &&
+                  wg.size(2) == kGemmOut,
+              "weight: blocked [ceil(Cout/32), 9C, 32]");
+  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1, P = B * Ho * Wo;
+  auto out = torch::empty({B, Cout, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  std::vector<float> A(P * K), pbias(blocks * kGemmOut, 0.f);
+  const torch::Tensor b_ = bias.contiguous();
+  std::memcpy(pbias.data(), b_.data_ptr<float>(), Cout * sizeof(float));
+  const float* px = x.data_ptr<float>();
+  const int64_t sB = x.stride(0), sH = x.stride(2), sW = x.stride(3);
+  at::parallel_for(0, P, kGemmRows, [&](int64_t lo, int64_t hi) {  // the patches
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t b = p / (Ho * Wo), oh = (p / Wo) % Ho, ow = p % Wo;
+      float* row = A.data() + p * K;
+      for (int kh = 0; kh < 3; ++kh) {
+        for (int kw = 0; kw < 3; ++kw, row += C) {
+          const int64_t ih = oh * stride + kh - 1, iw = ow * stride + kw - 1;
+          if (ih < 0 || ih >= H || iw < 0 || iw >= W) std::memset(row, 0, C * sizeof(float));
+          else std::memcpy(row, px + b * sB + ih * sH + iw * sW, C * sizeof(float));
+        }
+      }
+    }
+  });
+  const float* pw = wg.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t row_blocks = (P + kGemmRows - 1) / kGemmRows;
+  at::parallel_for(0, row_blocks * blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {  // block of 32 output channels outermost: its weights stay in cache
+      const int64_t ob = t / row_blocks, r0 = (t % row_blocks) * kGemmRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kGemmRows, P - r0));
+      const int valid = static_cast<int>(std::min<int64_t>(kGemmOut, Cout - ob * kGemmOut));
+      kGemms[rows](A.data() + r0 * K, K, pw + ob * K * kGemmOut, pbias.data() + ob * kGemmOut, relu,
+                   po + r0 * Cout + ob * kGemmOut, Cout, valid);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv3x3", &conv3x3, "3x3 convolution (padding 1, stride 1/2) + bias (+ ReLU), channels-last float32");
+  m.def("conv3x3_gemm", &conv3x3_gemm, "the same as patches x blocked weight (few positions, many channels)");
 }
