@@ -250,3 +250,31 @@ def test_activation_layout_is_channels_last_at_inference_and_survives_sample_sel
         kept = select_samples([source, torch.randn(4, 5)], idx)  # keeps the layout it was given
         assert kept[0].is_contiguous(memory_format=cl) == (source is not x) and kept[1].shape == (2, 5)
         assert kept[0].is_contiguous() == (source is x) and torch.equal(kept[0], x[idx])
+
+
+@pytest.mark.parametrize("case", ["thresholds", "collaboration", "keep_rate", "ranet"])
+def test_compiled_exit_step_equals_the_index_ops(monkeypatch, case):
+    from ponder.models import multi_exit
+    from ponder.nn.exits import _exit_kernels
+
+    if _exit_kernels() is None:
+        pytest.skip("no C++ compiler / ninja here")
+    if case == "ranet":
+        torch.manual_seed(0)
+        model = create_model("ranet_cifar_c1").eval()
+        x = torch.randn(12, 3, 32, 32)  # a dict state with nested lists
+    else:
+        model = _small(collaboration=case == "collaboration")  # the carry: the collaboration logits
+        x = torch.randn(24, 3, 32, 32)
+    if case == "keep_rate":
+        model.force_keep_rate(0.6, seed=1)  # the per-sample keys travel with the samples
+    else:
+        model.set_thresholds(_middle_thresholds(model, x))
+    set_executor(model, "sparse")
+    with torch.no_grad():
+        fused = model(x)
+        monkeypatch.setattr(multi_exit, "exit_step", lambda *args: None)
+        indexed = model(x)
+    assert len(set(fused.exit_index.tolist())) >= 2  # samples left at several exits
+    assert torch.equal(fused.exit_index, indexed.exit_index) and torch.equal(fused.macs, indexed.macs)
+    assert torch.equal(fused.logits, indexed.logits)

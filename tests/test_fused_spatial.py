@@ -154,16 +154,16 @@ def test_kernels_can_be_switched_off_and_the_pytorch_path_serves():
 
     code = ("import torch\n"
             "from ponder import create_model\n"
-            "from ponder.nn import fused_spatial, set_executor, small_conv\n"
+            "from ponder.nn import exits, fused_spatial, set_executor, small_conv\n"
             "m = create_model('sact_resnet32_cifar').eval()\n"
             "set_executor(m, 'sparse')\n"
             "with torch.no_grad():\n"
             "    assert m(torch.randn(2, 3, 32, 32)).logits.shape == (2, 10)\n"
-            "print(fused_spatial.kernels_available(), small_conv._extension())\n")
+            "print(fused_spatial.kernels_available(), small_conv._extension(), exits._exit_kernels())\n")
     env = dict(os.environ, PONDER_NO_KERNELS="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False None" and "compiling" not in done.stderr
+    assert done.stdout.strip() == "False None None" and "compiling" not in done.stderr
 
 
 @pytest.mark.parametrize("relu_all", [False, True])

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map
 
 from ponder.cost import CostLedger, _isolated_counter
 from ponder.models.base import PonderModel, example_input
-from ponder.nn.exits import (CollaborationHeads, LastExitNetwork, gradient_rescale, keep_uniforms,
+from ponder.nn.exits import (CollaborationHeads, LastExitNetwork, exit_step, gradient_rescale, keep_uniforms,
                              official_op_counts, sample_keys, select_samples)
 from ponder.output import DynamicOutput
 
@@ -304,9 +304,14 @@ class MultiExitModel(PonderModel):
                 exit_index[here] = k
                 break
             assert leave is not None
+            step = exit_step(leave, here, logits, out_logits, exit_index, k, (state, carry, keys))
+            if step is not None:  # the compiled step: one call
+                here, (state, carry, keys) = step
+                continue
             gone, stay = leave.nonzero().squeeze(1), (~leave).nonzero().squeeze(1)
-            out_logits[here[gone]] = logits[gone]
-            exit_index[here[gone]] = k
+            dest = here[gone]
+            out_logits[dest] = logits[gone]
+            exit_index[dest] = k
             here, state = here[stay], select_samples(state, stay)
             carry = None if carry is None else carry[stay]
             if keys is not None:

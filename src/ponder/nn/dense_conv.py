@@ -26,6 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from ponder.nn.layout import is_channels_last
@@ -68,17 +69,17 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
     if (not is_channels_last(x) or x.device.type != "cpu" or x.dtype != torch.float32
             or torch.is_grad_enabled()):
         return _pytorch(x, weight, bias, stride, padding, relu)
-    small = conv3x3_applies(x, weight, bias, stride, padding)
-    key = (1 << (x.shape[0] - 1).bit_length(), tuple(x.shape[1:]), tuple(weight.shape), stride, padding,
-           bias is None, torch.get_num_threads())
+    key = (1 << (x.shape[0] - 1).bit_length(), x.shape[1:], weight.shape, stride, padding, bias is None,
+           torch.get_num_threads())
     route = _ROUTE.get(key)
     if route is None:  # ties: the earlier route
+        small = conv3x3_applies(x, weight, bias, stride, padding)
         names = [n for n, ok in (("pytorch", True), ("packed", onednn_conv_available()), ("small", small),
                                  ("gemm", small)) if ok]
         route = _ROUTE[key] = names[0] if len(names) == 1 else names[fastest(
             [functools.partial(_RUN[n], x, weight, bias, stride, padding, relu) for n in names])]
-    if route in ("small", "gemm") and not small:  # e.g. under FlopCounterMode, which cannot see inside a kernel
-        route = "packed" if onednn_conv_available() else "pytorch"
+    if route in ("small", "gemm") and _get_current_dispatch_mode() is not None:
+        route = "packed" if onednn_conv_available() else "pytorch"  # FlopCounterMode cannot see inside a kernel
     return _RUN[route](x, weight, bias, stride, padding, relu)
 
 
@@ -94,12 +95,10 @@ def _packed_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, pa
 
 
 def _small(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, relu: bool) -> Tensor:
-    assert bias is not None and padding == 1
-    return conv3x3(x, weight, bias, stride, relu)
+    return conv3x3(x, weight, bias, stride, relu)  # (only routed where conv3x3_applies: padding 1)
 
 
 def _gemm(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, relu: bool) -> Tensor:
-    assert bias is not None and padding == 1
     return conv3x3_gemm(x, weight, bias, stride, relu)
 
 

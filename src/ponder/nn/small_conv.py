@@ -28,37 +28,47 @@ _BLOCK = 8  # output channels per weight block of conv3x3 (kOut in the C++ sourc
 _GEMM_BLOCK = 32  # ... of conv3x3_gemm (kGemmOut)
 
 
+_LOADED: list[Any] = []  # the module once loaded (or None): a hot path, one list read per call
+
+
 def _extension() -> Any:
-    return load_kernels(f"ponder_small_conv_{cpu_tag()}", "small_conv.cpp",
-                        ("-O3", "-march=native", "-ffp-contract=fast"), "the small-convolution kernel")
+    if not _LOADED:
+        _LOADED.append(load_kernels(f"ponder_small_conv_{cpu_tag()}", "small_conv.cpp",
+                                    ("-O3", "-march=native", "-ffp-contract=fast"), "the small-convolution kernel"))
+    return _LOADED[0]
 
 
 def conv3x3_applies(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int) -> bool:
     """Whether :func:`conv3x3` runs ``F.conv2d(x, weight, bias, stride, padding)`` here.
 
     Needs a channels-last float32 CPU ``x`` without autograd or a dispatch mode, a ``[C', C, 3, 3]``
-    weight, a bias, padding 1, stride 1 or 2, and the compiled kernel.
+    weight, padding 1, stride 1 or 2, and the compiled kernel.
     """
-    return (bias is not None and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and padding == 1
+    return (weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and padding == 1
             and stride in (1, 2) and x.dim() == 4 and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.is_contiguous(memory_format=torch.channels_last) and weight.shape[1] == x.shape[1]
             and cpu_inference(x) and _extension() is not None)
 
 
-def conv3x3(x: Tensor, weight: Tensor, bias: Tensor, stride: int, relu: bool = False) -> Tensor:
+def conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, relu: bool = False) -> Tensor:
     """``F.conv2d(x, weight, bias, stride, 1)`` (then ReLU when ``relu``) on the compiled kernel.
 
     ``x [B, C, H, W]`` channels-last -> ``[B, C', H', W']`` channels-last; only where
     :func:`conv3x3_applies` (the caller checks).
     """
-    return _extension().conv3x3(x, blocked_weight(weight), bias, stride, relu)
+    return _extension().conv3x3(x, blocked_weight(weight), _bias(weight, bias), stride, relu)
 
 
-def conv3x3_gemm(x: Tensor, weight: Tensor, bias: Tensor, stride: int, relu: bool = False) -> Tensor:
+def conv3x3_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, relu: bool = False) -> Tensor:
     """The same as :func:`conv3x3`, computed as patches ``[B*H'*W', 9C]`` times the weight, 32 output
     channels per vector block: the faster kernel for few output positions and many channels (an exit
     head at batch 1). Only where :func:`conv3x3_applies`."""
-    return _extension().conv3x3_gemm(x, _blocked(weight, "gemm", (1, 2, 0), _GEMM_BLOCK), bias, stride, relu)
+    return _extension().conv3x3_gemm(x, _blocked(weight, "gemm", (1, 2, 0), _GEMM_BLOCK), _bias(weight, bias),
+                                     stride, relu)
+
+
+def _bias(weight: Tensor, bias: Tensor | None) -> Tensor:
+    return bias if bias is not None else weight.new_zeros(weight.shape[0], dtype=torch.float32)
 
 
 def blocked_weight(weight: Tensor) -> Tensor:
