@@ -278,3 +278,18 @@ def test_compiled_exit_step_equals_the_index_ops(monkeypatch, case):
     assert len(set(fused.exit_index.tolist())) >= 2  # samples left at several exits
     assert torch.equal(fused.exit_index, indexed.exit_index) and torch.equal(fused.macs, indexed.macs)
     assert torch.equal(fused.logits, indexed.logits)
+
+
+def test_batch1_exit_test_rounds_the_threshold_like_the_batched_one():
+    model = _small()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        conf = float(model(x).exit_logits[0].softmax(1).amax())  # a float32 value
+    above = math.nextafter(conf, math.inf)  # above it as a double, equal to it in float32
+    assert above > conf and float(torch.tensor(above, dtype=torch.float32)) == conf
+    model.set_thresholds([above, 2.0, 2.0])
+    with torch.no_grad():
+        tensor_test = model(x).exit_index  # compute-all: the float32 tensor comparison
+        set_executor(model, "sparse")
+        host_test = model(x).exit_index  # batch 1: the comparison on one host value
+    assert tensor_test.tolist() == [0] == host_test.tolist()

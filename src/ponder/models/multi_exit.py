@@ -53,10 +53,11 @@ class MultiExitModel(PonderModel):
         self.grad_equilibrium = False
         self.collab: CollaborationHeads | None = None
         self._thresholds: list[float] | None = None
+        self._thresholds32: list[float] | None = None  # the same, rounded to float32 (the batch-1 test)
         self._keep_rate: float | None = None
         self._keep_seed = 0
         self._calibration: Tensor | None = None
-        self._cost_tables: dict[tuple, tuple[CostLedger, Tensor]] = {}
+        self._cost_tables: dict[tuple, tuple[CostLedger, list[int], Tensor]] = {}
 
     # ---- what a family implements -------------------------------------------------------
     def run_block(self, k: int, state: Any) -> Any:  # pragma: no cover - abstract
@@ -98,7 +99,7 @@ class MultiExitModel(PonderModel):
         (the last must be ``-inf``); ``None`` runs every sample to the last exit.
         """
         if thresholds is None:
-            self._thresholds = None
+            self._thresholds = self._thresholds32 = None
             return
         t = [float(v) for v in thresholds]
         if len(t) == self.num_exits - 1:
@@ -107,6 +108,7 @@ class MultiExitModel(PonderModel):
             raise ValueError(f"set_thresholds needs {self.num_exits - 1} values (or {self.num_exits} ending "
                              f"with -inf) for {self.num_exits} exits, got {list(thresholds)}")
         self._thresholds = t
+        self._thresholds32 = torch.tensor(t, dtype=torch.float32).tolist()  # as the float32 comparison sees them
 
     @property
     def thresholds(self) -> list[float] | None:
@@ -284,8 +286,12 @@ class MultiExitModel(PonderModel):
             state = self.run_block(k, state)
             logits, _, carry = self._exit(k, state, carry)
             if k < n - 1:
-                leave = self._leaves(k, logits, keys)
-                n_leave = 0 if leave is None else int(leave.sum())  # the one host sync per exit
+                if logits.shape[0] == 1 and self._keep_rate is None and self._thresholds is not None:
+                    # one sample: the same float32 test as _leaves, read off one host value
+                    leave, n_leave = None, int(F.softmax(logits, dim=1).amax().item() >= self._thresholds32[k])
+                else:
+                    leave = self._leaves(k, logits, keys)
+                    n_leave = 0 if leave is None else int(leave.sum())  # the one host sync per exit
                 if n_leave == 0:
                     continue
                 everyone = n_leave == logits.shape[0]
@@ -294,7 +300,9 @@ class MultiExitModel(PonderModel):
             if out_logits is None:
                 if everyone and here is None:  # the whole batch leaves together: nothing to scatter
                     exit_index = torch.full((batch,), k, dtype=torch.long, device=x.device)
-                    return DynamicOutput(logits=logits, macs=self._macs_of(exit_index, x), exit_index=exit_index)
+                    macs = torch.full((batch,), float(self._cost_table(x)[0][k]), dtype=torch.float64,
+                                      device=x.device)
+                    return DynamicOutput(logits=logits, macs=macs, exit_index=exit_index)
                 out_logits = logits.new_empty(batch, logits.shape[1])
                 exit_index = torch.empty(batch, dtype=torch.long, device=x.device)
             if here is None:
@@ -321,13 +329,17 @@ class MultiExitModel(PonderModel):
 
     def _macs_of(self, exit_index: Tensor, x: Tensor) -> Tensor:
         """Per-sample MACs ``[B]`` (float64) of the exits ``exit_index [B]`` taken on inputs shaped like ``x``."""
+        return self._cost_table(x)[1][exit_index]
+
+    def _cost_table(self, x: Tensor) -> tuple[list[int], Tensor]:
+        """:meth:`exit_costs` for inputs shaped like ``x``, as a list and a float64 tensor on ``x``'s device."""
         size = tuple(x.shape[1:])
         led, key = self.ledger(size), (size, x.device)
         hit = self._cost_tables.get(key)
         if hit is None or hit[0] is not led:  # a new ledger (size, heads added) gets a new table
-            hit = self._cost_tables[key] = (led, torch.tensor(self.exit_costs(size), dtype=torch.float64,
-                                                                device=x.device))
-        return hit[1][exit_index]
+            costs = self.exit_costs(size)
+            hit = self._cost_tables[key] = (led, costs, torch.tensor(costs, dtype=torch.float64, device=x.device))
+        return hit[1], hit[2]
 
     # ---- benchmark hooks ----------------------------------------------------------------
     def dense_baseline(self) -> nn.Module:

@@ -30,7 +30,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from ponder.nn.layout import is_channels_last
-from ponder.nn.small_conv import conv3x3, conv3x3_applies, conv3x3_gemm
+from ponder.nn.gemm import linear_rows
+from ponder.nn.small_conv import conv3x3, conv3x3_applies, conv3x3_gemm, rows_gemm, rows_gemm_applies
 from ponder.nn.timing import fastest
 from ponder.nn.weight_cache import derived
 
@@ -81,6 +82,23 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
     if route in ("small", "gemm") and _get_current_dispatch_mode() is not None:
         route = "packed" if onednn_conv_available() else "pytorch"  # FlopCounterMode cannot see inside a kernel
     return _RUN[route](x, weight, bias, stride, padding, relu)
+
+
+def conv1x1_rows(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) -> Tensor:
+    """A 1x1 convolution's rows at inference: ``act(x @ weight^T + bias)``, ``x [n, K]`` -> ``[n, N]``.
+
+    Runs :func:`ponder.nn.gemm.linear_rows` (oneDNN or BLAS) or, where it applies, the compiled block
+    GEMM (:func:`ponder.nn.small_conv.rows_gemm`), whichever was faster when timed once per row-count
+    bucket, shape and thread count.
+    """
+    if not rows_gemm_applies(x, weight):
+        return linear_rows(x, weight, bias, relu)
+    key = ("rows", 1 << (x.shape[0] - 1).bit_length(), weight.shape, torch.get_num_threads())
+    route = _ROUTE.get(key)
+    if route is None:  # ties: linear_rows
+        route = _ROUTE[key] = ("gemm", "kernel")[fastest([lambda: linear_rows(x, weight, bias, relu),
+                                                          lambda: rows_gemm(x, weight, bias, relu)])]
+    return rows_gemm(x, weight, bias, relu) if route == "kernel" else linear_rows(x, weight, bias, relu)
 
 
 def _pytorch(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, relu: bool) -> Tensor:

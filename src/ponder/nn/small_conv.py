@@ -16,7 +16,7 @@ model, :func:`ponder.nn.native.cpu_tag`) and with contracted multiply-adds, so i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -63,29 +63,44 @@ def conv3x3_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, re
     """The same as :func:`conv3x3`, computed as patches ``[B*H'*W', 9C]`` times the weight, 32 output
     channels per vector block: the faster kernel for few output positions and many channels (an exit
     head at batch 1). Only where :func:`conv3x3_applies`."""
-    return _extension().conv3x3_gemm(x, _blocked(weight, "gemm", (1, 2, 0), _GEMM_BLOCK), _bias(weight, bias),
-                                     stride, relu)
+    taps = _blocked(weight, "gemm", lambda w: w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]), _GEMM_BLOCK)
+    return _extension().conv3x3_gemm(x, taps, _bias(weight, bias), stride, relu)
 
 
-def _bias(weight: Tensor, bias: Tensor | None) -> Tensor:
-    return bias if bias is not None else weight.new_zeros(weight.shape[0], dtype=torch.float32)
+def rows_gemm_applies(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`rows_gemm` runs here: float32 CPU rows ``x [n, K]`` (column stride 1) and
+    ``weight [N, K]`` without autograd or a dispatch mode, and the compiled kernel."""
+    return (x.dim() == 2 and weight.dim() == 2 and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.stride(1) == 1 and weight.shape[1] == x.shape[1] and cpu_inference(x)
+            and _extension() is not None)
+
+
+def rows_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool = False) -> Tensor:
+    """``act(x @ weight^T + bias)``: rows ``x [n, K]`` (any row stride) -> ``[n, N]``, on the compiled
+    block GEMM (8 rows x 32 columns per block; no fixed cost beyond the call, where oneDNN's inner
+    product spends about 15 us). Only where :func:`rows_gemm_applies`."""
+    return _extension().linear_rows(x, _blocked(weight, "rows", lambda w: w.t(), _GEMM_BLOCK), _bias(weight, bias),
+                                    relu)
 
 
 def blocked_weight(weight: Tensor) -> Tensor:
     """``weight [C', C, 3, 3]`` as ``[ceil(C'/8), C*9, 8]``: blocks of 8 output channels, taps in
     ``(c, kh, kw)`` order, zero-padded; cached with the weight (:func:`ponder.nn.weight_cache.derived`)."""
-    return _blocked(weight, "small_conv", (0, 1, 2), _BLOCK)
+    return _blocked(weight, "small_conv", lambda w: w.permute(1, 2, 3, 0).reshape(-1, w.shape[0]), _BLOCK)
 
 
-def _blocked(weight: Tensor, name: str, tap_order: tuple[int, int, int], block: int) -> Tensor:
-    """``weight [C', C, 3, 3]`` as ``[ceil(C'/block), C*9, block]`` with the taps (dims ``c, kh, kw`` =
-    0, 1, 2 of ``weight[o]``) in ``tap_order``, zero-padded, cached with the weight."""
+def _blocked(weight: Tensor, name: str, taps: Callable[[Tensor], Tensor], block: int) -> Tensor:
+    """``taps(weight)`` (``[R, N]``: one row per input tap, one column per output) as
+    ``[ceil(N/block), R, block]``, zero-padded, cached with the weight under ``name``."""
     def make() -> Tensor:
-        cout = weight.shape[0]
-        taps = weight.detach().float().permute(*(d + 1 for d in tap_order), 0).reshape(-1, cout)  # [C*9, C']
-        blocks = -(-cout // block)
-        padded = taps.new_zeros(taps.shape[0], blocks * block)
-        padded[:, :cout] = taps
+        t = taps(weight.detach().float())
+        cout, blocks = t.shape[1], -(-t.shape[1] // block)
+        padded = t.new_zeros(t.shape[0], blocks * block)
+        padded[:, :cout] = t
         return padded.view(-1, blocks, block).permute(1, 0, 2).contiguous()
 
     return derived(weight, (name,), make)
+
+
+def _bias(weight: Tensor, bias: Tensor | None) -> Tensor:
+    return bias if bias is not None else weight.new_zeros(weight.shape[0], dtype=torch.float32)

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ponder.nn.dense_conv import conv2d
+from ponder.nn.dense_conv import conv1x1_rows, conv2d
 from ponder.nn.fused_spatial import residual_epilogue, scatter_residual
-from ponder.nn.gemm import linear_rows
 from ponder.nn.layout import is_channels_last
 from ponder.nn.sparse_conv import (
     PositionIndex,
@@ -170,11 +169,11 @@ def masked_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
 def folded_conv(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, relu: bool) -> Tensor:
     """``act(bn(conv(x)))`` in eval mode with BN folded into the conv: ``[B, C, H, W]`` -> ``[B, C', H', W']``.
 
-    A 1x1 conv (padding 0) on a channels-last ``x`` runs as one row GEMM on the faster CPU backend
-    (:func:`ponder.nn.gemm.linear_rows`; a strided one on the subsampled map), any other conv
-    through :func:`ponder.nn.dense_conv.conv2d` (channels-last: oneDNN with the folded weight packed
-    once and the ReLU fused; at batch 1 only where faster than ``F.conv2d``) with the folded weight in
-    ``x``'s layout. The output keeps ``x``'s layout.
+    A 1x1 conv (padding 0) on a channels-last ``x`` runs as one row GEMM on the fastest route
+    (:func:`ponder.nn.dense_conv.conv1x1_rows`; a strided one on the subsampled map), any other conv
+    through :func:`ponder.nn.dense_conv.conv2d` (channels-last: the fastest of ``F.conv2d``, oneDNN
+    with the folded weight packed once and the ReLU fused, and the compiled 3x3 kernels) with the
+    folded weight in ``x``'s layout. The output keeps ``x``'s layout.
     """
     cl = is_channels_last(x)
     if cl and conv.kernel_size == (1, 1) and conv.padding == (0, 0):
@@ -183,7 +182,7 @@ def folded_conv(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | Non
         if s > 1:
             x = x[:, :, ::s, ::s].contiguous(memory_format=torch.channels_last)
         B, _, H, W = x.shape
-        y = linear_rows(rows_view(x), f.weight, f.bias, relu)
+        y = conv1x1_rows(rows_view(x), f.weight, f.bias, relu)
         return y.view(B, H, W, -1).permute(0, 3, 1, 2)
     weight, bias = fold_conv_bn_dense(conv, bn, channels_last=cl)
     return conv2d(x, weight, bias, conv.stride[0], conv.padding[0], relu)

@@ -15,7 +15,7 @@
 // channels (an exit head at batch 1: 16 positions, 128 channels, a 1 MB weight). It gathers the
 // patches (im2col, [P, 9C]) and runs them against the weight pre-blocked as [ceil(Cout/32)][9C][32],
 // 8 positions x 32 output channels per block, vectorised over channels, each weight read once per
-// 8 positions.
+// 8 positions. linear_rows runs the same block GEMM on rows as they are (1x1 convolutions).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -140,10 +140,10 @@ torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& wb, const tor
 constexpr int kGemmOut = 2 * kLanes;  // output channels per GEMM block (two vectors)
 constexpr int kGemmRows = 8;          // output positions per GEMM block
 
-// Rows r < R of the patch table A (pitch K) times one weight block wb [K][32]: out[r][0 .. valid).
+// Rows r < R of the table A (row pitch lda, K columns) times one weight block wb [K][32]: out[r][0 .. valid).
 template <int R>
-void gemm_rows(const float* A, int64_t K, const float* wb, const float* bias, bool relu, float* out, int64_t oP,
-               int valid) {
+void gemm_rows(const float* A, int64_t lda, int64_t K, const float* wb, const float* bias, bool relu, float* out,
+               int64_t oP, int valid) {
   Vec acc[R][2];
   Vec b0, b1;
   std::memcpy(&b0, bias, sizeof(Vec));
@@ -157,7 +157,7 @@ void gemm_rows(const float* A, int64_t K, const float* wb, const float* bias, bo
     std::memcpy(&w0, wb + k * kGemmOut, sizeof(Vec));
     std::memcpy(&w1, wb + k * kGemmOut + kLanes, sizeof(Vec));
     for (int r = 0; r < R; ++r) {
-      const float a = A[r * K + k];
+      const float a = A[r * lda + k];
       acc[r][0] += a * w0;
       acc[r][1] += a * w1;
     }
@@ -173,7 +173,7 @@ void gemm_rows(const float* A, int64_t K, const float* wb, const float* bias, bo
   }
 }
 
-using GemmFn = void (*)(const float*, int64_t, const float*, const float*, bool, float*, int64_t, int);
+using GemmFn = void (*)(const float*, int64_t, int64_t, const float*, const float*, bool, float*, int64_t, int);
 constexpr GemmFn kGemms[kGemmRows + 1] = {nullptr,        gemm_rows<1>, gemm_rows<2>, gemm_rows<3>, gemm_rows<4>,
                                           gemm_rows<5>, gemm_rows<6>, gemm_rows<7>, gemm_rows<8>};
 
@@ -216,8 +216,38 @@ torch::Tensor conv3x3_gemm(const torch::Tensor& x, const torch::Tensor& wg, cons
       const int64_t ob = t / row_blocks, r0 = (t % row_blocks) * kGemmRows;
       const int rows = static_cast<int>(std::min<int64_t>(kGemmRows, P - r0));
       const int valid = static_cast<int>(std::min<int64_t>(kGemmOut, Cout - ob * kGemmOut));
-      kGemms[rows](A.data() + r0 * K, K, pw + ob * K * kGemmOut, pbias.data() + ob * kGemmOut, relu,
+      kGemms[rows](A.data() + r0 * K, K, K, pw + ob * K * kGemmOut, pbias.data() + ob * kGemmOut, relu,
                    po + r0 * Cout + ob * kGemmOut, Cout, valid);
+    }
+  });
+  return out;
+}
+
+// act(x @ W^T + bias) for rows x [P, K] (column stride 1, any row stride), wg [ceil(N/32), K, 32]
+// (W^T blocked by 32 output columns, zero-padded), bias [N] -> [P, N]: a 1x1 convolution on
+// channels-last rows, with no fixed cost beyond the call.
+torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tensor& bias, bool relu) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == torch::kFloat32, "x: float32 rows");
+  const int64_t P = x.size(0), K = x.size(1), lda = x.stride(0), N = bias.size(0);
+  const int64_t blocks = (N + kGemmOut - 1) / kGemmOut;
+  TORCH_CHECK(wg.is_contiguous() && wg.dim() == 3 && wg.size(0) == blocks && wg.size(1) == K &&
+                  wg.size(2) == kGemmOut,
+              "weight: blocked [ceil(N/32), K, 32]");
+  auto out = torch::empty({P, N}, x.options());
+  std::vector<float> pbias(blocks * kGemmOut, 0.f);
+  const torch::Tensor b_ = bias.contiguous();
+  std::memcpy(pbias.data(), b_.data_ptr<float>(), N * sizeof(float));
+  const float* px = x.data_ptr<float>();
+  const float* pw = wg.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t row_blocks = (P + kGemmRows - 1) / kGemmRows;
+  at::parallel_for(0, row_blocks * blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t ob = t / row_blocks, r0 = (t % row_blocks) * kGemmRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kGemmRows, P - r0));
+      const int valid = static_cast<int>(std::min<int64_t>(kGemmOut, N - ob * kGemmOut));
+      kGemms[rows](px + r0 * lda, lda, K, pw + ob * K * kGemmOut, pbias.data() + ob * kGemmOut, relu,
+                   po + r0 * N + ob * kGemmOut, N, valid);
     }
   });
   return out;
@@ -228,4 +258,5 @@ torch::Tensor conv3x3_gemm(const torch::Tensor& x, const torch::Tensor& wg, cons
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv3x3", &conv3x3, "3x3 convolution (padding 1, stride 1/2) + bias (+ ReLU), channels-last float32");
   m.def("conv3x3_gemm", &conv3x3_gemm, "the same as patches x blocked weight (few positions, many channels)");
+  m.def("linear_rows", &linear_rows, "act(x @ W^T + b) on rows with a blocked weight (1x1 convolutions)");
 }
