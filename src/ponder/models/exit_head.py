@@ -12,7 +12,8 @@ in any memory format, and checkpoints are written contiguous.
 Without autograd (``torch.no_grad`` / ``inference_mode`` in eval mode) every conv -> BN -> ReLU
 chain here and in MSDNet's ``ConvBN`` runs as one convolution with BN folded in
 (:func:`ponder.nn.sparse_units.folded_conv`: cached folded weights, 1x1 convolutions as row GEMMs,
-batch-1 convolutions on oneDNN where measured faster); forward hooks on those inner Conv2d /
+3x3 ones on whichever of PyTorch, oneDNN and the compiled kernels of :mod:`ponder.nn.small_conv`
+was timed fastest for the shape and batch size); forward hooks on those inner Conv2d /
 BatchNorm2d / ReLU modules then do not fire (hooks on blocks and heads do).
 """
 
@@ -63,10 +64,17 @@ class ExitHead(nn.Module):
         self.m.to(memory_format=torch.channels_last)
         self.linear = nn.Linear(width, num_classes)
         self.width = width
+        self._folded = [(basic.net[0], basic.net[1]) for basic in self.m[:2]]  # (conv, bn): the inference path
 
     def features(self, x: Tensor) -> Tensor:
         """``x [B, cin, h, w]`` (8x8 on CIFAR, 7x7 on ImageNet) -> pooled feature ``[B, width]``."""
-        return self.m(x).flatten(1)
+        if self.training or torch.is_grad_enabled():
+            return self.m(x).flatten(1)
+        for conv, bn in self._folded:  # the same as self.m[:2] (BN folded), without the module calls
+            x = folded_conv(x, conv, bn, relu=True)
+        if x.shape[2:] == (2, 2):  # AvgPool2d(2) on a 2x2 map is the mean, one op for pool + flatten
+            return x.mean((2, 3))
+        return self.m[2](x).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, cin, h, w]`` -> logits ``[B, num_classes]``."""
