@@ -231,3 +231,22 @@ def test_conv2d_packs_the_weight_once_and_leaves_nchw_and_autograd_to_f_conv2d(m
     key = id(w)
     del w
     assert key not in weight_cache._DERIVED  # the packing goes with its weight
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
+def test_conv2d_decides_no_route_under_a_cost_counter(monkeypatch):
+    from ponder.nn import dense_conv
+
+    routes: dict = {}
+    monkeypatch.setattr(dense_conv, "_ROUTE", routes)
+    x = torch.randn(1, 6, 16, 16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 6, 3, 3).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(6)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:  # e.g. a cost ledger measured first
+            counted = dense_conv.conv2d(x, w, b, 1, 1)
+        assert routes == {}  # a route timed here could never be one of the compiled kernels
+        assert counter.get_total_flops() == 2 * 6 * 6 * 9 * 16 * 16
+        got = dense_conv.conv2d(x, w, b, 1, 1)
+    assert len(routes) == 1
+    torch.testing.assert_close(counted, got, atol=1e-4, rtol=1e-4)

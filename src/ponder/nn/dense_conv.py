@@ -8,15 +8,15 @@ batch of 6. A batch of one on a small map is not sent to oneDNN at all (PyTorch 
 only when the batch is larger than one or the input holds more than 20,480 elements) and runs
 PyTorch's own im2col + GEMM, or its channels-last kernel.
 
-:func:`conv2d` runs channels-last fp32 CPU inference convolutions on the fastest of three routes,
-timed once per shape, batch-size bucket and thread count (:func:`ponder.nn.timing.fastest`):
+:func:`conv2d` runs channels-last fp32 CPU inference convolutions on the fastest of up to four
+routes, timed once per shape, batch-size bucket and thread count (:func:`ponder.nn.timing.fastest`):
 ``F.conv2d``; ``torch.ops.mkldnn._convolution_pointwise`` on a weight packed once into oneDNN's
 layout (cached per weight tensor and input shape) with the ReLU fused in, which at batches larger
-than one is PyTorch's own kernel minus the reorder; and, for 3x3 layers, the compiled direct
-convolution of :mod:`ponder.nn.small_conv` (few channels, small batches). The oneDNN op gets a
-flop formula, so ``FlopCounterMode`` and the cost ledgers count it; under a dispatch mode the
-compiled kernel never runs. The packed and blocked weights are further copies of the (folded)
-weights in memory.
+than one is PyTorch's own kernel minus the reorder; and, for 3x3 layers, the two compiled kernels of
+:mod:`ponder.nn.small_conv` (few channels; few positions). :func:`conv1x1_rows` does the same for
+the rows of 1x1 convolutions. The oneDNN op gets a flop formula, so ``FlopCounterMode`` and the
+cost ledgers count it; under a dispatch mode the compiled kernels never run. The packed and blocked
+weights are further copies of the (folded) weights in memory.
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
     if (not is_channels_last(x) or x.device.type != "cpu" or x.dtype != torch.float32
             or torch.is_grad_enabled()):
         return _pytorch(x, weight, bias, stride, padding, relu)
+    if _get_current_dispatch_mode() is not None:  # cost counting (FlopCounterMode cannot see inside a
+        return _RUN["packed" if onednn_conv_available() else "pytorch"](x, weight, bias, stride, padding, relu)
     key = (1 << (x.shape[0] - 1).bit_length(), x.shape[1:], weight.shape, stride, padding, bias is None,
-           torch.get_num_threads())
+           torch.get_num_threads())  # ... kernel): a route it sees, and no timing decided under it
     route = _ROUTE.get(key)
     if route is None:  # ties: the earlier route
         small = conv3x3_applies(x, weight, bias, stride, padding)
@@ -79,8 +81,6 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
                                  ("gemm", small)) if ok]
         route = _ROUTE[key] = names[0] if len(names) == 1 else names[fastest(
             [functools.partial(_RUN[n], x, weight, bias, stride, padding, relu) for n in names])]
-    if route in ("small", "gemm") and _get_current_dispatch_mode() is not None:
-        route = "packed" if onednn_conv_available() else "pytorch"  # FlopCounterMode cannot see inside a kernel
     return _RUN[route](x, weight, bias, stride, padding, relu)
 
 
@@ -91,14 +91,16 @@ def conv1x1_rows(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) ->
     GEMM (:func:`ponder.nn.small_conv.rows_gemm`), whichever was faster when timed once per row-count
     bucket, shape and thread count.
     """
-    if not rows_gemm_applies(x, weight):
+    if not rows_gemm_applies(x, weight):  # (also under a dispatch mode: no route is decided there)
         return linear_rows(x, weight, bias, relu)
     key = ("rows", 1 << (x.shape[0] - 1).bit_length(), weight.shape, torch.get_num_threads())
     route = _ROUTE.get(key)
     if route is None:  # ties: linear_rows
-        route = _ROUTE[key] = ("gemm", "kernel")[fastest([lambda: linear_rows(x, weight, bias, relu),
-                                                          lambda: rows_gemm(x, weight, bias, relu)])]
-    return rows_gemm(x, weight, bias, relu) if route == "kernel" else linear_rows(x, weight, bias, relu)
+        route = _ROUTE[key] = ("linear_rows", "block_gemm")[fastest([lambda: linear_rows(x, weight, bias, relu),
+                                                                     lambda: rows_gemm(x, weight, bias, relu)])]
+    if route == "block_gemm":
+        return rows_gemm(x, weight, bias, relu)
+    return linear_rows(x, weight, bias, relu)
 
 
 def _pytorch(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, relu: bool) -> Tensor:

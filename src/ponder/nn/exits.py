@@ -65,7 +65,8 @@ def exit_step(leave: Tensor, here: Tensor, logits: Tensor, out_logits: Tensor, e
     tensor whose samples are not each one contiguous block.
     """
     ext = _exit_kernels()
-    if ext is None or not cpu_inference(logits) or logits.dtype != torch.float32 or exit_index.dtype != torch.long:
+    if (ext is None or not cpu_inference(logits) or logits.dtype != torch.float32 or leave.dtype != torch.bool
+            or here.dtype != torch.long or exit_index.dtype != torch.long or out_logits.dtype != torch.float32):
         return None
     leaves, spec = tree_flatten(state)
     slots = [i for i, t in enumerate(leaves) if isinstance(t, Tensor)]
@@ -82,8 +83,13 @@ def exit_step(leave: Tensor, here: Tensor, logits: Tensor, out_logits: Tensor, e
     return out[0], tree_unflatten(leaves, spec)
 
 
+_LOADED: list[Any] = []  # the module once loaded (or None)
+
+
 def _exit_kernels() -> Any:
-    return load_kernels("ponder_exit_step", "exit_step.cpp", ("-O3",), "the early-exit step kernel")
+    if not _LOADED:
+        _LOADED.append(load_kernels("ponder_exit_step", "exit_step.cpp", ("-O3",), "the early-exit step kernel"))
+    return _LOADED[0]
 
 
 def select_samples(state: Any, idx: Tensor) -> Any:

@@ -1,17 +1,21 @@
-"""A direct 3x3 convolution for small channel counts and small batches (compiled, optional).
+"""Compiled convolution kernels for few channels, few positions and small batches (optional).
 
-oneDNN and PyTorch spend a fixed ~20 us per convolution call on this project's CPU and use few
+oneDNN and PyTorch spend a fixed ~15-20 us per convolution call on this project's CPU and use few
 vector lanes when a layer has few channels. MSDNet is full of such layers: 6 channels in and out
-on 32x32 maps, 12-24 on 16x16 and 8x8; at batch 1 those take 15-50 us for 0.1-1.3M MACs.
-``csrc/small_conv.cpp`` vectorises over output positions instead (16 per vector, 8 output channels
-per block, the weights pre-blocked once per weight): 3-5 us for MSDNet's smallest layers, 2-4x
-faster than oneDNN on all of its 3x3 layers at batch 1, and faster for small channel counts at
-larger batches too.
+on 32x32 maps, 12-24 on 16x16 and 8x8; at batch 1 those took 15-50 us for 0.1-1.3M MACs.
+``csrc/small_conv.cpp`` has three kernels, each with its weights pre-blocked once per weight:
 
-:func:`ponder.nn.dense_conv.conv2d` times it against its other routes per shape and batch-size
-bucket and uses it only where it wins. It is built with ``-march=native`` (one build per CPU
-model, :func:`ponder.nn.native.cpu_tag`) and with contracted multiply-adds, so its results equal
-``F.conv2d``'s up to float rounding, not bit for bit.
+- :func:`conv3x3`: a direct 3x3 convolution vectorised over output positions (16 per vector, 8
+  output channels per block): 3-12 us for MSDNet's small layers at batch 1, 2-4x faster than oneDNN;
+- :func:`conv3x3_gemm`: the same convolution as patches times the weight, vectorised over output
+  channels (8 positions x 32 channels per block): for few positions and many channels, e.g. an
+  exit head at batch 1 (208 -> 128 channels on 8x8: 55 -> 34 us);
+- :func:`rows_gemm`: that block GEMM on the rows of a 1x1 convolution.
+
+:func:`ponder.nn.dense_conv.conv2d` and :func:`~ponder.nn.dense_conv.conv1x1_rows` time them against
+their other routes per shape and batch-size bucket and use them only where they win. The module is
+built with ``-march=native`` (one build per CPU model, :func:`ponder.nn.native.cpu_tag`) and with
+contracted multiply-adds, so the results equal ``F.conv2d``'s up to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ _LOADED: list[Any] = []  # the module once loaded (or None): a hot path, one lis
 def _extension() -> Any:
     if not _LOADED:
         _LOADED.append(load_kernels(f"ponder_small_conv_{cpu_tag()}", "small_conv.cpp",
-                                    ("-O3", "-march=native", "-ffp-contract=fast"), "the small-convolution kernel"))
+                                    ("-O3", "-march=native", "-ffp-contract=fast"), "the small-convolution kernels"))
     return _LOADED[0]
 
 
