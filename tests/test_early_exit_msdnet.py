@@ -225,9 +225,10 @@ def test_exit_head_inference_path_equals_the_module_path_after_training_steps():
         head.train()
         head(torch.randn(8, 16, 8, 8) * 2 + 1)
         head.eval()
-        with torch.no_grad():
-            folded = head(x)
-        torch.testing.assert_close(folded, head(x).detach(), rtol=1e-4, atol=1e-5)
+        for xin in (x, x.contiguous(memory_format=torch.channels_last)):  # channels-last: the prepared path
+            with torch.no_grad():
+                folded = head(xin)
+            torch.testing.assert_close(folded, head(x).detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_activation_layout_is_channels_last_at_inference_and_survives_sample_selection():

@@ -19,11 +19,20 @@ BatchNorm2d / ReLU modules then do not fire (hooks on blocks and heads do).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ponder.nn.dense_conv import conv2d_runner
+from ponder.nn.layout import is_channels_last
+from ponder.nn.native import cpu_inference
+from ponder.nn.sparse_conv import fold_conv_bn_dense
 from ponder.nn.sparse_units import folded_conv
+
+#: ExitHead -> {(batch bucket, input C H W, threads): (folded weights, prepared convolutions)}
+_PLANS: "weakref.WeakKeyDictionary[ExitHead, dict[tuple, tuple[list[Tensor], list]]]" = weakref.WeakKeyDictionary()
 
 
 def conv_bn_relu(net: nn.Sequential, x: Tensor) -> Tensor:
@@ -70,11 +79,32 @@ class ExitHead(nn.Module):
         """``x [B, cin, h, w]`` (8x8 on CIFAR, 7x7 on ImageNet) -> pooled feature ``[B, width]``."""
         if self.training or torch.is_grad_enabled():
             return self.m(x).flatten(1)
-        for conv, bn in self._folded:  # the same as self.m[:2] (BN folded), without the module calls
-            x = folded_conv(x, conv, bn, relu=True)
+        if is_channels_last(x) and x.dtype == torch.float32 and cpu_inference(x):
+            x = self._planned(x)
+        else:
+            for conv, bn in self._folded:  # the same as self.m[:2] (BN folded), without the module calls
+                x = folded_conv(x, conv, bn, relu=True)
         if x.shape[2:] == (2, 2):  # AvgPool2d(2) on a 2x2 map is the mean, one op for pool + flatten
             return x.mean((2, 3))
         return self.m[2](x).flatten(1)
+
+    def _planned(self, x: Tensor) -> Tensor:
+        """The two folded convolutions as prepared calls (:func:`ponder.nn.dense_conv.conv2d_runner`),
+        kept per input shape, batch bucket and thread count until a folded weight changes: an exit
+        head is work only early exit does, and at batch 1 the route lookups cost as much as a conv."""
+        folded = [fold_conv_bn_dense(conv, bn, channels_last=True) for conv, bn in self._folded]
+        plans = _PLANS.setdefault(self, {})
+        key = (1 << (x.shape[0] - 1).bit_length(), x.shape[1:], torch.get_num_threads())
+        plan = plans.get(key)
+        if plan is None or any(w is not f[0] for w, f in zip(plan[0], folded)):
+            runners, y = [], x
+            for (weight, bias), (conv, _) in zip(folded, self._folded):
+                runners.append(conv2d_runner(y, weight, bias, conv.stride[0], conv.padding[0], relu=True))
+                y = runners[-1](y)
+            plan = plans[key] = ([w for w, _ in folded], runners)
+        for run in plan[1]:
+            x = run(x)
+        return x
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, cin, h, w]`` -> logits ``[B, num_classes]``."""

@@ -22,6 +22,7 @@ weights are further copies of the (folded) weights in memory.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,8 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from ponder.nn.layout import is_channels_last
 from ponder.nn.gemm import linear_rows
-from ponder.nn.small_conv import conv3x3, conv3x3_applies, conv3x3_gemm, rows_gemm, rows_gemm_applies
+from ponder.nn.small_conv import (bound_kernel, conv3x3, conv3x3_applies, conv3x3_gemm, rows_gemm,
+                                 rows_gemm_applies)
 from ponder.nn.timing import fastest
 from ponder.nn.weight_cache import derived
 
@@ -72,6 +74,11 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
         return _pytorch(x, weight, bias, stride, padding, relu)
     if _get_current_dispatch_mode() is not None:  # cost counting (FlopCounterMode cannot see inside a
         return _RUN["packed" if onednn_conv_available() else "pytorch"](x, weight, bias, stride, padding, relu)
+    return _RUN[_route(x, weight, bias, stride, padding, relu)](x, weight, bias, stride, padding, relu)
+
+
+def _route(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, relu: bool) -> str:
+    """:func:`conv2d`'s route for ``x``'s shape and batch bucket, timed on first use (no dispatch mode)."""
     key = (1 << (x.shape[0] - 1).bit_length(), x.shape[1:], weight.shape, stride, padding, bias is None,
            torch.get_num_threads())  # ... kernel): a route it sees, and no timing decided under it
     route = _ROUTE.get(key)
@@ -81,7 +88,27 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
                                  ("gemm", small)) if ok]
         route = _ROUTE[key] = names[0] if len(names) == 1 else names[fastest(
             [functools.partial(_RUN[n], x, weight, bias, stride, padding, relu) for n in names])]
-    return _RUN[route](x, weight, bias, stride, padding, relu)
+    return route
+
+
+def conv2d_runner(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int,
+                  relu: bool = False) -> Callable[[Tensor], Tensor]:
+    """:func:`conv2d` prepared for inputs shaped like ``x`` (same batch bucket): ``run(x) -> y``.
+
+    The route is decided (timed) now and its weight layout bound, so a call skips the route lookup
+    and the weight caches: for a fixed pipeline run many times (an exit head). Valid while
+    ``weight`` and ``bias`` are these tensors, unchanged, and for channels-last fp32 CPU inputs
+    without autograd or a dispatch mode (the caller checks; :func:`conv2d` otherwise).
+    """
+    route = _route(x, weight, bias, stride, padding, relu)
+    if route in ("small", "gemm"):
+        return bound_kernel(route == "gemm", weight, bias, stride, relu)
+    if route == "packed":
+        packed = packed_weight(weight, x, stride, padding)
+        act, scalars = ("relu", [None]) if relu else ("none", [])
+        return lambda t: torch.ops.mkldnn._convolution_pointwise(
+            t, packed, bias, [padding, padding], [stride, stride], [1, 1], 1, act, scalars, "")
+    return lambda t: _pytorch(t, weight, bias, stride, padding, relu)
 
 
 def conv1x1_rows(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) -> Tensor:

@@ -67,8 +67,24 @@ def conv3x3_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, re
     """The same as :func:`conv3x3`, computed as patches ``[B*H'*W', 9C]`` times the weight, 32 output
     channels per vector block: the faster kernel for few output positions and many channels (an exit
     head at batch 1). Only where :func:`conv3x3_applies`."""
-    taps = _blocked(weight, "gemm", lambda w: w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]), _GEMM_BLOCK)
+    taps = _blocked(weight, "gemm", _gemm_taps, _GEMM_BLOCK)
     return _extension().conv3x3_gemm(x, taps, _bias(weight, bias), stride, relu)
+
+
+def bound_kernel(gemm: bool, weight: Tensor, bias: Tensor | None, stride: int,
+                 relu: bool) -> Callable[[Tensor], Tensor]:
+    """:func:`conv3x3_gemm` (``gemm``) or :func:`conv3x3` with the blocked weight and the bias bound:
+    ``run(x) -> y``, valid while ``weight`` is unchanged (the caller checks)."""
+    ext, b = _extension(), _bias(weight, bias)
+    if gemm:
+        taps = _blocked(weight, "gemm", _gemm_taps, _GEMM_BLOCK)
+        return lambda x: ext.conv3x3_gemm(x, taps, b, stride, relu)
+    blocked = blocked_weight(weight)
+    return lambda x: ext.conv3x3(x, blocked, b, stride, relu)
+
+
+def _gemm_taps(w: Tensor) -> Tensor:
+    return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])  # [9C, C'], taps in (kh, kw, c) order
 
 
 def rows_gemm_applies(x: Tensor, weight: Tensor) -> bool:
