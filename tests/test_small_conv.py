@@ -75,3 +75,37 @@ def test_conv3x3_does_not_apply_where_it_cannot_be_seen_or_differentiated():
         with FlopCounterMode(display=False):  # cost counting must see every MAC
             assert not small_conv.conv3x3_applies(x, weight, bias, 1, 1)
     assert not small_conv.conv3x3_applies(x, weight, bias, 1, 1)  # autograd on
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("rows, k, n", [(1, 5, 3), (1024, 40, 6), (13, 224, 112), (64, 9, 33)])
+def test_rows_gemm_equals_addmm_on_strided_rows(relu, rows, k, n):
+    g = torch.Generator().manual_seed(rows + k + n)
+    table = torch.randn(rows, k + 7, generator=g)
+    x = table[:, 3:3 + k]  # row stride k + 7: a channel slice of wider rows
+    weight, bias = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    want = torch.addmm(bias, x, weight.t())
+    want = want.relu() if relu else want
+    with torch.no_grad():
+        assert small_conv.rows_gemm_applies(x, weight)
+        got = small_conv.rows_gemm(x, weight, bias, relu)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_conv1x1_rows_routes_equal_linear_rows(monkeypatch):
+    from ponder.nn import dense_conv
+
+    routes: dict = {}
+    monkeypatch.setattr(dense_conv, "_ROUTE", routes)
+    x, weight, bias = torch.randn(256, 40), torch.randn(24, 40), torch.randn(24)
+    want = torch.addmm(bias, x, weight.t()).relu()
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:  # counted, and no route decided under it
+            counted = dense_conv.conv1x1_rows(x, weight, bias, relu=True)
+        assert routes == {} and counter.get_total_flops() == 2 * 256 * 40 * 24
+        dense_conv.conv1x1_rows(x, weight, bias, relu=True)
+        (key,) = routes
+        for route in ("linear_rows", "block_gemm"):
+            routes[key] = route
+            torch.testing.assert_close(dense_conv.conv1x1_rows(x, weight, bias, relu=True), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(counted, want, atol=1e-4, rtol=1e-4)

@@ -177,25 +177,44 @@ using GemmFn = void (*)(const float*, int64_t, int64_t, const float*, const floa
 constexpr GemmFn kGemms[kGemmRows + 1] = {nullptr,        gemm_rows<1>, gemm_rows<2>, gemm_rows<3>, gemm_rows<4>,
                                           gemm_rows<5>, gemm_rows<6>, gemm_rows<7>, gemm_rows<8>};
 
+// out [P, N] (row pitch N) = act(A [P, K] (row pitch lda) x W + bias) with wg [ceil(N/32), K, 32]
+// (W blocked by 32 output columns, zero-padded): blocks of 8 rows x 32 columns, the column block
+// outermost so that its weights stay in cache.
+void block_gemm(const float* A, int64_t lda, int64_t P, int64_t K, const torch::Tensor& wg, const torch::Tensor& bias,
+                bool relu, float* out) {
+  const int64_t N = bias.size(0), blocks = (N + kGemmOut - 1) / kGemmOut;
+  TORCH_CHECK(wg.is_contiguous() && wg.dim() == 3 && wg.size(0) == blocks && wg.size(1) == K &&
+                  wg.size(2) == kGemmOut,
+              "weight: blocked [ceil(N/32), K, 32]");
+  std::vector<float> pbias(blocks * kGemmOut, 0.f);
+  const torch::Tensor b_ = bias.contiguous();
+  std::memcpy(pbias.data(), b_.data_ptr<float>(), N * sizeof(float));
+  const float* pw = wg.data_ptr<float>();
+  const int64_t row_blocks = (P + kGemmRows - 1) / kGemmRows;
+  at::parallel_for(0, row_blocks * blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t ob = t / row_blocks, r0 = (t % row_blocks) * kGemmRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kGemmRows, P - r0));
+      const int valid = static_cast<int>(std::min<int64_t>(kGemmOut, N - ob * kGemmOut));
+      kGemms[rows](A + r0 * lda, lda, K, pw + ob * K * kGemmOut, pbias.data() + ob * kGemmOut, relu,
+                   out + r0 * N + ob * kGemmOut, N, valid);
+    }
+  });
+}
+
 // x [B, C, H, W] (channels-last), wg [ceil(Cout/32), 9C, 32] (taps in (kh, kw, c) order, zero-padded),
-// bias [Cout] -> [B, Cout, Ho, Wo] channels-last.
+// bias [Cout] -> [B, Cout, Ho, Wo] channels-last: the patches [B*Ho*Wo, 9C], then block_gemm.
 torch::Tensor conv3x3_gemm(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tensor& bias,
                            int64_t stride, bool relu) {
   TORCH_CHECK(x.dim() == 4 && x.stride(1) == 1 && x.scalar_type() == torch::kFloat32, "x: channels-last float32");
   TORCH_CHECK(stride == 1 || stride == 2, "stride 1 or 2");
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Cout = bias.size(0), K = 9 * C;
-  const int64_t blocks = (Cout + kGemmOut - 1) / kGemmOut;
-  TORCH_CHECK(wg.is_contiguous() && wg.dim() == 3 && wg.size(0) == blocks && wg.size(1) == K &&
-                  wg.size(2) == kGemmOut,
-              "weight: blocked [ceil(Cout/32), 9C, 32]");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = 9 * C;
   const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1, P = B * Ho * Wo;
-  auto out = torch::empty({B, Cout, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  std::vector<float> A(P * K), pbias(blocks * kGemmOut, 0.f);
-  const torch::Tensor b_ = bias.contiguous();
-  std::memcpy(pbias.data(), b_.data_ptr<float>(), Cout * sizeof(float));
+  auto out = torch::empty({B, bias.size(0), Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  std::vector<float> A(P * K);
   const float* px = x.data_ptr<float>();
   const int64_t sB = x.stride(0), sH = x.stride(2), sW = x.stride(3);
-  at::parallel_for(0, P, kGemmRows, [&](int64_t lo, int64_t hi) {  // the patches
+  at::parallel_for(0, P, kGemmRows, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t b = p / (Ho * Wo), oh = (p / Wo) % Ho, ow = p % Wo;
       float* row = A.data() + p * K;
@@ -208,48 +227,17 @@ torch::Tensor conv3x3_gemm(const torch::Tensor& x, const torch::Tensor& wg, cons
       }
     }
   });
-  const float* pw = wg.data_ptr<float>();
-  float* po = out.data_ptr<float>();
-  const int64_t row_blocks = (P + kGemmRows - 1) / kGemmRows;
-  at::parallel_for(0, row_blocks * blocks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {  // block of 32 output channels outermost: its weights stay in cache
-      const int64_t ob = t / row_blocks, r0 = (t % row_blocks) * kGemmRows;
-      const int rows = static_cast<int>(std::min<int64_t>(kGemmRows, P - r0));
-      const int valid = static_cast<int>(std::min<int64_t>(kGemmOut, Cout - ob * kGemmOut));
-      kGemms[rows](A.data() + r0 * K, K, K, pw + ob * K * kGemmOut, pbias.data() + ob * kGemmOut, relu,
-                   po + r0 * Cout + ob * kGemmOut, Cout, valid);
-    }
-  });
+  block_gemm(A.data(), K, P, K, wg, bias, relu, out.data_ptr<float>());
   return out;
 }
 
 // act(x @ W^T + bias) for rows x [P, K] (column stride 1, any row stride), wg [ceil(N/32), K, 32]
-// (W^T blocked by 32 output columns, zero-padded), bias [N] -> [P, N]: a 1x1 convolution on
-// channels-last rows, with no fixed cost beyond the call.
+// (W^T blocked by 32 output columns), bias [N] -> [P, N]: a 1x1 convolution on channels-last rows,
+// with no fixed cost beyond the call.
 torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tensor& bias, bool relu) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == torch::kFloat32, "x: float32 rows");
-  const int64_t P = x.size(0), K = x.size(1), lda = x.stride(0), N = bias.size(0);
-  const int64_t blocks = (N + kGemmOut - 1) / kGemmOut;
-  TORCH_CHECK(wg.is_contiguous() && wg.dim() == 3 && wg.size(0) == blocks && wg.size(1) == K &&
-                  wg.size(2) == kGemmOut,
-              "weight: blocked [ceil(N/32), K, 32]");
-  auto out = torch::empty({P, N}, x.options());
-  std::vector<float> pbias(blocks * kGemmOut, 0.f);
-  const torch::Tensor b_ = bias.contiguous();
-  std::memcpy(pbias.data(), b_.data_ptr<float>(), N * sizeof(float));
-  const float* px = x.data_ptr<float>();
-  const float* pw = wg.data_ptr<float>();
-  float* po = out.data_ptr<float>();
-  const int64_t row_blocks = (P + kGemmRows - 1) / kGemmRows;
-  at::parallel_for(0, row_blocks * blocks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t ob = t / row_blocks, r0 = (t % row_blocks) * kGemmRows;
-      const int rows = static_cast<int>(std::min<int64_t>(kGemmRows, P - r0));
-      const int valid = static_cast<int>(std::min<int64_t>(kGemmOut, N - ob * kGemmOut));
-      kGemms[rows](px + r0 * lda, lda, K, pw + ob * K * kGemmOut, pbias.data() + ob * kGemmOut, relu,
-                   po + r0 * N + ob * kGemmOut, N, valid);
-    }
-  });
+  auto out = torch::empty({x.size(0), bias.size(0)}, x.options());
+  block_gemm(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), wg, bias, relu, out.data_ptr<float>());
   return out;
 }
 
