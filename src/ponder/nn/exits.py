@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ponder.nn.layout import is_channels_last
-from ponder.nn.native import cpu_inference, load_kernels
+from ponder.nn.native import cpu_inference, kernel_loader
 
 if TYPE_CHECKING:
     from ponder.models.multi_exit import MultiExitModel
@@ -83,13 +83,7 @@ def exit_step(leave: Tensor, here: Tensor, logits: Tensor, out_logits: Tensor, e
     return out[0], tree_unflatten(leaves, spec)
 
 
-_LOADED: list[Any] = []  # the module once loaded (or None)
-
-
-def _exit_kernels() -> Any:
-    if not _LOADED:
-        _LOADED.append(load_kernels("ponder_exit_step", "exit_step.cpp", ("-O3",), "the early-exit step kernel"))
-    return _LOADED[0]
+_exit_kernels = kernel_loader("ponder_exit_step", "exit_step.cpp", ("-O3",), "the early-exit step kernel")
 
 
 def select_samples(state: Any, idx: Tensor) -> Any:

@@ -25,21 +25,18 @@ rounding (the halting test and the ACT sums exactly; tested).
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ponder.nn.gemm import onednn_available
-from ponder.nn.native import cpu_inference, load_kernels
+from ponder.nn.native import cpu_inference, kernel_loader
 from ponder.nn.timing import fastest
 
 _NAME = "ponder_fused_spatial"
 
 
-def _extension() -> Any:
-    """The compiled module (built once per machine), or ``None`` (:func:`ponder.nn.native.load_kernels`)."""
-    return load_kernels(_NAME, "fused_spatial.cpp", ("-O3", "-ffp-contract=off"), "the fused spatial kernels")
+_extension = kernel_loader(_NAME, "fused_spatial.cpp", ("-O3", "-ffp-contract=off"), "the fused spatial kernels")
 
 
 def kernels_available() -> bool:

@@ -13,7 +13,7 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -39,6 +39,19 @@ def load_kernels(name: str, source: str, cflags: tuple[str, ...], what: str) -> 
     except Exception as err:  # no compiler, no ninja, a read-only cache...: the PyTorch path serves
         print(f"ponder: {what} unavailable ({type(err).__name__}: {err}); using PyTorch ops", file=sys.stderr)
         return None
+
+
+def kernel_loader(name: str | Callable[[], str], source: str, cflags: tuple[str, ...], what: str) -> Callable[[], Any]:
+    """A function returning :func:`load_kernels`' module (or ``None``), loaded on its first call and then
+    read from a list: the kernels' callers check it on every call. ``name`` may be computed lazily."""
+    loaded: list[Any] = []
+
+    def load() -> Any:
+        if not loaded:
+            loaded.append(load_kernels(name() if callable(name) else name, source, cflags, what))
+        return loaded[0]
+
+    return load
 
 
 def _built(name: str) -> bool:

@@ -20,26 +20,20 @@ contracted multiply-adds, so the results equal ``F.conv2d``'s up to float roundi
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ponder.nn.native import cpu_inference, cpu_tag, load_kernels
+from ponder.nn.native import cpu_inference, cpu_tag, kernel_loader
 from ponder.nn.weight_cache import derived
 
 _BLOCK = 8  # output channels per weight block of conv3x3 (kOut in the C++ source)
 _GEMM_BLOCK = 32  # ... of conv3x3_gemm (kGemmOut)
 
 
-_LOADED: list[Any] = []  # the module once loaded (or None): a hot path, one list read per call
-
-
-def _extension() -> Any:
-    if not _LOADED:
-        _LOADED.append(load_kernels(f"ponder_small_conv_{cpu_tag()}", "small_conv.cpp",
-                                    ("-O3", "-march=native", "-ffp-contract=fast"), "the small-convolution kernels"))
-    return _LOADED[0]
+_extension = kernel_loader(lambda: f"ponder_small_conv_{cpu_tag()}", "small_conv.cpp",
+                           ("-O3", "-march=native", "-ffp-contract=fast"), "the small-convolution kernels")
 
 
 def conv3x3_applies(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int) -> bool:
