@@ -214,7 +214,8 @@ def test_compute_all_and_sparse_executor_agree(c1):
             c1.set_thresholds(None)
     assert len(set(full.exit_index.tolist())) >= 3
     assert torch.equal(full.exit_index, sparse.exit_index)
-    torch.testing.assert_close(full.logits, sparse.logits, rtol=1e-5, atol=1e-5)
+    # the sparse executor's smaller batches may run other conv kernels (timed per batch-size bucket)
+    torch.testing.assert_close(full.logits, sparse.logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(full.macs, sparse.macs)
     assert torch.equal(torch.cat([s.exit_index for s in singles]), full.exit_index)
     # batch 1 runs other conv kernels (logits reach ~1e3 here): compare relative to size
