@@ -65,7 +65,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
 
     ``x [B, C, H, W]`` -> ``[B, C', H', W']``. A channels-last fp32 CPU input without autograd runs on
     the fastest of PyTorch's ``F.conv2d``, oneDNN with the weight packed once and, for 3x3 layers,
-    the compiled direct convolution (:mod:`ponder.nn.small_conv`), timed once per shape, batch-size
+    the two compiled kernels of :mod:`ponder.nn.small_conv`, timed once per shape, batch-size
     bucket (1, 2, 4, ... 2^k) and thread count; give ``weight`` in ``x``'s layout. Everything else
     runs ``F.conv2d``.
     """
@@ -73,6 +73,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
             or torch.is_grad_enabled()):
         return _pytorch(x, weight, bias, stride, padding, relu)
     if _get_current_dispatch_mode() is not None:  # cost counting (FlopCounterMode cannot see inside a
+        # kernel): a route it sees, and no timing decided under it
         return _RUN["packed" if onednn_conv_available() else "pytorch"](x, weight, bias, stride, padding, relu)
     return _RUN[_route(x, weight, bias, stride, padding, relu)](x, weight, bias, stride, padding, relu)
 
@@ -80,7 +81,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
 def _route(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, relu: bool) -> str:
     """:func:`conv2d`'s route for ``x``'s shape and batch bucket, timed on first use (no dispatch mode)."""
     key = (1 << (x.shape[0] - 1).bit_length(), x.shape[1:], weight.shape, stride, padding, bias is None,
-           torch.get_num_threads())  # ... kernel): a route it sees, and no timing decided under it
+           torch.get_num_threads())
     route = _ROUTE.get(key)
     if route is None:  # ties: the earlier route
         small = conv3x3_applies(x, weight, bias, stride, padding)
@@ -105,9 +106,7 @@ def conv2d_runner(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, p
         return bound_kernel(route == "gemm", weight, bias, stride, relu)
     if route == "packed":
         packed = packed_weight(weight, x, stride, padding)
-        act, scalars = ("relu", [None]) if relu else ("none", [])
-        return lambda t: torch.ops.mkldnn._convolution_pointwise(
-            t, packed, bias, [padding, padding], [stride, stride], [1, 1], 1, act, scalars, "")
+        return lambda t: _pointwise(t, packed, bias, stride, padding, relu)
     return lambda t: _pytorch(t, weight, bias, stride, padding, relu)
 
 
@@ -118,13 +117,15 @@ def conv1x1_rows(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) ->
     GEMM (:func:`ponder.nn.small_conv.rows_gemm`), whichever was faster when timed once per row-count
     bucket, shape and thread count.
     """
-    if not rows_gemm_applies(x, weight):  # (also under a dispatch mode: no route is decided there)
-        return linear_rows(x, weight, bias, relu)
-    key = ("rows", 1 << (x.shape[0] - 1).bit_length(), weight.shape, torch.get_num_threads())
+    if torch.is_grad_enabled() or x.device.type != "cpu" or _get_current_dispatch_mode() is not None:
+        return linear_rows(x, weight, bias, relu)  # (no route is decided under a dispatch mode either)
+    key = ("rows", 1 << (x.shape[0] - 1).bit_length(), x.shape[1:], weight.shape, x.dtype, weight.dtype,
+           x.stride(-1) == 1, torch.get_num_threads())  # all rows_gemm_applies checks: it runs once per key
     route = _ROUTE.get(key)
     if route is None:  # ties: linear_rows
-        route = _ROUTE[key] = ("linear_rows", "block_gemm")[fastest([lambda: linear_rows(x, weight, bias, relu),
-                                                                     lambda: rows_gemm(x, weight, bias, relu)])]
+        route = _ROUTE[key] = "linear_rows" if not rows_gemm_applies(x, weight) else (
+            ("linear_rows", "block_gemm")[fastest([lambda: linear_rows(x, weight, bias, relu),
+                                                   lambda: rows_gemm(x, weight, bias, relu)])])
     if route == "block_gemm":
         return rows_gemm(x, weight, bias, relu)
     return linear_rows(x, weight, bias, relu)
@@ -136,8 +137,13 @@ def _pytorch(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, paddin
 
 
 def _packed_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, relu: bool) -> Tensor:
+    return _pointwise(x, packed_weight(weight, x, stride, padding), bias, stride, padding, relu)
+
+
+def _pointwise(x: Tensor, packed: Tensor, bias: Tensor | None, stride: int, padding: int, relu: bool) -> Tensor:
+    """oneDNN's convolution of ``x`` with a :func:`packed_weight`, the ReLU fused when ``relu``."""
     return torch.ops.mkldnn._convolution_pointwise(
-        x, packed_weight(weight, x, stride, padding), bias, [padding, padding], [stride, stride], [1, 1], 1,
+        x, packed, bias, [padding, padding], [stride, stride], [1, 1], 1,
         "relu" if relu else "none", [None] if relu else [], "")
 
 
