@@ -22,9 +22,10 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 _CSRC = Path(__file__).with_name("csrc")
 
 
-@functools.lru_cache(maxsize=None)
 def load_kernels(name: str, source: str, cflags: tuple[str, ...], what: str) -> Any:
     """The module built from ``csrc/<source>`` as ``name`` (once per machine), or ``None`` if unavailable.
+
+    Call it through :func:`kernel_loader`, which keeps the result.
 
     ``what`` names the kernels in the one-line messages on stderr (compiling, or unavailable).
     """
