@@ -9,7 +9,7 @@ import torch
 
 from ponder import count_macs, create_model
 from ponder.models.msdnet import MSDNet, ParallelModule, scale_plan
-from ponder.nn import set_executor
+from ponder.nn import set_executor, small_conv
 from ponder.nn.exits import MultiExitModel
 
 # (params, conv+linear MACs, official op_counter) cumulative per exit, computed with this library
@@ -214,21 +214,35 @@ def test_dense_baseline_runs_last_exit_only():
     assert sum(1 for _ in base.parameters()) == 0  # shares, does not own, the weights
 
 
-def test_exit_head_inference_path_equals_the_module_path_after_training_steps():
+@pytest.mark.parametrize("whole", [False, True])
+def test_exit_head_inference_path_equals_the_module_path_after_training_steps(monkeypatch, whole):
+    import ponder.models.exit_head as exit_head
     from ponder.models.exit_head import ExitHead
 
+    if whole and small_conv._extension() is None:
+        pytest.skip("no C++ compiler / ninja here")
+    monkeypatch.setattr(exit_head, "fastest", lambda routes: len(routes) - 1 if whole else 0)
     torch.manual_seed(0)
     head = ExitHead(16, 32, 10)
     assert head.m[0].net[0].weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(3, 16, 8, 8)
-    for _ in range(2):  # each round moves the BN statistics: the folded weights must follow
+    for step in range(3):  # each round moves the BN statistics (and a linear weight): the plans must follow
         head.train()
         head(torch.randn(8, 16, 8, 8) * 2 + 1)
         head.eval()
-        for xin in (x, x.contiguous(memory_format=torch.channels_last)):  # channels-last: the prepared path
+        if step == 1:
             with torch.no_grad():
-                folded = head(xin)
-            torch.testing.assert_close(folded, head(x).detach(), rtol=1e-4, atol=1e-5)
+                head.linear.weight.mul_(0.5)  # in place, as an optimizer step
+        if step == 2:
+            head.linear.weight = torch.nn.Parameter(head.linear.weight.detach() + 1.0)  # a new parameter
+        for xin in (x, x.contiguous(memory_format=torch.channels_last)):  # channels-last: the planned path
+            with torch.no_grad():
+                feat, logits = head.classify(xin)
+            want = head.m(x).flatten(1)
+            torch.testing.assert_close(feat, want.detach(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(logits, head(x).detach(), rtol=1e-4, atol=1e-5)
+    (plan,) = exit_head._PLANS[head].values()
+    assert ("bound_exit_head" in plan[1].__qualname__) == whole
 
 
 def test_activation_layout_is_channels_last_at_inference_and_survives_sample_selection():

@@ -109,3 +109,29 @@ def test_conv1x1_rows_routes_equal_linear_rows(monkeypatch):
             routes[key] = route
             torch.testing.assert_close(dense_conv.conv1x1_rows(x, weight, bias, relu=True), want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(counted, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch, cin, width, hw, classes", [
+    (1, 88, 128, 8, 10),   # MSDNet CIFAR's first head
+    (3, 24, 40, 7, 7),     # ImageNet's 7x7 map (7 -> 4 -> 2); width not a multiple of 32
+])
+def test_bound_exit_head_equals_the_head_module(batch, cin, width, hw, classes):
+    from ponder.models.exit_head import ExitHead
+    from ponder.nn.sparse_conv import fold_conv_bn_dense
+
+    torch.manual_seed(batch + cin)
+    head = ExitHead(cin, width, classes)
+    head.train()
+    head(torch.randn(8, cin, hw, hw) * 2 + 1)  # BN statistics away from 0 / 1: folding matters
+    head.eval()
+    x = torch.randn(batch, cin, hw, hw).contiguous(memory_format=CL)
+    with torch.no_grad():
+        folded = [fold_conv_bn_dense(conv, bn, channels_last=True) for conv, bn in head._folded]
+        feat, logits = small_conv.bound_exit_head([w for w, _ in folded], [b for _, b in folded], head.linear)(x)
+        want_feat = head.m(x).flatten(1)
+        want = head.linear(want_feat)
+        head.linear.weight.mul_(-1.0)  # bound to the parameter: an in-place step is seen
+        _, flipped = small_conv.bound_exit_head([w for w, _ in folded], [b for _, b in folded], head.linear)(x)
+    torch.testing.assert_close(feat, want_feat, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(flipped, 2 * head.linear.bias - want, atol=1e-4, rtol=1e-4)

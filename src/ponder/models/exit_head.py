@@ -20,19 +20,23 @@ BatchNorm2d / ReLU modules then do not fire (hooks on blocks and heads do).
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ponder.nn.dense_conv import conv2d_runner
+from ponder.nn.small_conv import bound_exit_head, conv3x3_applies
+from ponder.nn.timing import fastest
 from ponder.nn.layout import is_channels_last
 from ponder.nn.native import cpu_inference
 from ponder.nn.sparse_conv import fold_conv_bn_dense
 from ponder.nn.sparse_units import folded_conv
 
-#: ExitHead -> {(batch bucket, input C H W, threads): (folded weights, prepared convolutions)}
-_PLANS: "weakref.WeakKeyDictionary[ExitHead, dict[tuple, tuple[list[Tensor], list]]]" = weakref.WeakKeyDictionary()
+#: ExitHead -> {(batch bucket, input C H W, threads): (weights it was built for, x -> (feature, logits))}
+_PLANS: "weakref.WeakKeyDictionary[ExitHead, dict[tuple, tuple[list[Tensor], Callable]]]" = weakref.WeakKeyDictionary()
 
 
 def conv_bn_relu(net: nn.Sequential, x: Tensor) -> Tensor:
@@ -79,33 +83,63 @@ class ExitHead(nn.Module):
         """``x [B, cin, h, w]`` (8x8 on CIFAR, 7x7 on ImageNet) -> pooled feature ``[B, width]``."""
         if self.training or torch.is_grad_enabled():
             return self.m(x).flatten(1)
-        if is_channels_last(x) and x.dtype == torch.float32 and cpu_inference(x):
-            x = self._planned(x)
-        else:
-            for conv, bn in self._folded:  # the same as self.m[:2] (BN folded), without the module calls
-                x = folded_conv(x, conv, bn, relu=True)
+        if self._prepared(x):
+            return self._planned(x)[0]
+        for conv, bn in self._folded:  # the same as self.m[:2] (BN folded), without the module calls
+            x = folded_conv(x, conv, bn, relu=True)
+        return self._pool(x)
+
+    def classify(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x [B, cin, h, w]`` -> (pooled feature ``[B, width]``, logits ``[B, num_classes]``)."""
+        if not (self.training or torch.is_grad_enabled()) and self._prepared(x):
+            return self._planned(x)
+        feat = self.features(x)
+        return feat, self.linear(feat)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, cin, h, w]`` -> logits ``[B, num_classes]``."""
+        return self.classify(x)[1]
+
+    def _pool(self, x: Tensor) -> Tensor:
         if x.shape[2:] == (2, 2):  # AvgPool2d(2) on a 2x2 map is the mean, one op for pool + flatten
             return x.mean((2, 3))
         return self.m[2](x).flatten(1)
 
-    def _planned(self, x: Tensor) -> Tensor:
-        """The two folded convolutions as prepared calls (:func:`ponder.nn.dense_conv.conv2d_runner`),
-        kept per input shape, batch bucket and thread count until a folded weight changes: an exit
-        head is work only early exit does, and at batch 1 the route lookups cost as much as a conv."""
+    @staticmethod
+    def _prepared(x: Tensor) -> bool:
+        """Whether inference on ``x`` takes :meth:`_planned` (channels-last float32 on the CPU)."""
+        return is_channels_last(x) and x.dtype == torch.float32 and cpu_inference(x)
+
+    def _planned(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(feature, logits) of ``x`` from a plan kept per input shape, batch bucket and thread count
+        until a weight changes: an exit head is work only early exit does, and at batch 1 the route
+        lookups, the pooling and the linear call cost as much as a convolution. The plan is the
+        faster, timed once, of the two folded convolutions as prepared calls
+        (:func:`ponder.nn.dense_conv.conv2d_runner`) then the mean and ``linear``, and the whole
+        head as one compiled call (:func:`ponder.nn.small_conv.bound_exit_head`, where it applies)."""
         folded = [fold_conv_bn_dense(conv, bn, channels_last=True) for conv, bn in self._folded]
+        weights = [w for w, _ in folded] + [self.linear.weight, self.linear.bias]
         plans = _PLANS.setdefault(self, {})
         key = (1 << (x.shape[0] - 1).bit_length(), x.shape[1:], torch.get_num_threads())
         plan = plans.get(key)
-        if plan is None or any(w is not f[0] for w, f in zip(plan[0], folded)):
-            runners, y = [], x
-            for (weight, bias), (conv, _) in zip(folded, self._folded):
-                runners.append(conv2d_runner(y, weight, bias, conv.stride[0], conv.padding[0], relu=True))
-                y = runners[-1](y)
-            plan = plans[key] = ([w for w, _ in folded], runners)
-        for run in plan[1]:
-            x = run(x)
-        return x
+        if plan is None or any(w is not v for w, v in zip(plan[0], weights)):
+            plan = plans[key] = (weights, self._plan(x, folded))
+        return plan[1](x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [B, cin, h, w]`` -> logits ``[B, num_classes]``."""
-        return self.linear(self.features(x))
+    def _plan(self, x: Tensor, folded: list[tuple[Tensor, Tensor]]) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+        runners, y = [], x
+        for (weight, bias), (conv, _) in zip(folded, self._folded):
+            runners.append(conv2d_runner(y, weight, bias, conv.stride[0], conv.padding[0], relu=True))
+            y = runners[-1](y)
+        lin = self.linear
+
+        def prepared(t: Tensor) -> tuple[Tensor, Tensor]:
+            for run in runners:
+                t = run(t)
+            feat = self._pool(t)
+            return feat, F.linear(feat, lin.weight, lin.bias)
+
+        if y.shape[2:] != (2, 2) or not all(conv3x3_applies(t, w, b, 2, 1) for t, (w, b) in zip((x, y), folded)):
+            return prepared
+        whole = bound_exit_head([w for w, _ in folded], [b for _, b in folded], lin)
+        return (prepared, whole)[fastest([lambda: prepared(x), lambda: whole(x)])]

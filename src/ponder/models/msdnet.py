@@ -207,6 +207,9 @@ class MSDNet(MultiExitModel):
     def exit_classifier(self, k: int, feat: Tensor) -> Tensor:
         return self.classifier[k].linear(feat)
 
+    def exit_outputs(self, k: int, state: list[Tensor]) -> tuple[Tensor, Tensor]:
+        return self.classifier[k].classify(state[-1])
+
     def exit_feature_dims(self) -> list[int]:
         return [head.width for head in self.classifier]
 

@@ -69,6 +69,11 @@ class MultiExitModel(PonderModel):
     def exit_classifier(self, k: int, feat: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def exit_outputs(self, k: int, state: Any) -> tuple[Tensor, Tensor]:
+        """(``exit_features(k, state)``, its ``exit_classifier`` logits); a family may compute both at once."""
+        feat = self.exit_features(k, state)
+        return feat, self.exit_classifier(k, feat)
+
     def exit_feature_dims(self) -> list[int]:  # pragma: no cover - abstract
         """Width ``C_k`` of each exit's pooled feature (the collaboration heads need it)."""
         raise NotImplementedError
@@ -200,8 +205,7 @@ class MultiExitModel(PonderModel):
     # ---- execution ----------------------------------------------------------------------
     def _exit(self, k: int, state: Any, carry: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """(prediction logits, backbone-head logits, carry for the next exit) of exit ``k``."""
-        feat = self.exit_features(k, state)
-        own = self.exit_classifier(k, feat)
+        feat, own = self.exit_outputs(k, state)
         if self.collab is None:
             return own, own, None
         new = self.collab(k, feat, carry)

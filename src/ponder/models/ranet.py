@@ -247,6 +247,9 @@ class RANet(MultiExitModel):
     def exit_classifier(self, k: int, feat: Tensor) -> Tensor:
         return self.heads[k].linear(feat)
 
+    def exit_outputs(self, k: int, state: Any) -> tuple[Tensor, Tensor]:
+        return self.heads[k].classify(state["x"])
+
     def exit_feature_dims(self) -> list[int]:
         return [h.width for h in self.heads]
 

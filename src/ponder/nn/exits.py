@@ -7,7 +7,9 @@ The multi-exit *contract* and both executors live in :class:`MultiExitModel`
 - ``run_block(k, state) -> state``: everything computed between exit ``k-1`` and exit ``k``
   (block 0 receives the image ``x [B, C, H, W]``). ``state`` is any pytree of tensors whose
   first dimension is the batch, so the sparse executor can keep a subset (:func:`select_samples`).
-- ``exit_features(k, state) -> [B, C_k]`` and ``exit_classifier(k, feat) -> [B, classes]``.
+- ``exit_features(k, state) -> [B, C_k]`` and ``exit_classifier(k, feat) -> [B, classes]``;
+  optionally ``exit_outputs(k, state) -> (feat, logits)`` computing both at once (MSDNet and
+  RANet run their whole exit head as one compiled call at inference).
 - ``exit_feature_dims()``, ``stage_modules(k)``, ``exit_modules(k)``; optionally ``scale_gradient``.
 
 This module holds the executor-independent parts: gradient rescaling (IMTA gradient
@@ -206,7 +208,7 @@ class LastExitNetwork(nn.Module):
         for k in range(m.num_exits):
             state = m.run_block(k, state)
         last = m.num_exits - 1
-        return m.exit_classifier(last, m.exit_features(last, state))
+        return m.exit_outputs(last, state)[1]
 
 
 def __getattr__(name: str) -> Any:

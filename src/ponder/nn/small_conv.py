@@ -77,6 +77,18 @@ def bound_kernel(gemm: bool, weight: Tensor, bias: Tensor | None, stride: int,
     return lambda x: ext.conv3x3(x, blocked, b, stride, relu)
 
 
+def bound_exit_head(weights: list[Tensor], biases: list[Tensor], linear: torch.nn.Linear
+                    ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """An exit head as one compiled call: two 3x3 convolutions (stride 2, padding 1, bias, ReLU) as
+    in :func:`conv3x3_gemm`, the mean over the second one's positions and ``linear``, with the
+    weights bound: ``run(x [B, C, H, W]) -> (feature [B, C2], logits [B, N])``, ``x`` channels-last
+    float32. Valid while the weights are unchanged (the caller checks)."""
+    ext = _extension()
+    (g1, g2), (b1, b2) = [_blocked(w, "gemm", _gemm_taps, _GEMM_BLOCK) for w in weights], biases
+    lin_w, lin_b = linear.weight.detach().contiguous(), _bias(linear.weight, linear.bias).detach()
+    return lambda x: tuple(ext.exit_head(x, g1, b1, g2, b2, lin_w, lin_b))
+
+
 def _gemm_taps(w: Tensor) -> Tensor:
     return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])  # [9C, C'], taps in (kh, kw, c) order
 

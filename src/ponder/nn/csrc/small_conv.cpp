@@ -15,7 +15,8 @@
 // channels (an exit head at batch 1: 16 positions, 128 channels, a 1 MB weight). It gathers the
 // patches (im2col, [P, 9C]) and runs them against the weight pre-blocked as [ceil(Cout/32)][9C][32],
 // 8 positions x 32 output channels per block, vectorised over channels, each weight read once per
-// 8 positions. linear_rows runs the same block GEMM on rows as they are (1x1 convolutions).
+// 8 positions. linear_rows runs the same block GEMM on rows as they are (1x1 convolutions), and
+// exit_head a whole exit classifier (two such convolutions, a mean, a linear layer) in one call.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -202,6 +203,26 @@ void block_gemm(const float* A, int64_t lda, int64_t P, int64_t K, const torch::
   });
 }
 
+// The 3x3 patches (padding 1) of a channels-last map x [B, C, H, W] (strides sB, sH, sW; channel
+// stride 1) as rows A [B*Ho*Wo, 9C], taps in (kh, kw, c) order.
+void patches(const float* px, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sB, int64_t sH, int64_t sW,
+             int64_t stride, float* A) {
+  const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1, K = 9 * C;
+  at::parallel_for(0, B * Ho * Wo, kGemmRows, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t b = p / (Ho * Wo), oh = (p / Wo) % Ho, ow = p % Wo;
+      float* row = A + p * K;
+      for (int kh = 0; kh < 3; ++kh) {
+        for (int kw = 0; kw < 3; ++kw, row += C) {
+          const int64_t ih = oh * stride + kh - 1, iw = ow * stride + kw - 1;
+          if (ih < 0 || ih >= H || iw < 0 || iw >= W) std::memset(row, 0, C * sizeof(float));
+          else std::memcpy(row, px + b * sB + ih * sH + iw * sW, C * sizeof(float));
+        }
+      }
+    }
+  });
+}
+
 // x [B, C, H, W] (channels-last), wg [ceil(Cout/32), 9C, 32] (taps in (kh, kw, c) order, zero-padded),
 // bias [Cout] -> [B, Cout, Ho, Wo] channels-last: the patches [B*Ho*Wo, 9C], then block_gemm.
 torch::Tensor conv3x3_gemm(const torch::Tensor& x, const torch::Tensor& wg, const torch::Tensor& bias,
@@ -212,23 +233,49 @@ torch::Tensor conv3x3_gemm(const torch::Tensor& x, const torch::Tensor& wg, cons
   const int64_t Ho = (H - 1) / stride + 1, Wo = (W - 1) / stride + 1, P = B * Ho * Wo;
   auto out = torch::empty({B, bias.size(0), Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   std::vector<float> A(P * K);
-  const float* px = x.data_ptr<float>();
-  const int64_t sB = x.stride(0), sH = x.stride(2), sW = x.stride(3);
-  at::parallel_for(0, P, kGemmRows, [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      const int64_t b = p / (Ho * Wo), oh = (p / Wo) % Ho, ow = p % Wo;
-      float* row = A.data() + p * K;
-      for (int kh = 0; kh < 3; ++kh) {
-        for (int kw = 0; kw < 3; ++kw, row += C) {
-          const int64_t ih = oh * stride + kh - 1, iw = ow * stride + kw - 1;
-          if (ih < 0 || ih >= H || iw < 0 || iw >= W) std::memset(row, 0, C * sizeof(float));
-          else std::memcpy(row, px + b * sB + ih * sH + iw * sW, C * sizeof(float));
-        }
-      }
-    }
-  });
+  patches(x.data_ptr<float>(), B, C, H, W, x.stride(0), x.stride(2), x.stride(3), stride, A.data());
   block_gemm(A.data(), K, P, K, wg, bias, relu, out.data_ptr<float>());
   return out;
+}
+
+// An exit head in one call: two 3x3 convolutions (padding 1, stride 2, bias, ReLU) on the block GEMM,
+// the mean over the second one's positions, and a linear layer. x [B, C, H, W] channels-last, wg1
+// [ceil(C1/32), 9C, 32], bias1 [C1], wg2 [ceil(C2/32), 9*C1, 32], bias2 [C2], lin_w [N, C2], lin_b [N]
+// -> {feature [B, C2], logits [B, N]}.
+std::vector<torch::Tensor> exit_head(const torch::Tensor& x, const torch::Tensor& wg1, const torch::Tensor& bias1,
+                                     const torch::Tensor& wg2, const torch::Tensor& bias2,
+                                     const torch::Tensor& lin_w, const torch::Tensor& lin_b) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(1) == 1 && x.scalar_type() == torch::kFloat32, "x: channels-last float32");
+  const int64_t B = x.size(0), C = x.size(1), C1 = bias1.size(0), C2 = bias2.size(0), N = lin_b.size(0);
+  TORCH_CHECK(lin_w.is_contiguous() && lin_w.size(0) == N && lin_w.size(1) == C2, "lin_w: [N, C2] contiguous");
+  const int64_t H1 = (x.size(2) - 1) / 2 + 1, W1 = (x.size(3) - 1) / 2 + 1;
+  const int64_t H2 = (H1 - 1) / 2 + 1, W2 = (W1 - 1) / 2 + 1, P1 = B * H1 * W1, P2 = B * H2 * W2;
+  std::vector<float> A1(P1 * 9 * C), y1(P1 * C1), A2(P2 * 9 * C1), y2(P2 * C2);
+  patches(x.data_ptr<float>(), B, C, x.size(2), x.size(3), x.stride(0), x.stride(2), x.stride(3), 2, A1.data());
+  block_gemm(A1.data(), 9 * C, P1, 9 * C, wg1, bias1, true, y1.data());
+  patches(y1.data(), B, C1, H1, W1, H1 * W1 * C1, W1 * C1, C1, 2, A2.data());
+  block_gemm(A2.data(), 9 * C1, P2, 9 * C1, wg2, bias2, true, y2.data());
+  auto feat = torch::zeros({B, C2}, x.options());
+  auto logits = torch::empty({B, N}, x.options());
+  const torch::Tensor lb = lin_b.contiguous();
+  const float* pw = lin_w.data_ptr<float>();
+  const float* pb = lb.data_ptr<float>();
+  const float scale = 1.f / static_cast<float>(H2 * W2);
+  for (int64_t b = 0; b < B; ++b) {
+    float* f = feat.data_ptr<float>() + b * C2;
+    for (int64_t q = 0; q < H2 * W2; ++q) {
+      const float* row = y2.data() + (b * H2 * W2 + q) * C2;
+      for (int64_t c = 0; c < C2; ++c) f[c] += row[c];
+    }
+    for (int64_t c = 0; c < C2; ++c) f[c] *= scale;
+    float* out = logits.data_ptr<float>() + b * N;
+    for (int64_t n = 0; n < N; ++n) {
+      float acc = 0.f;
+      for (int64_t c = 0; c < C2; ++c) acc += f[c] * pw[n * C2 + c];
+      out[n] = acc + pb[n];
+    }
+  }
+  return {feat, logits};
 }
 
 // act(x @ W^T + bias) for rows x [P, K] (column stride 1, any row stride), wg [ceil(N/32), K, 32]
@@ -246,5 +293,6 @@ torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& wg, const
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv3x3", &conv3x3, "3x3 convolution (padding 1, stride 1/2) + bias (+ ReLU), channels-last float32");
   m.def("conv3x3_gemm", &conv3x3_gemm, "the same as patches x blocked weight (few positions, many channels)");
+  m.def("exit_head", &exit_head, "two 3x3/2 convolutions + ReLU, mean, linear: {feature, logits}");
   m.def("linear_rows", &linear_rows, "act(x @ W^T + b) on rows with a blocked weight (1x1 convolutions)");
 }
