@@ -32,11 +32,11 @@ from ponder.nn.small_conv import bound_exit_head, conv3x3_applies
 from ponder.nn.timing import fastest
 from ponder.nn.layout import is_channels_last
 from ponder.nn.native import cpu_inference
-from ponder.nn.sparse_conv import fold_conv_bn_dense
+from ponder.nn.sparse_conv import fold_conv_bn_dense, fold_key
 from ponder.nn.sparse_units import folded_conv
 
-#: ExitHead -> {(batch bucket, input C H W, threads): (weights it was built for, x -> (feature, logits))}
-_PLANS: "weakref.WeakKeyDictionary[ExitHead, dict[tuple, tuple[list[Tensor], Callable]]]" = weakref.WeakKeyDictionary()
+#: ExitHead -> {(batch bucket, input C H W, threads): (fold keys, linear weight, bias, x -> (feature, logits))}
+_PLANS: "weakref.WeakKeyDictionary[ExitHead, dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
 
 
 def conv_bn_relu(net: nn.Sequential, x: Tensor) -> Tensor:
@@ -91,10 +91,10 @@ class ExitHead(nn.Module):
 
     def classify(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x [B, cin, h, w]`` -> (pooled feature ``[B, width]``, logits ``[B, num_classes]``)."""
-        if not (self.training or torch.is_grad_enabled()) and self._prepared(x):
-            return self._planned(x)
-        feat = self.features(x)
-        return feat, self.linear(feat)
+        if self.training or torch.is_grad_enabled() or not self._prepared(x):
+            feat = self.features(x)
+            return feat, self.linear(feat)
+        return self._planned(x)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, cin, h, w]`` -> logits ``[B, num_classes]``."""
@@ -117,14 +117,18 @@ class ExitHead(nn.Module):
         faster, timed once, of the two folded convolutions as prepared calls
         (:func:`ponder.nn.dense_conv.conv2d_runner`) then the mean and ``linear``, and the whole
         head as one compiled call (:func:`ponder.nn.small_conv.bound_exit_head`, where it applies)."""
-        folded = [fold_conv_bn_dense(conv, bn, channels_last=True) for conv, bn in self._folded]
-        weights = [w for w, _ in folded] + [self.linear.weight, self.linear.bias]
-        plans = _PLANS.setdefault(self, {})
+        (c1, n1), (c2, n2) = self._folded
+        lin = self.linear
+        stamp = (fold_key(c1, n1), fold_key(c2, n2))  # the folded weights' cache key: same stamp, same weights
+        plans = _PLANS.get(self)
+        if plans is None:
+            plans = _PLANS[self] = {}
         key = (1 << (x.shape[0] - 1).bit_length(), x.shape[1:], torch.get_num_threads())
         plan = plans.get(key)
-        if plan is None or any(w is not v for w, v in zip(plan[0], weights)):
-            plan = plans[key] = (weights, self._plan(x, folded))
-        return plan[1](x)
+        if plan is None or plan[0] != stamp or plan[1] is not lin.weight or plan[2] is not lin.bias:
+            folded = [fold_conv_bn_dense(conv, bn, channels_last=True) for conv, bn in self._folded]
+            plan = plans[key] = (stamp, lin.weight, lin.bias, self._plan(x, folded))
+        return plan[3](x)
 
     def _plan(self, x: Tensor, folded: list[tuple[Tensor, Tensor]]) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
         runners, y = [], x
