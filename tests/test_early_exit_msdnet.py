@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -243,6 +245,10 @@ def test_exit_head_inference_path_equals_the_module_path_after_training_steps(mo
             torch.testing.assert_close(logits, head(x).detach(), rtol=1e-4, atol=1e-5)
     (plan,) = exit_head._PLANS[head].values()
     assert ("bound_exit_head" in plan[-1].__qualname__) == whole
+    gone = weakref.ref(head)
+    del head, plan
+    gc.collect()
+    assert gone() is None  # the plans do not keep their head alive
 
 
 def test_activation_layout_is_channels_last_at_inference_and_survives_sample_selection():

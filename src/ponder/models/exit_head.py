@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ponder.nn.dense_conv import conv2d_runner
-from ponder.nn.small_conv import bound_exit_head, conv3x3_applies
-from ponder.nn.timing import fastest
 from ponder.nn.layout import is_channels_last
 from ponder.nn.native import cpu_inference
+from ponder.nn.small_conv import bound_exit_head, conv3x3_applies
 from ponder.nn.sparse_conv import fold_conv_bn_dense, fold_key
 from ponder.nn.sparse_units import folded_conv
+from ponder.nn.timing import fastest
 
 #: ExitHead -> {(batch bucket, input C H W, threads): (fold keys, linear weight, bias, x -> (feature, logits))}
 _PLANS: "weakref.WeakKeyDictionary[ExitHead, dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
@@ -50,6 +50,13 @@ def conv_bn_relu(net: nn.Sequential, x: Tensor) -> Tensor:
     for i in range(0, len(layers), 3):
         x = folded_conv(x, layers[i], layers[i + 1], relu=True)
     return x
+
+
+def _pool(x: Tensor, avg: nn.AvgPool2d) -> Tensor:
+    """The head's ``avg`` pooling, flattened: ``[B, C, h, w]`` -> ``[B, C]``."""
+    if x.shape[2:] == (2, 2):  # AvgPool2d(2) on a 2x2 map is the mean, one op for pool + flatten
+        return x.mean((2, 3))
+    return avg(x).flatten(1)
 
 
 class ConvBasic(nn.Module):
@@ -87,7 +94,7 @@ class ExitHead(nn.Module):
             return self._planned(x)[0]
         for conv, bn in self._folded:  # the same as self.m[:2] (BN folded), without the module calls
             x = folded_conv(x, conv, bn, relu=True)
-        return self._pool(x)
+        return _pool(x, self.m[2])
 
     def classify(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x [B, cin, h, w]`` -> (pooled feature ``[B, width]``, logits ``[B, num_classes]``)."""
@@ -99,11 +106,6 @@ class ExitHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, cin, h, w]`` -> logits ``[B, num_classes]``."""
         return self.classify(x)[1]
-
-    def _pool(self, x: Tensor) -> Tensor:
-        if x.shape[2:] == (2, 2):  # AvgPool2d(2) on a 2x2 map is the mean, one op for pool + flatten
-            return x.mean((2, 3))
-        return self.m[2](x).flatten(1)
 
     @staticmethod
     def _prepared(x: Tensor) -> bool:
@@ -135,12 +137,12 @@ class ExitHead(nn.Module):
         for (weight, bias), (conv, _) in zip(folded, self._folded):
             runners.append(conv2d_runner(y, weight, bias, conv.stride[0], conv.padding[0], relu=True))
             y = runners[-1](y)
-        lin = self.linear
+        lin, avg = self.linear, self.m[2]  # (the plan must not hold the head: _PLANS is keyed weakly by it)
 
         def prepared(t: Tensor) -> tuple[Tensor, Tensor]:
             for run in runners:
                 t = run(t)
-            feat = self._pool(t)
+            feat = _pool(t, avg)
             return feat, F.linear(feat, lin.weight, lin.bias)
 
         if y.shape[2:] != (2, 2) or not all(conv3x3_applies(t, w, b, 2, 1) for t, (w, b) in zip((x, y), folded)):
