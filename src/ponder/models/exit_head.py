@@ -14,7 +14,8 @@ chain here and in MSDNet's ``ConvBN`` runs as one convolution with BN folded in
 (:func:`ponder.nn.sparse_units.folded_conv`: cached folded weights, 1x1 convolutions as row GEMMs,
 3x3 ones on whichever of PyTorch, oneDNN and the compiled kernels of :mod:`ponder.nn.small_conv`
 was timed fastest for the shape and batch size); forward hooks on those inner Conv2d /
-BatchNorm2d / ReLU modules then do not fire (hooks on blocks and heads do). On channels-last
+BatchNorm2d / ReLU modules, and on a head's Linear, then do not fire (hooks on the blocks do; the
+executors call a head through :meth:`ExitHead.classify`, not its ``forward``). On channels-last
 float32 CPU inputs a head runs a plan kept per shape and batch bucket (:meth:`ExitHead.classify`):
 its two convolutions as prepared calls, or the whole head (convolutions, mean, linear) as one
 compiled call, whichever was timed faster; at batch 1 the latter (head 0: 43 -> 33 us per call).
