@@ -193,6 +193,16 @@ def test_force_keep_rate_is_deterministic_per_sample_and_executor_independent():
         model.force_keep_rate(1.5)
 
 
+def test_host_keep_number_equals_the_tensor_one_bit_for_bit():
+    from ponder.nn.exits import _PRIME, keep_uniform, keep_uniforms
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.cat([torch.randint(0, _PRIME, (500,), generator=g), torch.tensor([0, 1, _PRIME - 1])])
+    for exit_k, seed in ((0, 0), (3, 7), (1, 123456)):
+        want = keep_uniforms(keys, exit_k, seed).tolist()
+        assert [keep_uniform(k, exit_k, seed) for k in keys.tolist()] == want
+
+
 def test_ledger_equals_flop_counter_on_sparse_executor_at_batch1_for_every_exit():
     model = _small()
     set_executor(model, "sparse")

@@ -28,8 +28,8 @@ from torch.utils._pytree import tree_map
 
 from ponder.cost import CostLedger, _isolated_counter
 from ponder.models.base import PonderModel, example_input
-from ponder.nn.exits import (CollaborationHeads, LastExitNetwork, exit_step, gradient_rescale, keep_uniforms,
-                             official_op_counts, sample_keys, select_samples)
+from ponder.nn.exits import (CollaborationHeads, LastExitNetwork, exit_step, gradient_rescale, keep_uniform,
+                             keep_uniforms, official_op_counts, sample_keys, select_samples)
 from ponder.output import DynamicOutput
 
 
@@ -220,6 +220,16 @@ class MultiExitModel(PonderModel):
             return None
         return F.softmax(logits, dim=1).amax(dim=1) >= self._thresholds[k]
 
+    def _leaves_one(self, k: int, logits: Tensor, keys: Tensor | None) -> bool:
+        """:meth:`_leaves` of one sample (``logits [1, classes]``) read off one host value: the same
+        comparisons (the float32 max-softmax against the float32-rounded threshold; the float64 keep
+        number against the rate). Needs thresholds or a keep rate."""
+        if self._keep_rate is not None:
+            assert keys is not None
+            return keep_uniform(int(keys), k, self._keep_seed) >= self._keep_rate
+        assert self._thresholds32 is not None
+        return F.softmax(logits, dim=1).amax().item() >= self._thresholds32[k]
+
     def use_channels_last(self) -> bool:
         """Whether activations run channels-last: ``self.channels_last`` when set, else without autograd.
 
@@ -290,9 +300,8 @@ class MultiExitModel(PonderModel):
             state = self.run_block(k, state)
             logits, _, carry = self._exit(k, state, carry)
             if k < n - 1:
-                if logits.shape[0] == 1 and self._keep_rate is None and self._thresholds is not None:
-                    # one sample: the same float32 test as _leaves, read off one host value
-                    leave, n_leave = None, int(F.softmax(logits, dim=1).amax().item() >= self._thresholds32[k])
+                if logits.shape[0] == 1 and (self._keep_rate is not None or self._thresholds is not None):
+                    leave, n_leave = None, int(self._leaves_one(k, logits, keys))
                 else:
                     leave = self._leaves(k, logits, keys)
                     n_leave = 0 if leave is None else int(leave.sum())  # the one host sync per exit

@@ -121,9 +121,22 @@ def _hash_coefficients(n: int, device: torch.device) -> Tensor:
 
 def keep_uniforms(keys: Tensor, exit_k: int, seed: int) -> Tensor:
     """Uniform numbers ``[B]`` in ``[0, 1)`` derived from ``keys`` for exit ``exit_k`` and ``seed``."""
-    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + exit_k)
-    a, b = (int(v) for v in torch.randint(1, _PRIME, (2,), generator=gen))
+    a, b = _keep_coefficients(int(seed), exit_k)
     return ((keys * a + b) % _PRIME).double() / _PRIME
+
+
+def keep_uniform(key: int, exit_k: int, seed: int) -> float:
+    """:func:`keep_uniforms` of one key, on the host: the same float64 (integers below 2^53, one
+    correctly rounded division)."""
+    a, b = _keep_coefficients(int(seed), exit_k)
+    return ((key * a + b) % _PRIME) / _PRIME
+
+
+@functools.lru_cache(maxsize=256)
+def _keep_coefficients(seed: int, exit_k: int) -> tuple[int, int]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + exit_k)
+    a, b = (int(v) for v in torch.randint(1, _PRIME, (2,), generator=gen))
+    return a, b
 
 
 class CollaborationHeads(nn.Module):
