@@ -30,8 +30,9 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
-from ponder.nn.layout import is_channels_last
 from ponder.nn.gemm import linear_rows
+from ponder.nn.layout import is_channels_last
+from ponder.nn.native import cpu_inference
 from ponder.nn.small_conv import (bound_kernel, conv3x3, conv3x3_applies, conv3x3_gemm, rows_gemm,
                                  rows_gemm_applies)
 from ponder.nn.timing import fastest
@@ -117,7 +118,7 @@ def conv1x1_rows(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) ->
     GEMM (:func:`ponder.nn.small_conv.rows_gemm`), whichever was faster when timed once per row-count
     bucket, shape and thread count.
     """
-    if torch.is_grad_enabled() or x.device.type != "cpu" or _get_current_dispatch_mode() is not None:
+    if not cpu_inference(x):
         return linear_rows(x, weight, bias, relu)  # (no route is decided under a dispatch mode either)
     key = ("rows", 1 << (x.shape[0] - 1).bit_length(), x.shape[1:], weight.shape, x.dtype, weight.dtype,
            x.stride(-1) == 1, torch.get_num_threads())  # all rows_gemm_applies checks: it runs once per key

@@ -25,7 +25,6 @@ rounding (the halting test and the ACT sums exactly; tested).
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
@@ -33,10 +32,8 @@ from ponder.nn.gemm import onednn_available
 from ponder.nn.native import cpu_inference, kernel_loader
 from ponder.nn.timing import fastest
 
-_NAME = "ponder_fused_spatial"
-
-
-_extension = kernel_loader(_NAME, "fused_spatial.cpp", ("-O3", "-ffp-contract=off"), "the fused spatial kernels")
+_extension = kernel_loader("ponder_fused_spatial", "fused_spatial.cpp", ("-O3", "-ffp-contract=off"),
+                           "the fused spatial kernels")
 
 
 def kernels_available() -> bool:

@@ -61,8 +61,7 @@ def conv3x3_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, re
     """The same as :func:`conv3x3`, computed as patches ``[B*H'*W', 9C]`` times the weight, 32 output
     channels per vector block: the faster kernel for few output positions and many channels (an exit
     head at batch 1). Only where :func:`conv3x3_applies`."""
-    taps = _blocked(weight, "gemm", _gemm_taps, _GEMM_BLOCK)
-    return _extension().conv3x3_gemm(x, taps, _bias(weight, bias), stride, relu)
+    return _extension().conv3x3_gemm(x, gemm_weight(weight), _bias(weight, bias), stride, relu)
 
 
 def bound_kernel(gemm: bool, weight: Tensor, bias: Tensor | None, stride: int,
@@ -71,7 +70,7 @@ def bound_kernel(gemm: bool, weight: Tensor, bias: Tensor | None, stride: int,
     ``run(x) -> y``, valid while ``weight`` is unchanged (the caller checks)."""
     ext, b = _extension(), _bias(weight, bias)
     if gemm:
-        taps = _blocked(weight, "gemm", _gemm_taps, _GEMM_BLOCK)
+        taps = gemm_weight(weight)
         return lambda x: ext.conv3x3_gemm(x, taps, b, stride, relu)
     blocked = blocked_weight(weight)
     return lambda x: ext.conv3x3(x, blocked, b, stride, relu)
@@ -84,13 +83,9 @@ def bound_exit_head(weights: list[Tensor], biases: list[Tensor], linear: torch.n
     weights bound: ``run(x [B, C, H, W]) -> (feature [B, C2], logits [B, N])``, ``x`` channels-last
     float32. Valid while the weights are unchanged (the caller checks)."""
     ext = _extension()
-    (g1, g2), (b1, b2) = [_blocked(w, "gemm", _gemm_taps, _GEMM_BLOCK) for w in weights], biases
+    (g1, g2), (b1, b2) = [gemm_weight(w) for w in weights], biases
     lin_w, lin_b = linear.weight.detach().contiguous(), _bias(linear.weight, linear.bias).detach()
     return lambda x: tuple(ext.exit_head(x, g1, b1, g2, b2, lin_w, lin_b))
-
-
-def _gemm_taps(w: Tensor) -> Tensor:
-    return w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])  # [9C, C'], taps in (kh, kw, c) order
 
 
 def rows_gemm_applies(x: Tensor, weight: Tensor) -> bool:
@@ -113,6 +108,12 @@ def blocked_weight(weight: Tensor) -> Tensor:
     """``weight [C', C, 3, 3]`` as ``[ceil(C'/8), C*9, 8]``: blocks of 8 output channels, taps in
     ``(c, kh, kw)`` order, zero-padded; cached with the weight (:func:`ponder.nn.weight_cache.derived`)."""
     return _blocked(weight, "small_conv", lambda w: w.permute(1, 2, 3, 0).reshape(-1, w.shape[0]), _BLOCK)
+
+
+def gemm_weight(weight: Tensor) -> Tensor:
+    """``weight [C', C, 3, 3]`` as ``[ceil(C'/32), 9C, 32]``: blocks of 32 output channels, taps in
+    ``(kh, kw, c)`` order (the patches' order), zero-padded; cached with the weight."""
+    return _blocked(weight, "gemm", lambda w: w.permute(2, 3, 1, 0).reshape(-1, w.shape[0]), _GEMM_BLOCK)
 
 
 def _blocked(weight: Tensor, name: str, taps: Callable[[Tensor], Tensor], block: int) -> Tensor:
