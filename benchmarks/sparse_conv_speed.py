@@ -17,7 +17,7 @@ Timings are the minimum and median over interleaved repetitions after warm-up (w
 runs the break-even calibration). On a shared host expect a few percent of noise. "dense" is the
 fastest of the dense network as PyTorch runs it (NCHW or channels-last modules) and the dense
 network on the executor's own kernels (BN folded, 1x1 convs as row GEMMs on the faster backend:
-``ponder.models.act.resnet_on_kernels``), so the speed-ups are owed to sparsity alone.
+``ponder.nn.dense_units.resnet_on_kernels``), so the speed-ups are owed to sparsity alone.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from torch import Tensor
 
 import ponder
 from ponder.bench import keep_freed_memory
-from ponder.models.act import dense_unit_channels_last, resnet_on_kernels
+from ponder.nn.dense_units import dense_unit_channels_last, resnet_on_kernels
 from ponder.nn.sparse_cost import residual_macs
-from ponder.nn.sparse_fallback import cached_break_evens, coherent_mask
+from ponder.fast.routes import stored_routes
+from ponder.nn.sparse_fallback import coherent_mask
 from ponder.nn.sparse_residual import masked_residual, sparse_residual
 
 
@@ -219,9 +220,9 @@ def main() -> None:
             for part in args.parts:
                 {"resnet50": run_resnet50, "cifar": run_cifar}[part](args)
     if args.show_break_evens:
-        for (sig, shape, _layout, _dtype, _device, threads, _inactive), v in cached_break_evens().items():
-            kind = "BasicBlock" if sig[0] else "Bottleneck"
-            print(f"break-even {kind} convs={[c[:2] for c in sig[2:]]} x={shape} threads={threads}: {v:.3f}")
+        for key, v in stored_routes().items():  # the break-evens this machine has measured (ponder kernels)
+            if key.startswith("break_even|"):
+                print(f"{key}: {v:.3f}")
 
 
 if __name__ == "__main__":

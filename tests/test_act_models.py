@@ -139,7 +139,7 @@ def test_sact_masked_and_sparse_executors_agree():
 
 
 def test_dense_unit_channels_last_equals_the_unit_and_is_not_counted():
-    from ponder.models.act import dense_unit_channels_last
+    from ponder.nn.dense_units import dense_unit_channels_last
 
     model = _small(True)
     block = model.layer2[0]  # strided, zero-pad shortcut
@@ -242,7 +242,8 @@ def test_sparse_executor_skips_units_after_everything_halted_and_still_agrees(sp
 
 
 def test_sact_imagenet_sparse_executor_agrees_with_masked_stem_included():
-    from ponder.models.act import ACTImageNetResNet, stem_on_kernels
+    from ponder.models.act import ACTImageNetResNet
+    from ponder.nn.dense_units import stem_on_kernels
     from ponder.models.resnet import Bottleneck
     from test_sparse_conv import randomise_bn
 

@@ -11,7 +11,10 @@ import torch
 
 from ponder import count_macs, create_model
 from ponder.models.msdnet import MSDNet, ParallelModule, scale_plan
-from ponder.nn import set_executor, small_conv
+from conftest import fast_paths
+from ponder import fast
+from ponder.fast import native, routes
+from ponder.nn import set_executor
 from ponder.nn.exits import MultiExitModel
 
 # (params, conv+linear MACs, official op_counter) cumulative per exit, computed with this library
@@ -226,14 +229,15 @@ def test_dense_baseline_runs_last_exit_only():
     assert sum(1 for _ in base.parameters()) == 0  # shares, does not own, the weights
 
 
+@fast_paths
 @pytest.mark.parametrize("whole", [False, True])
 def test_exit_head_inference_path_equals_the_module_path_after_training_steps(monkeypatch, whole):
-    import ponder.models.exit_head as exit_head
+    import ponder.fast.early_exit as fast_head
     from ponder.models.exit_head import ExitHead
 
-    if whole and small_conv._extension() is None:
-        pytest.skip("no C++ compiler / ninja here")
-    monkeypatch.setattr(exit_head, "fastest", lambda routes: len(routes) - 1 if whole else 0)
+    if whole and native.load("small_conv") is None:
+        pytest.skip("the compiled kernels are not built here (ponder kernels build)")
+    monkeypatch.setitem(routes._OVERRIDE, "exit_head", "whole" if whole else "prepared")
     torch.manual_seed(0)
     head = ExitHead(16, 32, 10)
     assert head.m[0].net[0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -253,7 +257,7 @@ def test_exit_head_inference_path_equals_the_module_path_after_training_steps(mo
             want = head.m(x).flatten(1)
             torch.testing.assert_close(feat, want.detach(), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(logits, head(x).detach(), rtol=1e-4, atol=1e-5)
-    (plan,) = exit_head._PLANS[head].values()
+    (plan,) = fast_head._PLANS[head.m[0].net[0]].values()
     assert ("bound_exit_head" in plan[-1].__qualname__) == whole
     gone = weakref.ref(head)
     del head, plan
@@ -285,11 +289,8 @@ def test_activation_layout_is_channels_last_at_inference_and_survives_sample_sel
 
 @pytest.mark.parametrize("case", ["thresholds", "collaboration", "keep_rate", "ranet"])
 def test_compiled_exit_step_equals_the_index_ops(monkeypatch, case):
-    from ponder.models import multi_exit
-    from ponder.nn.exits import _exit_kernels
-
-    if _exit_kernels() is None:
-        pytest.skip("no C++ compiler / ninja here")
+    if native.load("exit_step") is None:
+        pytest.skip("the compiled kernels are not built here (ponder kernels build)")
     if case == "ranet":
         torch.manual_seed(0)
         model = create_model("ranet_cifar_c1").eval()
@@ -304,7 +305,7 @@ def test_compiled_exit_step_equals_the_index_ops(monkeypatch, case):
     set_executor(model, "sparse")
     with torch.no_grad():
         fused = model(x)
-        monkeypatch.setattr(multi_exit, "exit_step", lambda *args: None)
+        monkeypatch.setattr(fast, "exit_step", lambda *args: None)
         indexed = model(x)
     assert len(set(fused.exit_index.tolist())) >= 2  # samples left at several exits
     assert torch.equal(fused.exit_index, indexed.exit_index) and torch.equal(fused.macs, indexed.macs)

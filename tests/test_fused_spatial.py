@@ -7,12 +7,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ponder import create_model
-from ponder.nn import fused_spatial, set_executor
+from conftest import fast_paths
+from ponder.fast import routes
+from ponder.fast import spatial as fused_spatial
+from ponder.nn import set_executor
 from ponder.nn.halting import ACTAccumulator, SpatialHaltingBranch
 from ponder.nn.sparse_units import dense_fallback
 
-pytestmark = pytest.mark.skipif(not fused_spatial.kernels_available(),
-                                reason="fused spatial kernels not compiled here (no compiler or ninja)")
+pytestmark = [fast_paths, pytest.mark.skipif(not fused_spatial.kernels_available(),
+                                             reason="fused spatial kernels not built here (ponder kernels build)")]
 CL = torch.channels_last
 
 
@@ -57,8 +60,7 @@ def test_dense_fall_back_takes_the_kernel_and_keeps_its_values(pytorch_path):
 @pytest.mark.parametrize("onednn_planes", [False, True])
 @pytest.mark.parametrize("shape", [(2, 12, 6, 9), (1, 16, 32, 32), (3, 5, 1, 4)])
 def test_spatial_halting_kernel_equals_the_branch(pytorch_path, monkeypatch, shape, onednn_planes):
-    key = (shape, torch.get_num_threads())
-    monkeypatch.setitem(fused_spatial._PLANE_ROUTE, key, onednn_planes)  # the tap GEMM route under test
+    monkeypatch.setitem(routes._OVERRIDE, "halting_planes", "onednn" if onednn_planes else "blas")  # under test
     torch.manual_seed(shape[1])
     branch = SpatialHaltingBranch(shape[1])
     for p in branch.parameters():
@@ -147,23 +149,24 @@ def test_unit_masks_kernel_gives_the_ledger_and_the_dilated_mask(pytorch_path, s
     assert macs.dtype == torch.float64 and macs[0] == 0
 
 
-def test_kernels_can_be_switched_off_and_the_pytorch_path_serves():
+def test_fast_paths_switched_off_by_the_environment_leave_the_kernels_alone():
     import os
     import subprocess
     import sys
 
     code = ("import torch\n"
             "from ponder import create_model\n"
-            "from ponder.nn import exits, fused_spatial, set_executor, small_conv\n"
+            "from ponder.fast import enabled, native\n"
+            "from ponder.nn import set_executor\n"
             "m = create_model('sact_resnet32_cifar').eval()\n"
             "set_executor(m, 'sparse')\n"
             "with torch.no_grad():\n"
             "    assert m(torch.randn(2, 3, 32, 32)).logits.shape == (2, 10)\n"
-            "print(fused_spatial.kernels_available(), small_conv._extension(), exits._exit_kernels())\n")
-    env = dict(os.environ, PONDER_NO_KERNELS="1")
+            "print(enabled(), native._LOADED)\n")
+    env = dict(os.environ, PONDER_FAST="0")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False None None" and "compiling" not in done.stderr
+    assert done.stdout.strip() == "False {}" and done.stderr == ""  # no kernel was even looked for
 
 
 @pytest.mark.parametrize("relu_all", [False, True])

@@ -9,9 +9,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from ponder.bench import bench_dynamic, keep_freed_memory
 from ponder.models.act import ACTCifarResNet, ACTImageNetResNet
 from ponder.models.resnet import Bottleneck
-from ponder.nn import gemm
-from ponder.nn.gemm import ONEDNN_MIN_MACS, gemm_backend, linear_rows, onednn_available, set_gemm_backend
-from ponder.nn.sparse_units import folded_conv, folded_shortcut
+from conftest import fast_paths, stored
+from ponder import fast
+from ponder.fast import gemm
+from ponder.fast.gemm import ONEDNN_MIN_MACS, gemm_backend, linear_rows, onednn_available, set_gemm_backend
+from ponder.nn.sparse_units import folded_shortcut
 from ponder.registry import create_model
 from test_sparse_conv import randomise_bn
 
@@ -59,32 +61,36 @@ def test_flop_counter_counts_the_onednn_route(backend):
     assert counter.get_total_flops() == 2 * n * k * cout
 
 
-def test_backend_choice_errors_and_auto_is_cached(backend, monkeypatch):
+def test_backend_choice_errors_and_auto_is_stored(backend, monkeypatch, fresh_routes):
+    import time
+
     with pytest.raises(ValueError, match="one of"):
         set_gemm_backend("mkl")
     backend("blas")
     assert gemm_backend() == "blas"
     backend("auto")
-    monkeypatch.setattr(gemm, "_BACKEND", {})
     calls = []
-    monkeypatch.setattr(gemm, "_measure", lambda: calls.append(1) or "blas")
+    monkeypatch.setattr(gemm, "_backend_routes", lambda: calls.append(1) or [
+        ("blas", lambda: None), ("onednn", lambda: time.sleep(0.002))])
     monkeypatch.setattr(gemm, "onednn_available", lambda: True)
     assert gemm_backend() == "blas" and gemm_backend() == "blas"
     assert calls == [1]  # measured once per thread count
+    assert list(stored(fresh_routes, "gemm_backend").values()) == ["blas"]
+    fresh_routes.forget_memory()  # another process: reads the stored route, measures nothing
+    assert gemm_backend() == "blas" and calls == [1]
 
 
 @pytest.mark.skipif(not onednn_available(), reason="no oneDNN inner product in this build")
-def test_backend_measurement_is_invisible_to_flop_counters(monkeypatch):
-    monkeypatch.setattr(gemm, "_BACKEND", {})  # the first call measures, inside the counter
-    with FlopCounterMode(display=False) as counter:
+def test_backend_measurement_is_invisible_to_flop_counters(fresh_routes):
+    with FlopCounterMode(display=False) as counter:  # the first call measures, inside the counter
         gemm_backend()
-    assert counter.get_total_flops() == 0
+    assert counter.get_total_flops() == 0 and len(stored(fresh_routes, "gemm_backend")) == 1
 
 
 @pytest.mark.parametrize("k, stride", [(1, 1), (1, 2), (3, 1), (3, 2)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
-def test_folded_conv_equals_conv_bn_relu(k, stride, channels_last, relu):
+def test_fast_conv_bn_equals_conv_bn_relu(k, stride, channels_last, relu):
     torch.manual_seed(k * 10 + stride)
     conv = nn.Conv2d(24, 40, k, stride, k // 2, bias=False)
     bn = randomise_bn(nn.Sequential(nn.BatchNorm2d(40)))[0]
@@ -94,7 +100,7 @@ def test_folded_conv_equals_conv_bn_relu(k, stride, channels_last, relu):
     want = bn(conv(x))
     want = F.relu(want) if relu else want
     with torch.no_grad():
-        got = folded_conv(x, conv, bn, relu)
+        got = fast.conv_bn(x, conv, bn, relu)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     if channels_last:  # (an NCHW input may come back either way: PyTorch's own 1x1-conv layout rule)
         assert got.is_contiguous(memory_format=torch.channels_last)
@@ -161,7 +167,7 @@ def test_blockdrop_policy_inference_on_kernels_equals_the_autograd_path():
 def test_fastest_picks_the_quicker_route_outside_flop_counters():
     import time
 
-    from ponder.nn.timing import fastest
+    from ponder.fast.timing import fastest
 
     a = torch.randn(64, 64)
     slow = lambda: (time.sleep(0.005), a @ a)  # noqa: E731
@@ -172,26 +178,24 @@ def test_fastest_picks_the_quicker_route_outside_flop_counters():
     assert counter.get_total_flops() == 0
 
 
+@fast_paths
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
 @pytest.mark.parametrize("route", ["pytorch", "packed", "small", "gemm"])
 @pytest.mark.parametrize("batch, cin, cout, hw, stride, bias",
                          [(1, 16, 16, 32, 1, True), (1, 6, 24, 9, 2, False), (3, 64, 8, 4, 1, True), (2, 5, 13, 7, 2, True)])
-def test_conv2d_routes_equal_f_conv2d_and_are_counted(monkeypatch, route, batch, cin, cout, hw, stride, bias):
-    from ponder.nn import dense_conv
+def test_conv2d_routes_equal_f_conv2d_and_are_counted(fresh_routes, route, batch, cin, cout, hw, stride, bias):
+    from ponder.fast import conv as dense_conv
 
     g = torch.Generator().manual_seed(cin + hw)
     x = torch.randn(batch, cin, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
     w = torch.randn(cout, cin, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
     b = torch.randn(cout, generator=g) if bias else None
     want = F.conv2d(x, w, b, stride, 1)
-    routes: dict = {}
-    monkeypatch.setattr(dense_conv, "_ROUTE", routes)
     with torch.no_grad():
         dense_conv.conv2d(x, w, b, stride, 1)  # first call: timed, one route per shape
-        assert len(routes) == 1
-        key = next(iter(routes))
-        routes[key] = route  # force the route under test
-        got = dense_conv.conv2d(x, w, b, stride, 1)
+        assert len(stored(fresh_routes, "conv2d")) == 1
+        with fresh_routes.override("conv2d", route):  # the route under test
+            got = dense_conv.conv2d(x, w, b, stride, 1)
         with FlopCounterMode(display=False) as counter:  # counted on a route it can see (not the kernel)
             counted = dense_conv.conv2d(x, w, b, stride, 1)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -199,13 +203,12 @@ def test_conv2d_routes_equal_f_conv2d_and_are_counted(monkeypatch, route, batch,
     assert counter.get_total_flops() == 2 * batch * cout * cin * 9 * want.shape[2] * want.shape[3]
 
 
+@fast_paths
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
 @pytest.mark.parametrize("relu", [False, True])
-def test_conv2d_packs_the_weight_once_and_leaves_nchw_and_autograd_to_f_conv2d(monkeypatch, relu):
-    from ponder.nn import dense_conv, weight_cache
-
-    routes: dict = {}
-    monkeypatch.setattr(dense_conv, "_ROUTE", routes)
+def test_conv2d_packs_the_weight_once_and_leaves_nchw_and_autograd_to_f_conv2d(fresh_routes, relu):
+    from ponder.fast import conv as dense_conv
+    from ponder.fast import weight_cache
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 4, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
     b = torch.randn(8, generator=g)
@@ -214,39 +217,39 @@ def test_conv2d_packs_the_weight_once_and_leaves_nchw_and_autograd_to_f_conv2d(m
     want = want.relu() if relu else want
     with torch.no_grad():
         dense_conv.conv2d(x, w, b, 2, 1, relu=relu)  # timed: one route for the shape and batch bucket
-        routes[next(iter(routes))] = "packed"
-        with FlopCounterMode(display=False) as counter:
+        with fresh_routes.override("conv2d", "packed"), FlopCounterMode(display=False) as counter:
             got = dense_conv.conv2d(x, w, b, 2, 1, relu=relu)
         packings = [k for k in weight_cache._DERIVED[id(w)] if k[1] == "onednn"]
         assert len(packings) == 1  # packed once for this input shape
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         assert got.is_contiguous(memory_format=torch.channels_last)
         assert counter.get_total_flops() == 2 * 8 * 4 * 9 * want[0, 0].numel() * x.shape[0]
-        torch.testing.assert_close(dense_conv.conv2d(x[:2], w, b, 2, 1, relu=relu), want[:2], atol=1e-4, rtol=1e-4)
+        with fresh_routes.override("conv2d", "packed"):
+            torch.testing.assert_close(dense_conv.conv2d(x[:2], w, b, 2, 1, relu=relu), want[:2], atol=1e-4, rtol=1e-4)
+        dense_conv.conv2d(x[:2], w, b, 2, 1, relu=relu)
         assert [k for k in weight_cache._DERIVED[id(w)] if k[1] == "onednn"] == packings  # reused by batch 2
         dense_conv.conv2d(torch.randn(1, 4, 8, 8), w, None, 1, 1)  # NCHW: F.conv2d
     xg = torch.randn(1, 4, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
     dense_conv.conv2d(xg, w, None, 1, 1).sum().backward()  # autograd: F.conv2d's gradient
-    assert len(routes) == 2 and xg.grad is not None  # batch buckets 4 and 2; NCHW and autograd not routed
+    assert len(stored(fresh_routes, "conv2d")) == 2 and xg.grad is not None  # buckets 4 and 2; NCHW, autograd: none
     key = id(w)
     del w
     assert key not in weight_cache._DERIVED  # the packing goes with its weight
 
 
+@fast_paths
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
-def test_conv2d_decides_no_route_under_a_cost_counter(monkeypatch):
-    from ponder.nn import dense_conv
+def test_conv2d_decides_no_route_under_a_cost_counter(fresh_routes):
+    from ponder.fast import conv as dense_conv
 
-    routes: dict = {}
-    monkeypatch.setattr(dense_conv, "_ROUTE", routes)
     x = torch.randn(1, 6, 16, 16).contiguous(memory_format=torch.channels_last)
     w = torch.randn(6, 6, 3, 3).contiguous(memory_format=torch.channels_last)
     b = torch.randn(6)
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:  # e.g. a cost ledger measured first
             counted = dense_conv.conv2d(x, w, b, 1, 1)
-        assert routes == {}  # a route timed here could never be one of the compiled kernels
+        assert stored(fresh_routes, "conv2d") == {}  # a route timed here could never be a compiled kernel
         assert counter.get_total_flops() == 2 * 6 * 6 * 9 * 16 * 16
         got = dense_conv.conv2d(x, w, b, 1, 1)
-    assert len(routes) == 1
+    assert len(stored(fresh_routes, "conv2d")) == 1
     torch.testing.assert_close(counted, got, atol=1e-4, rtol=1e-4)

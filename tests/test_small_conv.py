@@ -1,4 +1,4 @@
-"""The compiled direct 3x3 convolution (ponder.nn.small_conv) against F.conv2d."""
+"""The compiled direct 3x3 convolution (ponder.fast.small_conv) against F.conv2d."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ponder.nn import small_conv
+from conftest import fast_paths, stored
+from ponder.fast import small_conv
 
 CL = torch.channels_last
 
-pytestmark = pytest.mark.skipif(small_conv._extension() is None, reason="no C++ compiler / ninja here")
+pytestmark = [fast_paths, pytest.mark.skipif(small_conv._extension() is None,
+                                             reason="kernels not built here (ponder kernels build)")]
 
 
 @pytest.mark.parametrize("kernel", ["conv3x3", "conv3x3_gemm"])
@@ -41,7 +43,7 @@ def test_conv3x3_kernels_equal_f_conv2d(kernel, relu, batch, cin, cout, h, w, st
 
 
 def test_blocked_weight_follows_in_place_changes_and_goes_with_the_weight():
-    from ponder.nn import weight_cache
+    from ponder.fast import weight_cache
 
     x = torch.randn(1, 4, 6, 6).contiguous(memory_format=CL)
     weight, bias = torch.randn(3, 4, 3, 3), torch.randn(3)
@@ -92,22 +94,20 @@ def test_rows_gemm_equals_addmm_on_strided_rows(relu, rows, k, n):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_conv1x1_rows_routes_equal_linear_rows(monkeypatch):
-    from ponder.nn import dense_conv
+def test_conv1x1_rows_routes_equal_linear_rows(fresh_routes):
+    from ponder.fast import conv as dense_conv
 
-    routes: dict = {}
-    monkeypatch.setattr(dense_conv, "_ROUTE", routes)
     x, weight, bias = torch.randn(256, 40), torch.randn(24, 40), torch.randn(24)
     want = torch.addmm(bias, x, weight.t()).relu()
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:  # counted, and no route decided under it
             counted = dense_conv.conv1x1_rows(x, weight, bias, relu=True)
-        assert routes == {} and counter.get_total_flops() == 2 * 256 * 40 * 24
+        assert stored(fresh_routes, "conv1x1_rows") == {} and counter.get_total_flops() == 2 * 256 * 40 * 24
         dense_conv.conv1x1_rows(x, weight, bias, relu=True)
-        (key,) = routes
+        assert len(stored(fresh_routes, "conv1x1_rows")) == 1
         for route in ("linear_rows", "block_gemm"):
-            routes[key] = route
-            torch.testing.assert_close(dense_conv.conv1x1_rows(x, weight, bias, relu=True), want, atol=1e-4, rtol=1e-4)
+            with fresh_routes.override("conv1x1_rows", route):
+                torch.testing.assert_close(dense_conv.conv1x1_rows(x, weight, bias, relu=True), want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(counted, want, atol=1e-4, rtol=1e-4)
 
 
@@ -117,7 +117,7 @@ def test_conv1x1_rows_routes_equal_linear_rows(monkeypatch):
 ])
 def test_bound_exit_head_equals_the_head_module(batch, cin, width, hw, classes):
     from ponder.models.exit_head import ExitHead
-    from ponder.nn.sparse_conv import fold_conv_bn_dense
+    from ponder.fast import fold_conv_bn_dense
 
     torch.manual_seed(batch + cin)
     head = ExitHead(cin, width, classes)

@@ -16,7 +16,6 @@ from ponder.nn.sparse_cost import position_macs, residual_macs, shortcut_macs
 from ponder.nn.sparse_fallback import (
     break_even_for,
     calibrate_break_even,
-    clear_break_even_cache,
     coherent_mask,
 )
 from ponder.nn.sparse_residual import SparseResidual, masked_residual, sparse_residual
@@ -304,8 +303,9 @@ def test_dense_fallback_equals_masked_reference(nonneg, channels_last, inactive)
     torch.testing.assert_close(got, masked_residual(block, x, m, inactive).detach(), atol=ATOL, rtol=1e-4)
 
 
-def test_calibration_is_cached_isolated_and_in_range():
-    clear_break_even_cache()
+def test_calibration_is_stored_isolated_and_in_range(fresh_routes):
+    from conftest import stored
+
     block = make_block("basic", 1, "A")
     x, m = torch.randn(2, 4, 8, 8), torch.rand(2, 8, 8) < 0.3
     state = torch.random.get_rng_state()
@@ -313,7 +313,7 @@ def test_calibration_is_cached_isolated_and_in_range():
         out = sparse_residual(block, x, m, break_even="auto")
     assert torch.equal(torch.random.get_rng_state(), state)  # calibration used its own generator
     limit = break_even_for(block, x)
-    assert 0.0 <= limit <= 1.0
+    assert 0.0 <= limit <= 1.0 and list(stored(fresh_routes, "break_even").values()) == [limit]
     dense, sparse = count_macs(block, x), int(residual_macs(block, (4, 8, 8), m).sum())
     assert fc.get_total_flops() // 2 in (dense, sparse)  # the calibration's own runs are not counted
     torch.testing.assert_close(out, masked_residual(block, x, m).detach(), atol=ATOL, rtol=1e-4)

@@ -248,6 +248,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(data_dir=args.data_dir, out_dir=args.out, epochs=args.epochs, quick=args.quick)
 
 
+def cmd_kernels(args: argparse.Namespace) -> None:
+    from ponder.fast import build, routes
+
+    if args.action == "build":
+        if build.build_all(force=args.force, jobs=args.jobs):
+            raise CLIError("some kernel modules failed to build (see above); ponder still works on PyTorch ops")
+        return
+    if args.action == "clear-routes":
+        routes.clear()
+        print(f"forgot the stored routes ({routes.routes_file()})")
+        return
+    print("\n".join(build.status_lines(show_routes=args.routes)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ponder", description="Dynamic inference networks: build, train, measure.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -321,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int)
     s.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("kernels", help="build the compiled kernels; show what is built and which routes are stored")
+    s.add_argument("action", nargs="?", choices=["status", "build", "clear-routes"], default="status")
+    s.add_argument("--force", action="store_true", help="build: rebuild modules that are already built")
+    s.add_argument("--jobs", type=int, default=2, help="build: modules compiled at once (default 2)")
+    s.add_argument("--routes", action="store_true", help="status: list every stored route")
+    s.set_defaults(fn=cmd_kernels)
     return p
 
 

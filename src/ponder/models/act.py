@@ -34,7 +34,6 @@ reference counts it at active positions only, so our per-image MACs are slightly
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 
 import torch
@@ -53,7 +52,7 @@ from ponder.models.resnet import (
     _MethodUnit,
 )
 from ponder.nn.halting import ACTAccumulator, HaltingBranch, SpatialHaltingBranch
-from ponder.nn.timing import fastest
+from ponder.nn.dense_units import dense_unit_channels_last, resnet_on_kernels, stem_on_kernels
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
 
@@ -74,65 +73,11 @@ class DenseResNetView(nn.Module):
 
 
 class DenseResNetKernels(DenseResNetView):
-    """The plain ResNet on the sparse executor's kernels (inference): :func:`resnet_on_kernels`.
+    """The plain ResNet on the sparse executor's kernels (inference): :func:`ponder.nn.dense_units.resnet_on_kernels`.
     ``[B, 3, H, W]`` -> logits ``[B, classes]``; equal to :class:`DenseResNetView` up to rounding."""
 
     def forward(self, x: Tensor) -> Tensor:
         return resnet_on_kernels(self.model, x)
-
-
-def resnet_on_kernels(model: nn.Module, x: Tensor) -> Tensor:
-    """``model.forward_logits(x)`` of a ``ponder.models.resnet`` ResNet at inference: the stem by
-    :func:`stem_on_kernels`, every unit through :func:`dense_unit_channels_last` (BN folded, 1x1 convs
-    as row GEMMs on the faster backend, channels-last where measured faster), the head as it is.
-    ``[B, C, H, W]`` -> ``[B, K]``."""
-    h = stem_on_kernels(model, x)
-    for block in model.blocks:
-        h = dense_unit_channels_last(block, h)
-    return model.head(h)
-
-
-def stem_on_kernels(model: nn.Module, x: Tensor) -> Tensor:
-    """``model.stem(x)`` at inference, channels-last: conv1 with BN folded (:func:`folded_conv`), then
-    the ImageNet stem's max-pool on the channels-last map (PyTorch's NCHW max-pool is the slow one:
-    4.6 ms against 0.3 ms on ResNet-50's 64 x 112 x 112 map at batch 1, one thread).
-    ``[B, 3, H, W]`` -> ``[B, 64, H', W']`` (CIFAR: ``[B, 16, H, W]``)."""
-    from ponder.nn.sparse_units import folded_conv  # (import cycle: sparse_units imports models.resnet)
-
-    with torch.no_grad():
-        h = folded_conv(x.contiguous(memory_format=torch.channels_last), model.conv1, model.bn1, relu=True)
-        return model.maxpool(h) if isinstance(model, ImageNetResNet) else h
-
-
-_LAYOUT: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]]" = weakref.WeakKeyDictionary()
-
-
-def dense_unit_channels_last(block: nn.Module, x: Tensor) -> Tensor:
-    """``block(x)`` (eval mode, BN folded into the convs) as a channels-last tensor, by whichever of two
-    routes is faster here (inference only: no gradient to the BN parameters).
-
-    Either the unit runs on a channels-last copy of ``x``, or on a contiguous (NCHW) one and its output
-    is made channels-last. Which is faster depends on the unit and the CPU (mkldnn's strided channels-last
-    1x1 convs can be 2x slower at ResNet-50's last stage, other units gain), so it is timed once per unit,
-    input shape, layout and thread count (four rounds each, minimum; not seen by ``FlopCounterMode``)
-    and cached.
-    """
-    # (import cycle: sparse_units imports models.resnet)
-    from ponder.nn.sparse_units import folded_branch, folded_shortcut
-
-    def unit(t: Tensor) -> Tensor:  # BN folded into the convs, as in every later (sparse) unit
-        with torch.no_grad():
-            return folded_branch(block, t).add_(folded_shortcut(block, t)).relu_()
-
-    cl = torch.channels_last
-    key = (tuple(x.shape), x.is_contiguous(), x.dtype, x.device, torch.get_num_threads())
-    per = _LAYOUT.setdefault(block, {})
-    if key not in per:
-        per[key] = fastest([lambda: unit(x.contiguous(memory_format=cl)),  # ties: channels-last
-                            lambda: unit(x.contiguous()).contiguous(memory_format=cl)]) == 0
-    if per[key]:
-        return unit(x.contiguous(memory_format=cl))
-    return unit(x.contiguous()).contiguous(memory_format=cl)
 
 
 class ACTResNetMixin:

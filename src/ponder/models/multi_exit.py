@@ -28,7 +28,8 @@ from torch.utils._pytree import tree_map
 
 from ponder.cost import CostLedger, _isolated_counter
 from ponder.models.base import PonderModel, example_input
-from ponder.nn.exits import (CollaborationHeads, LastExitNetwork, exit_step, gradient_rescale, keep_uniform,
+from ponder import fast
+from ponder.nn.exits import (CollaborationHeads, LastExitNetwork, gradient_rescale, keep_uniform,
                              keep_uniforms, official_op_counts, sample_keys, select_samples)
 from ponder.output import DynamicOutput
 
@@ -325,7 +326,7 @@ class MultiExitModel(PonderModel):
                 exit_index[here] = k
                 break
             assert leave is not None
-            step = exit_step(leave, here, logits, out_logits, exit_index, k, (state, carry, keys))
+            step = fast.exit_step(leave, here, logits, out_logits, exit_index, k, (state, carry, keys))
             if step is not None:  # the compiled step: one call
                 here, (state, carry, keys) = step
                 continue

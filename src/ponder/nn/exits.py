@@ -27,8 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ponder.nn.layout import is_channels_last
-from ponder.nn.native import cpu_inference, kernel_loader
+from ponder.layout import is_channels_last
 
 if TYPE_CHECKING:
     from ponder.models.multi_exit import MultiExitModel
@@ -53,39 +52,6 @@ class _GradRescale(torch.autograd.Function):
 def gradient_rescale(x: Tensor, scale: float) -> Tensor:
     """``x`` unchanged, with its gradient multiplied by ``scale`` (IMTA gradient equilibrium)."""
     return _GradRescale.apply(x, scale)
-
-
-def exit_step(leave: Tensor, here: Tensor, logits: Tensor, out_logits: Tensor, exit_index: Tensor, k: int,
-              state: Any) -> tuple[Tensor, Any] | None:
-    """The sparse executor's bookkeeping after exit ``k`` in one compiled call, or ``None``.
-
-    The samples with ``leave [n]`` (bool) write ``logits [n, classes]`` into ``out_logits [B, classes]``
-    and ``k`` into ``exit_index [B]`` at their batch positions ``here [n]``; returns the staying
-    samples' positions and the pytree ``state`` with every tensor gathered to them (what
-    ``select_samples`` gives; non-tensor leaves kept). ``None`` (the caller runs index ops instead)
-    without the compiled kernels, with autograd, off the CPU, for other dtypes, or for a state
-    tensor whose samples are not each one contiguous block.
-    """
-    ext = _exit_kernels()
-    if (ext is None or not cpu_inference(logits) or logits.dtype != torch.float32 or leave.dtype != torch.bool
-            or here.dtype != torch.long or exit_index.dtype != torch.long or out_logits.dtype != torch.float32):
-        return None
-    leaves, spec = tree_flatten(state)
-    slots = [i for i, t in enumerate(leaves) if isinstance(t, Tensor)]
-    n = leave.shape[0]
-    for i in slots:
-        t = leaves[i]
-        if t.device.type != "cpu" or t.dim() == 0 or t.shape[0] != n or not (
-                t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))):
-            return None
-    out = ext.exit_step(leave.contiguous(), here.contiguous(), logits.contiguous(), out_logits, exit_index, k,
-                        [leaves[i] for i in slots])
-    for i, t in zip(slots, out[1:]):
-        leaves[i] = t
-    return out[0], tree_unflatten(leaves, spec)
-
-
-_exit_kernels = kernel_loader("ponder_exit_step", "exit_step.cpp", ("-O3",), "the early-exit step kernel")
 
 
 def select_samples(state: Any, idx: Tensor) -> Any:

@@ -24,10 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ponder.nn.fused_spatial import act_step, spatial_halting, spatial_halting_applies
-from ponder.nn.layout import is_channels_last
-from ponder.nn.sparse_conv import fold_key
-from ponder.nn.timing import fastest
+from ponder import fast
+from ponder.layout import is_channels_last
 
 HALT_EPS = 0.01
 """Halting threshold slack: a position halts once its cumulative score reaches ``1 - eps``."""
@@ -37,12 +35,10 @@ HALT_BIAS_INIT = -3.0
 
 HALT_CONV_MAX_ELEMENTS = 1 << 16
 """Inputs of at most this many elements (``B * C * H * W``) let the eval-mode spatial halting branch
-time its two routes for the 3x3 term (GEMM and ``F.fold``, or GEMM and nine shifted adds) once per
-shape and layout and keep the faster; larger ones always take the shifted adds. On this project's
+choose between two routes for the 3x3 term (GEMM and ``F.fold``, or GEMM and nine shifted adds), a
+stored route per shape and layout; larger ones always take the shifted adds. On this project's
 CPU the fold route wins on batch-1 CIFAR maps (13-22 us against 38-44 us) and loses on large
 channels-last batches (its taps need a transposing copy there)."""
-
-_FOLD_ROUTE: dict[tuple, bool] = {}  # (shape, layout, dtype, device, threads) -> the fold route is faster
 
 
 @dataclass
@@ -150,7 +146,7 @@ class ACTAccumulator:
         the sums) in about half the element-wise ops, and the state accumulated in place."""
         if h is not None:
             h = h.to(self._hsum.dtype)
-        fused = act_step(self._hsum, self._n, self._remainder, run, h, x, self._output, self.eps, last)
+        fused = fast.act_step(self._hsum, self._n, self._remainder, run, h, x, self._output, self.eps, last)
         if fused is not None:  # one pass (compiled kernel): the same sums, p and halting test
             p, self.running, self._output = fused
             self._dist.append(p)
@@ -257,11 +253,11 @@ class SpatialHaltingBranch(nn.Module):
         self._folded: tuple[tuple, tuple[Tensor, Tensor, float, float]] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        if self.training or not fast.enabled():  # (the plain reference: fast paths off)
             z = self.bn(x)
             return torch.sigmoid(self.local(z)[:, 0] + self.glob(z.mean((2, 3)))[:, :, None])
-        if spatial_halting_applies(x):  # one GEMM and one pass over the map (compiled kernel)
-            return spatial_halting(x, *self._folded_weights())
+        if fast.spatial_halting_applies(x):  # one GEMM and one pass over the map (compiled kernel)
+            return fast.spatial_halting(x, *self._folded_weights())
         scale, shift = bn_affine(self.bn)  # eval: BN folded into both terms
         glob = self.glob(x.mean((2, 3)) * scale + shift)[:, :, None]
         return torch.sigmoid(self._local_eval(x, scale, shift) + glob)
@@ -272,11 +268,9 @@ class SpatialHaltingBranch(nn.Module):
         if x.numel() > HALT_CONV_MAX_ELEMENTS:
             return self._local_taps(x, scale, shift)
         key = (tuple(x.shape), is_channels_last(x), x.dtype, x.device, torch.get_num_threads())
-        if key not in _FOLD_ROUTE:  # timed once (ponder.nn.timing.fastest; ties: the taps route)
-            _FOLD_ROUTE[key] = fastest([lambda: self._local_taps(x, scale, shift),
-                                        lambda: self._local_fold(x, scale, shift)]) == 1
-        route = self._local_fold if _FOLD_ROUTE[key] else self._local_taps
-        return route(x, scale, shift)
+        route = fast.choose("halting_local", key, lambda: [  # ties: the taps route
+            ("taps", lambda: self._local_taps(x, scale, shift)), ("fold", lambda: self._local_fold(x, scale, shift))])
+        return (self._local_fold if route == "fold" else self._local_taps)(x, scale, shift)
 
     def _local_fold(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         """``conv3x3(BN(x))[:, 0]`` in eval mode as the tap GEMM (:meth:`_tap_maps`) and one ``F.fold``.
@@ -305,9 +299,9 @@ class SpatialHaltingBranch(nn.Module):
         return out
 
     def _folded_weights(self) -> tuple[Tensor, Tensor, float, float]:
-        """BN folded into both terms for :func:`~ponder.nn.fused_spatial.spatial_halting`, cached until a
+        """BN folded into both terms for :func:`~ponder.fast.spatial_halting`, cached until a
         parameter or running statistic changes: ``(weights [10, C], shifts [10], glob_shift, bias)``."""
-        key = fold_key(self.local, self.bn) + (self.glob.weight.data_ptr(), self.glob.weight._version)
+        key = fast.fold_key(self.local, self.bn) + (self.glob.weight.data_ptr(), self.glob.weight._version)
         folded = getattr(self, "_folded", None)  # (absent on a module unpickled from before it existed)
         if folded is None or folded[0] != key:
             with torch.no_grad():

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ponder.nn.dense_units import resnet_on_kernels
+
 if TYPE_CHECKING:  # ponder.models imports every model module, which import this one
     from ponder.models.resnet import ResNet
 
@@ -78,7 +80,7 @@ class ResNetPolicy(nn.Module):
     """A small ResNet trunk (its classifier removed) -> ``Linear(features -> blocks)`` -> sigmoid.
 
     ``forward(x [B, C, H, W]) -> probs [B, blocks]`` (without autograd the trunk runs on the
-    executors' kernels: :func:`ponder.models.act.resnet_on_kernels`). ``downsample > 1`` average-pools the input
+    executors' kernels: :func:`ponder.nn.dense_units.resnet_on_kernels`). ``downsample > 1`` average-pools the input
     by that factor first (BlockDrop's ImageNet policy sees 112 px). ``init_keep_prob`` (not in
     the paper; ``None`` = PyTorch's default init) starts every block's keep probability near that
     value, so a short curriculum does not begin by dropping blocks at random.
@@ -101,8 +103,6 @@ class ResNetPolicy(nn.Module):
         if self.training or torch.is_grad_enabled():
             return torch.sigmoid(self.fc(self.trunk.forward_logits(x)))
         # inference: the trunk on the executors' kernels (BN folded; 17 % faster at CIFAR batch 64)
-        from ponder.models.act import resnet_on_kernels  # (ponder.models imports this module)
-
         return torch.sigmoid(self.fc(resnet_on_kernels(self.trunk, x)))
 
 

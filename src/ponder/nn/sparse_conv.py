@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ponder.nn.gemm import linear_rows
+from ponder.fast import FoldedConv, fold_conv_bn, linear_rows
 
 
 def dilate_mask(mask: Tensor, k: int = 3) -> Tensor:
@@ -143,107 +143,6 @@ def window_starts(out: PositionIndex, in_hw: tuple[int, int], k: int, stride: in
     return (corner[:, None] + torch.arange(k, device=corner.device) * Wp).reshape(-1)
 
 
-@dataclass(frozen=True)
-class FoldedConv:
-    """A conv (+ eval-mode BN) as one GEMM on gathered rows: ``rows [n, k*k*C_in] @ weight^T + bias``."""
-
-    weight: Tensor  # [C_out, k*k*C_in], columns ordered (kh, kw, C_in) (``F.linear`` layout)
-    bias: Tensor  # [C_out]
-    k: int
-    stride: int
-    padding: int
-
-
-_FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FoldedConv]]" = weakref.WeakKeyDictionary()
-
-
-def _tensor_key(t: Tensor | None) -> tuple:
-    # address, version and dtype: .to() (device or dtype) allocates while the old storage still lives,
-    # so a moved or cast tensor always has a new address
-    return () if t is None else (t.data_ptr(), t._version, t.dtype)
-
-
-def fold_key(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
-    """Changes whenever ``conv``'s or ``bn``'s parameters or running statistics change (cache key of folded weights)."""
-    # a train-mode forward updates the running statistics in place without bumping their version;
-    # it does bump num_batches_tracked's (a Python-side add_), which the key therefore includes
-    p = conv._parameters
-    key = (_tensor_key(p["weight"]), _tensor_key(p["bias"]))
-    if bn is None:
-        return key
-    q, b = bn._parameters, bn._buffers
-    return key + (_tensor_key(q["weight"]), _tensor_key(q["bias"]), _tensor_key(b["running_mean"]),
-                  _tensor_key(b["running_var"]), _tensor_key(b["num_batches_tracked"]), bn.eps)
-
-
-def clear_fold_cache() -> None:
-    """Forget folded weights (needed only after in-place edits through ``.data``, which keep ``_version``)."""
-    _FOLD_CACHE.clear()
-
-
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedConv:
-    """``conv`` followed by eval-mode ``bn`` as a :class:`FoldedConv` (cached until a parameter changes).
-
-    Supports square kernels, any stride and zero padding, ``groups = 1``, ``dilation = 1``. The
-    cache notices optimizer steps, train-mode forwards, ``load_state_dict`` and ``.to()`` (tensor
-    versions and addresses); a hit costs about 2 us.
-    """
-    if bn is not None and bn.training:
-        raise ValueError("sparse convolution folds BatchNorm with running statistics; call model.eval() "
-                         "(or use the masked executor to train).")
-    key = fold_key(conv, bn)
-    hit = _FOLD_CACHE.get(conv)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    k = conv.kernel_size[0]
-    if isinstance(conv.padding, str) or conv.groups != 1 or conv.dilation != (1, 1) \
-            or conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1] \
-            or conv.padding[0] != conv.padding[1] or conv.padding_mode != "zeros":
-        raise ValueError(f"sparse convolution supports square kernels, equal strides/padding, groups=1, "
-                         f"dilation=1 and zero padding; got {conv}. Use the masked executor for this layer.")
-    if bn is not None and bn.running_mean is None:
-        raise ValueError("sparse convolution folds BatchNorm with running statistics; build it with "
-                         "track_running_stats=True (or use the masked executor).")
-    with torch.no_grad():
-        w = conv.weight
-        bias = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-        if bn is not None:
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = bn.bias if bn.bias is not None else torch.zeros_like(scale)
-            w = w * scale[:, None, None, None]
-            bias = (bias - bn.running_mean) * scale + shift
-        weight = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
-        folded = FoldedConv(weight, bias.detach().clone(), k, conv.stride[0], conv.padding[0])
-    _FOLD_CACHE[conv] = (key, folded)
-    return folded
-
-
-_DENSE_FOLD: "weakref.WeakKeyDictionary[nn.Module, tuple[FoldedConv, dict[bool, Tensor]]]" = \
-    weakref.WeakKeyDictionary()
-
-
-def fold_conv_bn_dense(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, channels_last: bool) -> tuple[Tensor, Tensor]:
-    """:func:`fold_conv_bn` in conv layout: ``(weight [C_out, C_in, k, k], bias [C_out])`` for ``F.conv2d``.
-
-    ``channels_last``: the weight's memory format; give the input's layout (oneDNN reorders a weight
-    of the other layout on every call). Cached with the folded GEMM weights, so it follows the same
-    invalidation rules.
-    """
-    f = fold_conv_bn(conv, bn)
-    hit = _DENSE_FOLD.get(conv)
-    if hit is None or hit[0] is not f:
-        hit = (f, {})
-        _DENSE_FOLD[conv] = hit
-    weight = hit[1].get(channels_last)
-    if weight is None:
-        w = f.weight.reshape(conv.out_channels, f.k, f.k, conv.in_channels).permute(0, 3, 1, 2)
-        weight = w.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        hit[1][channels_last] = weight
-    return weight, f.bias
-
-
 CHUNK_BYTES = 4 << 20
 
 
@@ -253,7 +152,7 @@ def gather_gemm(plane: Tensor, starts: Tensor | None, conv: FoldedConv, relu: bo
     ``plane`` is a contiguous ``[R, C_in]`` row table; ``starts`` the ``[n * k]`` kernel-row
     starts from :func:`window_starts` (``k = conv.k``), or ``None`` when the rows of ``plane``
     already are the inputs in order (a 1x1 conv on the same positions). The GEMMs run on the
-    faster CPU backend (:func:`ponder.nn.gemm.linear_rows`). The gather runs in chunks of about
+    faster CPU backend (:func:`ponder.fast.linear_rows`). The gather runs in chunks of about
     ``CHUNK_BYTES`` through one reused buffer, so each GEMM reads its operand from cache instead
     of a freshly written ``n x k*k*C_in`` matrix (at CIFAR batch 64 the whole matrix is tens of
     MB and the GEMM becomes memory-bound: 3x slower).

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ponder.cost import count_macs
-from ponder.nn.fused_spatial import unit_masks
+from ponder import fast
 from ponder.nn.sparse_units import branch_convs, first_conv_mask, unit_info
 
 if TYPE_CHECKING:  # duck-typed at run time (no import cycle with ponder.models)
@@ -75,11 +75,11 @@ def unit_masks_and_macs(block: ResidualBlock, in_size: tuple[int, int, int], mas
     The MACs are :func:`residual_macs` plus ``halt_macs`` (a halting branch's cost) for every sample
     with an active position. A stride-1 unit (whose first-conv mask is the 3x3 dilation of ``mask``
     for both block types) takes one compiled pass over the mask
-    (:func:`ponder.nn.fused_spatial.unit_masks`) where available; the values are the same.
+    (:func:`ponder.fast.unit_masks`) where available; the values are the same.
     """
     info = unit_info(block)  # its per-position MACs are the ledger's (C_out * C_in * k * k per conv)
     if info.stride == 1:
-        fused = unit_masks(mask, shortcut_macs(block, in_size), info.first_macs, info.rest_macs, halt_macs)
+        fused = fast.unit_masks(mask, shortcut_macs(block, in_size), info.first_macs, info.rest_macs, halt_macs)
         if fused is not None:
             return fused
     first = first_conv_mask(block, mask, (int(in_size[1]), int(in_size[2])))

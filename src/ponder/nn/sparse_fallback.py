@@ -6,7 +6,8 @@ branch MACs over its dense branch MACs, dilation included: see
 :func:`ponder.nn.sparse_units.work_fraction`), which makes it nearly independent of how the mask
 is shaped. :func:`calibrate_break_even` times the dense unit and the sparse unit at three
 densities on this device, fits ``t_sparse = a + b * work`` and solves ``t_sparse = t_dense``; the
-result is cached per (unit shape, input shape, memory format, dtype, device, thread count).
+result is a stored route (:func:`ponder.fast.decide`) per (unit shape, input shape, memory format,
+dtype, device, thread count): decided once per machine, the same in every process.
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ponder.nn.layout import is_channels_last
+from ponder import fast
+from ponder.layout import is_channels_last
 from ponder.nn.sparse_units import dense_fallback, first_conv_mask, output_hw, run_sparse, unit_info, work_fraction
 
 if TYPE_CHECKING:  # duck-typed at run time (no import cycle with ponder.models)
     from ponder.models.resnet import ResidualBlock
 
-_CACHE: dict[tuple, float] = {}
 CALIBRATION_DENSITIES = (0.1, 0.35, 0.6)
 
 
 def break_even_key(block: ResidualBlock, x: Tensor, inactive: str) -> tuple:
-    """Cache key: unit signature (conv shapes), input shape, layout, dtype, device, threads."""
+    """Route key: unit signature (conv shapes), input shape, layout, dtype, device, threads."""
     layout = is_channels_last(x)
     return (unit_info(block).signature, tuple(x.shape), layout, x.dtype, x.device, torch.get_num_threads(),
             inactive)
@@ -111,18 +112,6 @@ def calibrate_break_even(block: ResidualBlock, x: Tensor, inactive: str = "short
 
 
 def break_even_for(block: ResidualBlock, x: Tensor, inactive: str = "shortcut") -> float:
-    """Cached :func:`calibrate_break_even` for this unit and input shape (measured on first use)."""
-    key = break_even_key(block, x, inactive)
-    if key not in _CACHE:
-        _CACHE[key] = calibrate_break_even(block, x, inactive)
-    return _CACHE[key]
-
-
-def clear_break_even_cache() -> None:
-    """Forget every calibrated break-even (e.g. after changing the thread count's meaning)."""
-    _CACHE.clear()
-
-
-def cached_break_evens() -> dict[tuple, float]:
-    """A copy of the calibrated break-evens, keyed as :func:`break_even_key`."""
-    return dict(_CACHE)
+    """:func:`calibrate_break_even` for this unit and input shape: a stored route, measured once per machine."""
+    return float(fast.decide("break_even", break_even_key(block, x, inactive),
+                             lambda: calibrate_break_even(block, x, inactive)))

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ponder import fast
 from ponder.nn.sparse_fallback import break_even_for
 from ponder.nn.sparse_units import (
     Inactive,
@@ -67,8 +68,8 @@ def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
             DynConv); see :mod:`ponder.nn.sparse_units`.
         break_even: run densely when the unit's work fraction (sparse branch MACs / dense branch
             MACs, dilation included) exceeds this: ``"auto"`` = calibrated on this device per unit and
-            input shape (:func:`ponder.nn.sparse_fallback.break_even_for`), a float = fixed, ``None`` =
-            always sparse, ``"default"`` = :func:`set_default_break_even`'s value.
+            input shape (:func:`ponder.nn.sparse_fallback.break_even_for`; with fast paths off: ``None``),
+            a float = fixed, ``None`` = always sparse, ``"default"`` = :func:`set_default_break_even`'s value.
         first: the unit's :func:`~ponder.nn.sparse_units.first_conv_mask` of ``mask`` (bool), when the
             caller already has it (e.g. for :func:`ponder.nn.sparse_cost.residual_macs`); computed if ``None``.
         overwrite: the caller no longer needs ``x``: the sparse kernel may write the output into
@@ -84,6 +85,8 @@ def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
                          "to train.")
     if break_even == "default":
         break_even = _DEFAULT[0]
+    if break_even == "auto" and not fast.enabled():  # no timing with fast paths off: always sparse
+        break_even = None
     _check_break_even(break_even)
     with torch.no_grad():
         m = mask if mask.dtype == torch.bool else mask != 0

@@ -28,14 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ponder.nn.dense_conv import conv1x1_rows, conv2d
-from ponder.nn.fused_spatial import residual_epilogue, scatter_residual
-from ponder.nn.layout import is_channels_last
+from ponder import fast
+from ponder.layout import is_channels_last
 from ponder.nn.sparse_conv import (
     PositionIndex,
     empty_plane,
-    fold_conv_bn,
-    fold_conv_bn_dense,
     gather_gemm,
     input_mask,
     padded_plane,
@@ -166,48 +163,26 @@ def masked_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
     return F.relu(s + m * b)
 
 
-def folded_conv(x: Tensor, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, relu: bool) -> Tensor:
-    """``act(bn(conv(x)))`` in eval mode with BN folded into the conv: ``[B, C, H, W]`` -> ``[B, C', H', W']``.
-
-    A 1x1 conv (padding 0) on a channels-last ``x`` runs as one row GEMM on the fastest route
-    (:func:`ponder.nn.dense_conv.conv1x1_rows`; a strided one on the subsampled map), any other conv
-    through :func:`ponder.nn.dense_conv.conv2d` (channels-last: the fastest of ``F.conv2d``, oneDNN
-    with the folded weight packed once and the ReLU fused, and the compiled 3x3 kernels) with the
-    folded weight in ``x``'s layout. The output keeps ``x``'s layout.
-    """
-    cl = is_channels_last(x)
-    if cl and conv.kernel_size == (1, 1) and conv.padding == (0, 0):
-        f = fold_conv_bn(conv, bn)
-        s = conv.stride[0]
-        if s > 1:
-            x = x[:, :, ::s, ::s].contiguous(memory_format=torch.channels_last)
-        B, _, H, W = x.shape
-        y = conv1x1_rows(rows_view(x), f.weight, f.bias, relu)
-        return y.view(B, H, W, -1).permute(0, 3, 1, 2)
-    weight, bias = fold_conv_bn_dense(conv, bn, channels_last=cl)
-    return conv2d(x, weight, bias, conv.stride[0], conv.padding[0], relu)
-
-
 def folded_branch(block: ResidualBlock, x: Tensor) -> Tensor:
-    """``block.branch(x)`` in eval mode with every BN folded into its conv (:func:`folded_conv`; no BN passes).
+    """``block.branch(x)`` in eval mode with every BN folded into its conv (:func:`ponder.fast.conv_bn`; no BN passes).
 
-    The folded weights are :func:`~ponder.nn.sparse_conv.fold_conv_bn`'s (the sparse kernel's),
+    The folded weights are :func:`~ponder.fast.fold_conv_bn`'s (the sparse kernel's),
     cached until they change.
     """
     pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
     if not is_basic(block):
         pairs.append((block.conv3, block.bn3))
     for i, (conv, bn) in enumerate(pairs):
-        x = folded_conv(x, conv, bn, relu=i < len(pairs) - 1)
+        x = fast.conv_bn(x, conv, bn, relu=i < len(pairs) - 1)
     return x
 
 
 def folded_shortcut(block: ResidualBlock, x: Tensor) -> Tensor:
-    """``block.shortcut(x)`` in eval mode, a ``Conv2d -> BatchNorm2d`` downsample folded (:func:`folded_conv`)."""
+    """``block.shortcut(x)`` in eval mode, a ``Conv2d -> BatchNorm2d`` downsample folded (:func:`ponder.fast.conv_bn`)."""
     ds = block.downsample
     if isinstance(ds, torch.nn.Sequential) and len(ds) == 2 and isinstance(ds[0], torch.nn.Conv2d) \
             and isinstance(ds[1], torch.nn.BatchNorm2d) and not ds.training:
-        return folded_conv(x, ds[0], ds[1], relu=False)
+        return fast.conv_bn(x, ds[0], ds[1], relu=False)
     return block.shortcut(x)
 
 
@@ -218,11 +193,11 @@ def dense_fallback(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: str)
     ``relu(s + mask * branch)``; that is exact for ``inactive="relu"``, and for ``"shortcut"`` whenever
     ``s >= 0`` (any unit input that is a ReLU output). Otherwise the inactive positions are restored
     from the shortcut afterwards. Channels-last float32 maps take the fused epilogue
-    (:func:`ponder.nn.fused_spatial.residual_epilogue`, one pass, exact for any ``s``) when compiled.
+    (:func:`ponder.fast.residual_epilogue`, one pass, exact for any ``s``) when compiled.
     """
     s = folded_shortcut(block, x)
     out = folded_branch(block, x)
-    fused = residual_epilogue(out, s, mask, inactive == "relu")
+    fused = fast.residual_epilogue(out, s, mask, inactive == "relu")
     if fused is not None:
         return fused
     if inactive == "relu" or bool(s.amin() >= 0):  # amin: a fast full reduction (min() is slow)
@@ -238,7 +213,7 @@ def dense_fallback(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: str)
 
 def _finish(out: Tensor, rows: Tensor, y: Tensor, inactive: str) -> None:
     """``out[rows] = relu(out[rows] + y)``; every other row relu'd too for ``inactive="relu"``."""
-    if scatter_residual(out, rows, y, inactive == "relu") is not None:  # one pass (compiled kernel)
+    if fast.scatter_residual(out, rows, y, inactive == "relu") is not None:  # one pass (compiled kernel)
         return
     y += out.index_select(0, rows)
     y.relu_()
@@ -267,7 +242,7 @@ def run_sparse_basic(block: BasicBlock, x: Tensor, mask: Tensor, first: Tensor, 
     """
     B, _, H, W = x.shape
     _, ho, wo = mask.shape
-    f1, f2 = fold_conv_bn(block.conv1, block.bn1), fold_conv_bn(block.conv2, block.bn2)
+    f1, f2 = fast.fold_conv_bn(block.conv1, block.bn1), fast.fold_conv_bn(block.conv2, block.bn2)
     pos1, pos = PositionIndex.from_mask(first), PositionIndex.from_mask(mask)
     xp = padded_plane(x, 1)
     h = gather_gemm(xp, window_starts(pos1, (H, W), 3, f1.stride, 1, 1), f1, relu=True)
@@ -287,8 +262,8 @@ def run_sparse_bottleneck(block: Bottleneck, x: Tensor, mask: Tensor, first: Ten
     """
     B, _, H, W = x.shape
     _, ho, wo = mask.shape
-    f1, f2, f3 = (fold_conv_bn(block.conv1, block.bn1), fold_conv_bn(block.conv2, block.bn2),
-                  fold_conv_bn(block.conv3, block.bn3))
+    f1, f2, f3 = (fast.fold_conv_bn(block.conv1, block.bn1), fast.fold_conv_bn(block.conv2, block.bn2),
+                  fast.fold_conv_bn(block.conv3, block.bn3))
     pos1, pos = PositionIndex.from_mask(first), PositionIndex.from_mask(mask)
     out = _output_plane(block, x, overwrite)
     x_rows = out if block.downsample is None else rows_view(x)  # conv1 reads x before out is written

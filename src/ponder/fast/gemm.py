@@ -9,7 +9,8 @@ and measured faster on this machine (:func:`gemm_backend`, timed once per thread
 GEMMs of at least :data:`ONEDNN_MIN_MACS` (below that oneDNN's ~10 us call overhead loses), and
 ``addmm`` otherwise. Both compute in fp32; results agree to rounding.
 
-The sparse kernels (:mod:`ponder.nn.sparse_conv`) run every GEMM through here. PyTorch's dense
+The sparse kernels (:mod:`ponder.nn.sparse_conv`) run every GEMM through here. With fast paths off
+(:func:`ponder.fast.enabled`) every GEMM is ``addmm``. PyTorch's dense
 1x1 convolutions do not (they stay on PyTorch's own kernels), which is why ``ponder bench``
 reports the dense network both as PyTorch runs it and with these kernels (README, "Speed").
 """
@@ -20,12 +21,12 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from ponder.nn.timing import fastest
+from ponder.fast.routes import choose
+from ponder.fast.switch import enabled
 
 #: GEMMs with fewer MACs than this use ``addmm`` (measured crossover ~0.5-1M MACs, one thread).
 ONEDNN_MIN_MACS = 1 << 20
 
-_BACKEND: dict[int, str] = {}  # thread count -> "onednn" / "blas"
 _FORCED: list[str | None] = [None]
 BACKENDS = ("auto", "onednn", "blas")
 
@@ -59,24 +60,22 @@ def set_gemm_backend(name: str) -> None:
 def gemm_backend() -> str:
     """The backend :func:`linear_rows` uses for large CPU GEMMs: ``"onednn"`` or ``"blas"``.
 
-    ``"auto"`` times both on a ``[1024, 1152] x [1152, 128]`` GEMM (three rounds each, minimum)
-    the first time per thread count and keeps the faster (invisible to an enclosing ``FlopCounterMode``).
+    ``"auto"`` takes the faster on a ``[1024, 1152] x [1152, 128]`` GEMM, timed once per machine and
+    thread count (a stored route: :mod:`ponder.fast.routes`).
     """
     if _FORCED[0] is not None:
         return _FORCED[0]
-    threads = torch.get_num_threads()
-    if threads not in _BACKEND:
-        _BACKEND[threads] = _measure() if onednn_available() else "blas"
-    return _BACKEND[threads]
+    if not onednn_available():
+        return "blas"
+    return choose("gemm_backend", (torch.get_num_threads(),), _backend_routes)
 
 
-def _measure() -> str:
+def _backend_routes() -> list[tuple[str, object]]:
     g = torch.Generator().manual_seed(0)
     a, w, b = (torch.randn(1024, 1152, generator=g), torch.randn(128, 1152, generator=g),
                torch.randn(128, generator=g))
-    routes = [lambda: torch.addmm(b, a, w.t()),  # ties: blas
-              lambda: torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")]
-    return ("blas", "onednn")[fastest(routes)]
+    return [("blas", lambda: torch.addmm(b, a, w.t())),  # ties: blas
+            ("onednn", lambda: torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], ""))]
 
 
 def linear_rows(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) -> Tensor:
@@ -87,7 +86,7 @@ def linear_rows(x: Tensor, weight: Tensor, bias: Tensor, relu: bool = False) -> 
     """
     n, k = x.shape
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
-    if (not needs_grad and x.device.type == "cpu" and x.dtype == torch.float32
+    if (not needs_grad and enabled() and x.device.type == "cpu" and x.dtype == torch.float32
             and n * k * weight.shape[0] >= ONEDNN_MIN_MACS and gemm_backend() == "onednn"):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none",
                                                    [None] if relu else [], "")

@@ -12,9 +12,9 @@ on 32x32 maps, 12-24 on 16x16 and 8x8; at batch 1 those took 15-50 us for 0.1-1.
   exit head at batch 1 (208 -> 128 channels on 8x8: 55 -> 34 us);
 - :func:`rows_gemm`: that block GEMM on the rows of a 1x1 convolution.
 
-:func:`ponder.nn.dense_conv.conv2d` and :func:`~ponder.nn.dense_conv.conv1x1_rows` time them against
+:func:`ponder.fast.conv.conv2d` and :func:`~ponder.fast.conv.conv1x1_rows` time them against
 their other routes per shape and batch-size bucket and use them only where they win. The module is
-built with ``-march=native`` (one build per CPU model, :func:`ponder.nn.native.cpu_tag`) and with
+built with ``-march=native`` (one build per CPU model, :func:`ponder.fast.machine.cpu_tag`) and with
 contracted multiply-adds, so the results equal ``F.conv2d``'s up to float rounding, not bit for bit.
 """
 
@@ -25,15 +25,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ponder.nn.native import cpu_inference, cpu_tag, kernel_loader
-from ponder.nn.weight_cache import derived
+from ponder.fast.native import load
+from ponder.fast.switch import cpu_inference
+from ponder.fast.weight_cache import derived
 
 _BLOCK = 8  # output channels per weight block of conv3x3 (kOut in the C++ source)
 _GEMM_BLOCK = 32  # ... of conv3x3_gemm (kGemmOut)
 
 
-_extension = kernel_loader(lambda: f"ponder_small_conv_{cpu_tag()}", "small_conv.cpp",
-                           ("-O3", "-march=native", "-ffp-contract=fast"), "the small-convolution kernels")
+def _extension():
+    return load("small_conv")
 
 
 def conv3x3_applies(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int) -> bool:
@@ -106,7 +107,7 @@ def rows_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool = False
 
 def blocked_weight(weight: Tensor) -> Tensor:
     """``weight [C', C, 3, 3]`` as ``[ceil(C'/8), C*9, 8]``: blocks of 8 output channels, taps in
-    ``(c, kh, kw)`` order, zero-padded; cached with the weight (:func:`ponder.nn.weight_cache.derived`)."""
+    ``(c, kh, kw)`` order, zero-padded; cached with the weight (:func:`ponder.fast.weight_cache.derived`)."""
     return _blocked(weight, "small_conv", lambda w: w.permute(1, 2, 3, 0).reshape(-1, w.shape[0]), _BLOCK)
 
 

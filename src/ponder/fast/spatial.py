@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the spatial (SACT) executor, compiled on first use (optional).
+"""Fused CPU kernels for the spatial (SACT) executor, built by `ponder kernels build` (optional).
 
 Five steps of a SACT unit at inference each take one C++ call and one pass over their data
 (``csrc/fused_spatial.cpp``) instead of several PyTorch calls:
@@ -16,7 +16,7 @@ Five steps of a SACT unit at inference each take one C++ call and one pass over 
 
 Each returns ``None`` where it does not apply (:func:`spatial_halting`: check
 :func:`spatial_halting_applies` first), and the caller runs its PyTorch code instead:
-without the compiled module (no C++ compiler or ``ninja``; or ``PONDER_NO_KERNELS=1``), with
+without the built module (``ponder kernels build``), with fast paths off (``PONDER_FAST=0``), with
 autograd, off the CPU, outside float32, for tensors that are not channels-last contiguous, and
 under a ``TorchDispatchMode`` such as ``FlopCounterMode`` (which cannot see inside the kernels, so
 cost counting always runs the PyTorch path). The results equal the PyTorch path's up to float
@@ -28,12 +28,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ponder.nn.gemm import onednn_available
-from ponder.nn.native import cpu_inference, kernel_loader
-from ponder.nn.timing import fastest
+from ponder.fast.gemm import onednn_available
+from ponder.fast.native import load
+from ponder.fast.routes import choose
+from ponder.fast.switch import cpu_inference
 
-_extension = kernel_loader("ponder_fused_spatial", "fused_spatial.cpp", ("-O3", "-ffp-contract=off"),
-                           "the fused spatial kernels")
+
+def _extension():
+    return load("spatial")
 
 
 def kernels_available() -> bool:
@@ -85,27 +87,21 @@ def spatial_halting(x: Tensor, weights: Tensor, shifts: Tensor, glob_shift: floa
     if not _cl(x) or weights.shape != (10, x.shape[1]):
         raise ValueError(f"spatial_halting needs a channels-last float32 map and [10, C] weights; "
                          f"got x {list(x.shape)}, weights {list(weights.shape)}")
-    ext, key = _extension(), (x.shape, torch.get_num_threads())
-    route = _PLANE_ROUTE.get(key)
-    if route is None:  # ties: BLAS
-        route = _PLANE_ROUTE[key] = onednn_available() and fastest(
-            [lambda: ext.spatial_halting(x, weights, shifts, None, glob_shift, bias),
-             lambda: _halting_onednn(x, weights, shifts, glob_shift, bias)]) == 1
-    if route:
+    ext = _extension()
+    route = choose("halting_planes", (tuple(x.shape), torch.get_num_threads()), lambda: [  # ties: BLAS
+        ("blas", lambda: ext.spatial_halting(x, weights, shifts, None, glob_shift, bias)),
+        *([("onednn", lambda: _halting_onednn(x, weights, shifts, glob_shift, bias))] if onednn_available() else [])])
+    if route == "onednn":
         return _halting_onednn(x, weights, shifts, glob_shift, bias)
     return ext.spatial_halting(x, weights, shifts, None, glob_shift, bias)
 
 
 def _halting_onednn(x: Tensor, weights: Tensor, shifts: Tensor, glob_shift: float, bias: float) -> Tensor:
+    # oneDNN's GEMM is up to 2x faster than BLAS's [10, P] one on most of SACT's shapes here, but its
+    # position-major planes make the 3x3 sum strided: the route is timed end to end, once per shape
     rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view: [B*H*W, C]
     planes = torch.ops.mkldnn._linear_pointwise(rows, weights, shifts, "none", [], "").t()
     return _extension().spatial_halting(x, weights, shifts, planes, glob_shift, bias)
-
-
-# (x.shape, threads) -> True when the halting kernel is faster on oneDNN's [P, 10] tap GEMM than on
-# BLAS's [10, P] one: oneDNN's GEMM is up to 2x faster on most of SACT's shapes here, but its
-# position-major planes make the 3x3 sum strided. Timed once per shape, end to end.
-_PLANE_ROUTE: dict[tuple, bool] = {}
 
 
 def act_step(hsum: Tensor, n: Tensor, remainder: Tensor, run: Tensor, h: Tensor | None, x: Tensor | None,

@@ -1,6 +1,6 @@
 // The sparse early-exit executor's bookkeeping after one exit, as one call: the samples that leave
 // write their logits and exit index into the batch-wide outputs, the rest are gathered out of every
-// state tensor. ponder/nn/exits.py (exit_step) checks the conditions and holds the reference
+// state tensor. ponder/fast/early_exit.py (exit_step) checks the conditions and holds the reference
 // semantics; MultiExitModel._forward_sparse's PyTorch path does the same with index ops, and
 // tests/test_early_exit_msdnet.py compares the two.
 #include <torch/extension.h>

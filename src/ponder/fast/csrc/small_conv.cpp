@@ -1,5 +1,5 @@
 // Direct 3x3 convolution (padding 1, stride 1 or 2) for channels-last float32 inference, with the
-// bias and an optional ReLU fused: the kernel behind ponder.nn.small_conv. Built for the machine it
+// bias and an optional ReLU fused: the kernel behind ponder.fast.small_conv. Built for the machine it
 // runs on (-march=native), it vectorises over output positions rather than channels, so it stays
 // efficient where oneDNN and PyTorch are not: few channels (MSDNet's 6-channel convolutions on
 // 32x32 maps) and small batches, where their fixed cost per call (~20 us) exceeds the arithmetic.

@@ -1,0 +1,30 @@
+"""Every fast path of ponder behind one door.
+
+What lives here: the compiled C++ kernels (:mod:`~ponder.fast.native`, built ahead of time by
+``ponder kernels build``), routes chosen by timing and stored per machine (:mod:`~ponder.fast.routes`),
+BatchNorm folded into convolutions and weights packed for oneDNN or blocked for the kernels, cached
+with their weights (:mod:`~ponder.fast.fold`, :mod:`~ponder.fast.weight_cache`), and exit-head plans.
+Model and layer code calls the plain operations below and never sees a route.
+
+One switch turns all of it off: ``PONDER_FAST=0`` in the environment, or :func:`set_enabled` /
+:func:`disabled`. Off, every operation runs its plain PyTorch reference (no kernels, no timing, no
+caches): the same decisions and costs, results equal up to float rounding, only slower.
+``ponder kernels`` reports what is built and which route each stored shape takes.
+"""
+
+from ponder.fast.conv import conv_bn
+from ponder.fast.early_exit import applies as exit_head_applies
+from ponder.fast.early_exit import exit_head, exit_step, pool_flat
+from ponder.fast.fold import FoldedConv, fold_conv_bn, fold_conv_bn_dense, fold_key
+from ponder.fast.gemm import linear_rows
+from ponder.fast.routes import choose, decide
+from ponder.fast.spatial import act_step, residual_epilogue, scatter_residual, spatial_halting, \
+    spatial_halting_applies, unit_masks
+from ponder.fast.switch import cpu_inference, disabled, enabled, set_enabled
+
+__all__ = [
+    "FoldedConv", "act_step", "choose", "conv_bn", "cpu_inference", "decide", "disabled", "enabled", "exit_head",
+    "exit_head_applies", "exit_step", "fold_conv_bn", "fold_conv_bn_dense", "fold_key", "linear_rows",
+    "pool_flat", "residual_epilogue", "scatter_residual", "set_enabled", "spatial_halting",
+    "spatial_halting_applies", "unit_masks",
+]

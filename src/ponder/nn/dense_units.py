@@ -1,0 +1,66 @@
+"""A ResNet's dense units at inference on the sparse executor's kernels (BN folded, channels-last out).
+
+The spatial executor runs every unit of a stage in channels-last layout with BN folded into the
+convolutions (:func:`dense_unit_channels_last` for the units it runs densely), and ``ponder bench``
+times the whole dense ResNet on the same kernels (:func:`resnet_on_kernels`) next to plain PyTorch,
+so the speed-up owed to sparsity alone is reported too. The BlockDrop policy trunk runs on it at
+inference as well. Duck-typed on ``ponder.models.resnet`` ResNets (``conv1``, ``bn1``, optional
+``maxpool``, ``blocks``, ``head``), so this layer imports nothing from ``ponder.models``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ponder import fast
+from ponder.nn.sparse_units import folded_branch, folded_shortcut, unit_info
+
+
+def resnet_on_kernels(model: nn.Module, x: Tensor) -> Tensor:
+    """``model.forward_logits(x)`` of a ``ponder.models.resnet`` ResNet at inference: the stem by
+    :func:`stem_on_kernels`, every unit through :func:`dense_unit_channels_last` (BN folded, 1x1 convs
+    as row GEMMs on the faster backend, channels-last where measured faster), the head as it is.
+    ``[B, C, H, W]`` -> ``[B, K]``."""
+    h = stem_on_kernels(model, x)
+    for block in model.blocks:
+        h = dense_unit_channels_last(block, h)
+    return model.head(h)
+
+
+def stem_on_kernels(model: nn.Module, x: Tensor) -> Tensor:
+    """``model.stem(x)`` at inference, channels-last: conv1 with BN folded (:func:`ponder.fast.conv_bn`),
+    then the ImageNet stem's max-pool (``model.maxpool``, if any) on the channels-last map (PyTorch's
+    NCHW max-pool is the slow one: 4.6 ms against 0.3 ms on ResNet-50's 64 x 112 x 112 map at batch 1,
+    one thread). ``[B, 3, H, W]`` -> ``[B, 64, H', W']`` (CIFAR: ``[B, 16, H, W]``)."""
+    with torch.no_grad():
+        h = fast.conv_bn(x.contiguous(memory_format=torch.channels_last), model.conv1, model.bn1, relu=True)
+        pool = getattr(model, "maxpool", None)
+        return (pool(h) if pool is not None else h).contiguous(memory_format=torch.channels_last)
+
+
+def dense_unit_channels_last(block: nn.Module, x: Tensor) -> Tensor:
+    """``block(x)`` (eval mode, BN folded into the convs) as a channels-last tensor (inference only).
+
+    Either the unit runs on a channels-last copy of ``x``, or on a contiguous (NCHW) one and its output
+    is made channels-last. Which is faster depends on the unit and the CPU (mkldnn's strided channels-last
+    1x1 convs can be 2x slower at ResNet-50's last stage, other units gain): a stored route per unit
+    shape, input shape, layout and thread count (:func:`ponder.fast.choose`); channels-last with fast
+    paths off.
+    """
+    cl = torch.channels_last
+
+    def unit(t: Tensor) -> Tensor:  # BN folded into the convs, as in every later (sparse) unit
+        with torch.no_grad():
+            return folded_branch(block, t).add_(folded_shortcut(block, t)).relu_()
+
+    if not fast.enabled():
+        return unit(x.contiguous(memory_format=cl)).contiguous(memory_format=cl)
+    key = (unit_info(block).signature, tuple(x.shape), x.is_contiguous(), x.dtype, torch.get_num_threads())
+    route = fast.choose("unit_layout", key, lambda: [  # ties: channels-last
+        ("channels_last", lambda: unit(x.contiguous(memory_format=cl))),
+        ("nchw", lambda: unit(x.contiguous()).contiguous(memory_format=cl))])
+    if route == "channels_last":
+        return unit(x.contiguous(memory_format=cl))
+    return unit(x.contiguous()).contiguous(memory_format=cl)
