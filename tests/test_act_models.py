@@ -200,7 +200,8 @@ def test_imagenet_sact_evaluates_at_a_larger_resolution():
 
 
 def test_train_init_from_a_dense_weights_file_leaves_only_halting_fresh(tmp_path):
-    from ponder.engine.checkpoint import load_init_weights, save_weights
+    from ponder.engine.checkpoint import save_weights
+    from ponder.weights import load_init_weights
 
     dense = CifarResNet(14)
     save_weights(dense, tmp_path / "dense.safetensors")

@@ -85,21 +85,21 @@ def test_threshold_knob_trades_blocks_for_macs():
     m = _model()
     x = torch.randn(6, 3, 32, 32)
     led = m.ledger((3, 32, 32))
-    m.set_budget(0.0)
+    m.set_knob(0.0)
     full = m(x)
     assert full.gates.all() and torch.all(full.macs == led.total)
     torch.testing.assert_close(full.logits, m.dense_baseline().forward_logits(x))
-    m.set_budget(1.0)
+    m.set_knob(1.0)
     none = m(x)
     assert not none.gates.any()
     assert torch.all(none.macs == led["stem"] + led["head"] + led["policy"])
     blocks = []
     for t in (0.3, 0.5, 0.7):
-        m.set_budget(t)
+        m.set_knob(t)
         blocks.append(m(x).gates.sum().item())
     assert blocks == sorted(blocks, reverse=True)
-    with pytest.raises(ValueError, match="threshold in"):
-        m.set_budget(1.5)
+    with pytest.raises(ValueError, match="keep threshold in"):
+        m.set_knob(1.5)
 
 
 def test_force_keep_rate_is_seeded_and_reversible():
@@ -116,7 +116,7 @@ def test_force_keep_rate_is_seeded_and_reversible():
 
 def test_curriculum_keeps_early_blocks():
     m = _model()
-    m.set_budget(1.0)  # the policy would drop everything
+    m.set_knob(1.0)  # the policy would drop everything
     m.set_curriculum(4)
     gates = m(torch.randn(3, 3, 32, 32)).gates
     assert gates[:, :11].all() and not gates[:, 11:].any()
@@ -127,7 +127,8 @@ def test_curriculum_keeps_early_blocks():
 
 
 def test_backbone_loads_from_plain_resnet_run(tmp_path):
-    from ponder.engine.checkpoint import load_init_weights, save_weights
+    from ponder.engine.checkpoint import save_weights
+    from ponder.weights import load_init_weights
 
     torch.manual_seed(1)
     resnet = CifarResNet(32, num_classes=10)

@@ -15,7 +15,7 @@ from conftest import fast_paths
 from ponder import fast
 from ponder.fast import native, routes
 from ponder.nn import set_executor
-from ponder.nn.exits import MultiExitModel
+from ponder.models.multi_exit import MultiExitModel
 
 # (params, conv+linear MACs, official op_counter) cumulative per exit, computed with this library
 # from the official configurations. The official-convention CIFAR-100 figures (6.86M, 14.35M,
@@ -197,7 +197,7 @@ def test_force_keep_rate_is_deterministic_per_sample_and_executor_independent():
 
 
 def test_host_keep_number_equals_the_tensor_one_bit_for_bit():
-    from ponder.nn.exits import _PRIME, keep_uniform, keep_uniforms
+    from ponder.nn.forced import PRIME as _PRIME, keep_uniform, keep_uniforms
 
     g = torch.Generator().manual_seed(0)
     keys = torch.cat([torch.randint(0, _PRIME, (500,), generator=g), torch.tensor([0, 1, _PRIME - 1])])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ponder.evaluate.thresholds import (assign_exits, budget_curve, exit_proportions, expected_macs, fit_thresholds,
+from ponder.nn.thresholds import (assign_exits, budget_curve, exit_proportions, expected_macs, fit_thresholds,
                                         p_grid, thresholds_for_macs)
 
 

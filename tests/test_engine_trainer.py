@@ -13,7 +13,8 @@ from cifar_fixtures import write_fake_cifar
 from ponder import create_model
 from ponder.config import config_from_dict
 from ponder.engine import NonFiniteLossError, RunDirError, Trainer, evaluate_run, load_run, train
-from ponder.engine.checkpoint import load_init_weights, load_state, read_metrics, read_weights
+from ponder.engine.checkpoint import load_state, read_metrics
+from ponder.weights import load_init_weights, read_weights
 from ponder.methods.base import CrossEntropy, StepOutput, register_method
 
 KILL = {"at_epoch": None}

@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ponder import create_model
+from ponder.cost import CostLedger
 from conftest import fast_paths
 from ponder.fast import routes
 from ponder.fast import spatial as fused_spatial
@@ -141,12 +142,15 @@ def test_unit_masks_kernel_gives_the_ledger_and_the_dilated_mask(pytorch_path, s
     mask = torch.rand(*shape, generator=g) < 0.3
     mask[0] = False  # a sample with nothing active pays no halting branch
     in_size = (32 if bottleneck else 16, shape[1], shape[2])
+    ledger = CostLedger(in_size, {"u.skip": 7, "u.first": 11, "u.rest": 13, "halt": 1000}, 0)
     with torch.no_grad():
-        first, macs = unit_masks_and_macs(block, in_size, mask, halt_macs=1000.0)
+        first, macs = unit_masks_and_macs(block, in_size, mask, ledger, "u", "halt")
         pytorch_path()
-        want_first, want_macs = unit_masks_and_macs(block, in_size, mask, halt_macs=1000.0)
+        want_first, want_macs = unit_masks_and_macs(block, in_size, mask, ledger, "u", "halt")
     assert torch.equal(first, want_first) and torch.equal(macs, want_macs)
-    assert macs.dtype == torch.float64 and macs[0] == 0
+    n_first, n_mask = want_first.flatten(1).sum(1).double(), mask.flatten(1).sum(1).double()
+    assert torch.equal(macs, 7 + 11 * n_first + 13 * n_mask + 1000 * (n_mask > 0))  # the ledger's charge
+    assert macs.dtype == torch.float64 and macs[0] == 7
 
 
 def test_fast_paths_switched_off_by_the_environment_leave_the_kernels_alone():

@@ -56,7 +56,9 @@ def test_unit_macs_charges_nested_and_repeated_units():
 def test_ledger_charge_is_decision_weighted_sum():
     led = CostLedger(input_size=(3, 8, 8), units={"a": 10, "b": 100}, total=110)
     d = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
-    assert led.charge(["a", "b"], d).tolist() == [10.0, 110.0, 0.0]
+    assert led.charge(("a", "b"), d).tolist() == [10.0, 110.0, 0.0]
+    assert led.charge_prefix(("a", "b"), torch.tensor([1, 0, 1])).tolist() == [110.0, 10.0, 110.0]
+    assert led.charge(("a", "b"), torch.tensor([[3, 0]])).tolist() == [30.0]  # counts (per-position units)
 
 
 def test_profile_json_has_integer_params_and_macs_and_blocks():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ponder.cost import CostLedger, count_macs
 from ponder.models.resnet import CifarResNet
 from ponder.nn.executor import set_executor
-from ponder.nn.skip import BlockSkipper, block_usage, charge_blocks, skip_units
+from ponder.nn.skip import BlockSkipper, block_usage, skip_units
 
 
 def _randomised(shortcut: str, depth: int = 14, seed: int = 0) -> CifarResNet:
@@ -138,7 +138,10 @@ def test_ledger_equals_flop_counter_on_sparse_batch1(shortcut):
         keep = (torch.rand(1, len(net.blocks), generator=g) < 0.5).float()
         x = torch.randn(1, *size, generator=g)
         counted = count_macs(lambda: net.head(skipper.run_blocks(net.blocks, net.stem(x), keep)))
-        assert charge_blocks(ledger, keep, ["stem", "head"]).item() == counted
+        names = tuple(f"blocks.{i}" for i in range(len(net.blocks))) + tuple(
+            f"blocks.{i}.skip" for i in range(len(net.blocks))) + ("stem", "head")
+        decisions = torch.cat([keep, 1 - keep, torch.ones(1, 2)], 1)
+        assert ledger.charge(names, decisions).item() == counted
     skip = skip_units(net, size)
     assert (sum(skip.values()) > 0) == (shortcut == "B")
 

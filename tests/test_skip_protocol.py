@@ -25,7 +25,7 @@ def _context(tmp_path, model, options=None):
 def test_skip_protocol_reports_usage_and_sweeps_the_threshold(tmp_path):
     torch.manual_seed(0)
     model = create_model("blockdrop_resnet32_cifar").eval()
-    model.set_budget(0.45)
+    model.set_knob(0.45)
     report = get_protocol("skip")(_context(tmp_path, model, {"thresholds": [0.0, 0.5, 1.0]}))
     assert report["n"] == 12 and len(report["per_block"]) == 15
     assert report["macs_std"] >= 0 and report["dense_macs"] == 68_862_592

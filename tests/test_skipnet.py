@@ -123,18 +123,18 @@ def test_threshold_is_the_inference_knob():
     kept, macs = [], []
     with torch.no_grad():
         for t in (0.0, 0.3, 0.5, 0.7, 1.0):
-            m.set_budget(t)
+            m.set_knob(t)
             out = m(x)
             kept.append(out.gates.sum().item())
             macs.append(out.macs.mean().item())
             logits = out.extras["gate_logits"]
-            assert torch.equal(out.gates[:, 1:], (logits > torch.logit(torch.tensor(t))).float())
+            assert torch.equal(out.gates[:, 1:], (logits >= torch.logit(torch.tensor(t))).float())
             inside = (out.extras["gate_probs"] - t).abs() > 1e-6  # away from the threshold p decides alike
-            assert torch.equal(out.gates[:, 1:][inside], (out.extras["gate_probs"] > t).float()[inside])
+            assert torch.equal(out.gates[:, 1:][inside], (out.extras["gate_probs"] >= t).float()[inside])
     assert kept == sorted(kept, reverse=True) and kept[0] > kept[-1]
     assert macs == sorted(macs, reverse=True)
-    with pytest.raises(ValueError, match="threshold"):
-        m.set_budget(1.5)
+    with pytest.raises(ValueError, match="keep threshold in"):
+        m.set_knob(1.5)
 
 
 def test_straight_through_training_sends_ce_gradient_to_gates():

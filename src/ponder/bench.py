@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ponder.cost import count_macs
+from ponder.models.base import DynamicModel
 from ponder.nn.executor import set_executor
 
 
@@ -124,12 +125,6 @@ class DynamicBench:
     speedup_vs_kernels_range: tuple[float, float] | None = None
 
 
-def _macs_of(module: nn.Module, x1: Tensor) -> int:
-    if hasattr(module, "ledger"):
-        return module.ledger(tuple(x1.shape[1:])).total
-    return count_macs(module, x1)
-
-
 def bench_static(model: nn.Module, name: str, batch: int, input_size: Sequence[int], threads: int,
                  repeats: int = 10, warmup: int = 2, device: str = "cpu") -> StaticBench:
     """Median ms per batch of ``model`` on random inputs ``[batch, *input_size]``."""
@@ -137,8 +132,8 @@ def bench_static(model: nn.Module, name: str, batch: int, input_size: Sequence[i
     x = torch.randn(batch, *input_size, device=device)
     with torch_threads(threads):
         ms = time_interleaved({"model": lambda: model(x)}, repeats, warmup, device)["model"]
-    return StaticBench(name, batch, threads or torch.get_num_threads(), ms,
-                       batch / ms * 1e3, _macs_of(model, x[:1]))
+    macs = model.ledger(tuple(input_size)).total if hasattr(model, "ledger") else count_macs(model, x[:1])
+    return StaticBench(name, batch, threads or torch.get_num_threads(), ms, batch / ms * 1e3, macs)
 
 
 def bench_dynamic(model: nn.Module, name: str, batches: list[Tensor], threads: int, mode: str,
@@ -146,12 +141,12 @@ def bench_dynamic(model: nn.Module, name: str, batches: list[Tensor], threads: i
                   device: str = "cpu") -> DynamicBench:
     """Dense baseline vs the dynamic model's sparse (and masked) executor on the same ``batches``.
 
-    The model must provide ``dense_baseline()`` (see DESIGN.md); its decisions are whatever it
-    is configured with (``force_keep_rate`` or the learned policy with its budget). A model whose
-    sparse executor runs faster kernels than its plain dense network also provides
-    ``dense_baseline_kernels()`` (the dense network on those kernels); it is timed too.
+    Written against the :class:`~ponder.models.base.DynamicModel` contract: ``dense_baseline()``; its
+    decisions are whatever it is configured with (``force_keep_rate``, or the learned decisions at its
+    knob or budget). A model whose sparse executor runs other kernels than its plain dense network also
+    has a ``dense_baseline_kernels()`` (the dense network on those kernels); it is timed too.
     """
-    if not hasattr(model, "dense_baseline"):
+    if not isinstance(model, DynamicModel):
         raise ValueError(f"{name} is a static model: --keep-rate and --checkpoint need a dynamic model")
     model = model.eval().to(device)
     dense = model.dense_baseline().eval().to(device)
@@ -164,8 +159,9 @@ def bench_dynamic(model: nn.Module, name: str, batches: list[Tensor], threads: i
         set_executor(model, "sparse")
         macs = torch.cat([model(b).macs for b in batches]).double()
         fns = {"dense": run(dense), "sparse": run(model)}
-        if hasattr(model, "dense_baseline_kernels"):
-            fns["kernels"] = run(model.dense_baseline_kernels().eval().to(device))
+        kernels_net = model.dense_baseline_kernels()
+        if kernels_net is not None:
+            fns["kernels"] = run(kernels_net.eval().to(device))
         rounds = time_rounds(fns, repeats, warmup, device)
         ms = {k: statistics.median(v) for k, v in rounds.items()}
         masked_ms = None
@@ -174,7 +170,7 @@ def bench_dynamic(model: nn.Module, name: str, batches: list[Tensor], threads: i
             masked_ms = time_interleaved({"masked": run(model)}, max(3, repeats // 2), 1, device)["masked"]
             set_executor(model, "sparse")
     n = len(batches)
-    dense_macs = _macs_of(dense, batches[0][:1])
+    dense_macs = model.dense_macs(tuple(batches[0].shape[1:]))
     dyn = float(macs.mean())
     speedup = ms["dense"] / ms["sparse"]
     mac_ratio = dense_macs / dyn

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
@@ -37,21 +36,37 @@ def _model(args: argparse.Namespace) -> Any:
 def cmd_models(args: argparse.Namespace) -> None:
     import ponder
     from ponder.cost import format_count
+    from ponder.registry import model_info
 
+    names = ponder.list_models(args.pattern)
+    if not names:
+        raise CLIError(f"no model matches {args.pattern!r}; run `ponder models` without a pattern")
     rows = []
-    for name in ponder.list_models(args.pattern):
-        model = ponder.create_model(name)
-        prof = ponder.profile(model, tuple(model.default_input_size), name=name)
-        rows.append({"name": name, "input_size": list(prof.input_size), "params": prof.params, "macs": prof.macs})
+    for i, name in enumerate(names):
+        info = model_info(name)
+        row = {"name": name, "family": info.family, "paper": info.paper, "summary": info.summary}
+        if args.macs:  # builds each model: seconds per ImageNet network
+            print(f"\r[{i + 1}/{len(names)}] profiling {name:<32s}", end="", file=sys.stderr, flush=True)
+            model = ponder.create_model(name)
+            prof = ponder.profile(model, tuple(model.default_input_size), name=name)
+            row.update(input_size=list(prof.input_size), params=prof.params, macs=prof.macs)
+        rows.append(row)
+    if args.macs:
+        print(file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    if not rows:
-        raise CLIError(f"no model matches {args.pattern!r}; run `ponder models` without a pattern")
-    print(f"{'model':32s} {'input':>12s} {'params':>9s} {'MACs':>9s}")
+    if args.macs:
+        print(f"{'model':32s} {'family':11s} {'input':>11s} {'params':>9s} {'MACs':>9s}")
+        for r in rows:
+            size = "x".join(map(str, r["input_size"]))
+            print(f"{r['name']:32s} {r['family']:11s} {size:>11s} {format_count(r['params']):>9s} "
+                  f"{format_count(r['macs']):>9s}")
+        return
+    print(f"{'model':32s} {'family':11s} paper")
     for r in rows:
-        size = "x".join(map(str, r["input_size"]))
-        print(f"{r['name']:32s} {size:>12s} {format_count(r['params']):>9s} {format_count(r['macs']):>9s}")
+        print(f"{r['name']:32s} {r['family']:11s} {r['paper']}")
+    print(f"({len(rows)} models; `ponder models --macs` adds params and MACs, `ponder flops NAME` the details)")
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
@@ -132,18 +147,26 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from ponder import bench
+    from ponder.models.base import DynamicModel
 
     bench.keep_freed_memory()
     if args.checkpoint:
-        from ponder.data import build_datasets
+        from ponder.data import build_datasets, build_loaders
         from ponder.engine import data_config_for, load_run
+        from ponder.evaluate.budget import calibrate_on
 
         model, config = load_run(args.checkpoint)
         data_cfg = data_config_for(config, args.data_dir)
         bundle = build_datasets(data_cfg, seed=config.train.seed)
         test = bundle.test
-        if args.budget is not None and hasattr(model, "calibrate"):
-            _calibrate_on_heldout(model, bundle, config, data_cfg, Path(args.checkpoint))
+        if args.budget is not None:
+            if not isinstance(model, DynamicModel):
+                raise CLIError(f"{config.model.name} is static: it has no budget")
+            if bundle.val is None:
+                raise CLIError("--budget is fitted on the run's held-out split, but it has none "
+                               "(data.val_size > 0 in its recipe); use --knob VALUE instead")
+            _, val_loader, _ = build_loaders(bundle, data_cfg, seed=config.train.seed)
+            calibrate_on(model.eval(), val_loader)
         n = max(args.batch, args.images)
         n_batches = max(1, n // args.batch)
         if n_batches * args.batch > len(test):
@@ -155,48 +178,46 @@ def cmd_bench(args: argparse.Namespace) -> None:
         model = _model(args)
         name = args.name
         size = _input_size(args, model)
-        if args.keep_rate is None and not hasattr(model, "dense_baseline"):
+        if not isinstance(model, DynamicModel):
+            if args.keep_rate is not None or args.budget is not None or args.knob is not None:
+                raise CLIError(f"{name} is a static model: --keep-rate, --budget and --knob need a dynamic model")
             result: Any = bench.bench_static(model, name, args.batch, size, args.threads, args.repeats, args.warmup)
             _print_bench(result, args.json)
             return
-        if args.keep_rate is None:
+        if args.budget is not None:
+            raise CLIError("--budget is fitted on a trained run's held-out split: give --checkpoint RUN_DIR, "
+                           "or time an untrained model with --keep-rate r")
+        if args.keep_rate is None and args.knob is None:
             raise CLIError(f"{name} is dynamic: give --keep-rate r (forced decisions) or --checkpoint RUN_DIR")
-        if not 0.0 <= args.keep_rate <= 1.0:
-            raise CLIError(f"--keep-rate must be in [0, 1], got {args.keep_rate}")
-        if not hasattr(model, "force_keep_rate"):
-            raise CLIError(f"{name} is a static model: --keep-rate needs a dynamic model")
-        model.force_keep_rate(args.keep_rate, seed=0)
+        if args.keep_rate is not None:
+            if not 0.0 <= args.keep_rate <= 1.0:
+                raise CLIError(f"--keep-rate must be in [0, 1], got {args.keep_rate}")
+            model.force_keep_rate(args.keep_rate, seed=0)
         g = torch.Generator().manual_seed(0)
         n_batches = max(1, args.images // args.batch)
         batches = [torch.randn(args.batch, *size, generator=g) for _ in range(n_batches)]
-        mode = f"keep-rate {args.keep_rate}"
+        mode = f"keep-rate {args.keep_rate}" if args.keep_rate is not None else f"knob {args.knob}"
+    if args.knob is not None:
+        if not isinstance(model, DynamicModel):
+            raise CLIError(f"{name} is static: it has no knob")
+        model.set_knob(args.knob)
+        mode += f", {model.knob.name} {args.knob}"
     if args.budget is not None:
-        if not hasattr(model, "set_budget"):
-            raise CLIError(f"{name} has no budget knob (set_budget)")
-        model.set_budget(args.budget)
+        reached = model.set_budget(args.budget)
+        mode += f", budget {args.budget:.4g} MACs (held-out mean {reached:.4g})"
     result = bench.bench_dynamic(model, name, batches, args.threads, mode, args.repeats, args.warmup)
     _print_bench(result, args.json)
 
 
-def _calibrate_on_heldout(model: Any, bundle: Any, config: Any, data_cfg: Any, run_dir: Path) -> None:
-    """Give an early-exit model held-out confidences so that ``--budget`` (target MACs) can fit thresholds.
+def _knob_value(text: str) -> Any:
+    """A ``--knob`` value: a number, or a YAML list of numbers (early-exit thresholds)."""
+    import yaml
 
-    The confidences come from the run's exit-output cache (``RUN/cache``, shared with ``ponder eval``
-    and keyed to the weights and the data), computed and stored there on first use.
-    """
-    import torch
-
-    from ponder.data import build_loaders
-    from ponder.evaluate.early_exit import cached_exit_outputs
-    from ponder.evaluate.protocols import EvalContext
-
-    if bundle.val is None:
-        raise CLIError("--budget on an early-exit run needs its held-out split (data.val_size > 0 in its recipe)")
-    _, val_loader, _ = build_loaders(bundle, data_cfg, seed=config.train.seed)
-    ctx = EvalContext(model=model.eval(), config=config, run_dir=run_dir, out_dir=run_dir, test_loader=None,
-                      val_loader=val_loader, device=torch.device("cpu"))
-    with torch.no_grad():
-        model.calibrate(cached_exit_outputs(ctx, "val", val_loader).conf)
+    value = yaml.safe_load(text)
+    ok = isinstance(value, (int, float)) or (isinstance(value, list) and all(isinstance(v, (int, float)) for v in value))
+    if isinstance(value, bool) or not ok:
+        raise argparse.ArgumentTypeError(f"expected a number or a list of numbers, got {text!r}")
+    return value
 
 
 def _print_bench(result: Any, as_json: bool) -> None:
@@ -267,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("models", help="list registered models with params and MACs")
+    s = sub.add_parser("models", help="list registered models (family, paper; --macs: params and MACs)")
     s.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'resnet*_cifar'")
+    s.add_argument("--macs", action="store_true", help="build each model and add its params and MACs (slower)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_models)
 
@@ -315,7 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, default=2)
     s.add_argument("--keep-rate", type=float, help="force hard decisions at this rate (untrained model)")
     s.add_argument("--checkpoint", metavar="RUN_DIR", help="a trained run: its own decisions on real test data")
-    s.add_argument("--budget", type=float, help="the model's inference knob (threshold / budget)")
+    s.add_argument("--budget", type=float, metavar="MACS",
+                   help="target mean MACs per image, fitted on the run's held-out split (with --checkpoint)")
+    s.add_argument("--knob", type=_knob_value, metavar="VALUE",
+                   help="the model's native knob (exit thresholds as a list, a keep or halting threshold)")
     s.add_argument("--data-dir")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -75,26 +76,45 @@ class CostLedger:
     """Per-sample MACs of named units of a model at one input size (measured at batch 1).
 
     ``units`` maps a unit name (``"stem"``, ``"blocks.3"``, ``"exit.2"``, ``"policy"`` ...)
-    to the MACs one sample pays when that unit runs; ``total`` is the dense forward cost.
-    A model's per-sample cost is the sum over the units that sample ran.
+    to the MACs one sample pays when that unit runs (for per-position units of spatial models: per
+    active position); ``total`` is the dense forward cost. A sample's cost is the sum over the units
+    it ran, and :meth:`charge` / :meth:`charge_prefix` are the one way every model computes it.
     """
 
     input_size: tuple[int, int, int]
     units: dict[str, int]
     total: int
+    _vectors: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __getitem__(self, name: str) -> int:
         return self.units[name]
 
-    def sum(self, names: list[str]) -> int:
+    def sum(self, names: Sequence[str]) -> int:
         """MACs of running all ``names`` once."""
         return sum(self.units[n] for n in names)
 
-    def charge(self, names: list[str], decisions: torch.Tensor) -> torch.Tensor:
-        """Per-sample MACs ``[B]`` (float64) for ``decisions [B, len(names)]`` in [0, 1]."""
-        costs = torch.tensor([float(self.units[n]) for n in names], dtype=torch.float64,
-                             device=decisions.device)
-        return decisions.to(torch.float64) @ costs
+    def vector(self, names: tuple[str, ...], device: torch.device | str = "cpu") -> Tensor:
+        """``[len(names)]`` float64 unit costs on ``device`` (cached per names and device)."""
+        key = (names, str(device))
+        vec = self._vectors.get(key)
+        if vec is None:
+            vec = self._vectors[key] = torch.tensor([float(self.units[n]) for n in names], dtype=torch.float64,
+                                                    device=device)
+        return vec
+
+    def charge(self, names: tuple[str, ...], decisions: Tensor) -> Tensor:
+        """Per-sample MACs ``[B]`` (float64): ``decisions [B, len(names)]`` says how often each sample ran
+        each unit (0/1 for blocks, exits and gates; active-position counts for per-position units)."""
+        return decisions.to(torch.float64) @ self.vector(names, decisions.device)
+
+    def charge_prefix(self, names: tuple[str, ...], last: Tensor) -> Tensor:
+        """Per-sample MACs ``[B]`` (float64) of samples that ran ``names[0] .. names[last]`` (``last [B]`` long),
+        e.g. every block and exit head up to the exit a sample took."""
+        key = (names, str(last.device), "cumulative")
+        cum = self._vectors.get(key)
+        if cum is None:
+            cum = self._vectors[key] = self.vector(names, last.device).cumsum(0)
+        return cum[last]
 
 
 class LedgerCache:

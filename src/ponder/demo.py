@@ -78,7 +78,7 @@ def fit_exit_budget(model: torch.nn.Module, val_loader: Any, fraction: float) ->
     Returns the thresholds (also set on the model); the test set is never looked at.
     """
     from ponder.evaluate.early_exit import collect_exit_outputs
-    from ponder.evaluate.thresholds import thresholds_for_macs
+    from ponder.nn.thresholds import thresholds_for_macs
 
     conf = collect_exit_outputs(model, val_loader, torch.device("cpu")).conf
     size = tuple(next(iter(val_loader))[0].shape[1:])

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from ponder.config import DataConfig, RunConfig
-from ponder.engine.checkpoint import (CONFIG_FILE, METRICS_FILE, STATE_FILE, WEIGHTS_FILE, RunDirError,
-                                      load_init_weights, load_run, load_run_config)
+from ponder.engine.checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE, load_run, load_run_config
+from ponder.weights import WEIGHTS_FILE, RunDirError, load_init_weights
 from ponder.engine.distributed import DistInfo, init_distributed, resolve_device, shutdown_distributed
 from ponder.engine.trainer import NonFiniteLossError, Trainer, seed_everything
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
 
 
 @dataclass(frozen=True)
@@ -105,11 +105,6 @@ def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: boo
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (or ``model`` itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def all_reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Sum each scalar over ranks (identity when not distributed); keys must match across ranks."""
     if not (dist.is_available() and dist.is_initialized()) or not values:
@@ -127,15 +122,6 @@ def all_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` in rank order (``[obj]`` when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def broadcast_buffers(model: nn.Module, src: int = 0) -> None:

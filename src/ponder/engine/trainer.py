@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from ponder.config import RunConfig
 from ponder.engine import checkpoint as ckpt
-from ponder.engine.distributed import DistInfo, all_true, barrier, broadcast_buffers, gather_objects, wrap_ddp
+from ponder.dist import gather_objects
+from ponder.engine.distributed import DistInfo, all_true, barrier, broadcast_buffers, wrap_ddp
 from ponder.engine.optim import LRSchedule, build_optimizer
 from ponder.evaluate.records import collect
 from ponder.methods.base import Method

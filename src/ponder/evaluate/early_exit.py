@@ -18,68 +18,35 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ponder.evaluate.protocols import EvalContext, register_protocol
-from ponder.evaluate.thresholds import (assign_exits, budget_curve, expected_macs, json_float, p_grid,
-                                        thresholds_for_macs)
+from ponder.evaluate.records import Records, collect, load_records, save_records
 from ponder.models.multi_exit import MultiExitModel
+from ponder.nn.executor import set_executor
+from ponder.nn.thresholds import assign_exits, budget_curve, expected_macs, json_float, p_grid, thresholds_for_macs
 from ponder.plot import have_matplotlib, pyplot, save_figure
 
 
-@dataclass
-class ExitOutputs:
-    """Compute-all outputs on one split: ``conf [K, N]`` max-softmax, ``preds [K, N]``,
-    ``top5 [K, N]`` (bool), ``targets [N]``, ``softmax_sum_correct [K, N]`` (running-ensemble correct)."""
-
-    conf: Tensor
-    preds: Tensor
-    top5: Tensor
-    ensemble_correct: Tensor
-    targets: Tensor
-
-    @property
-    def correct(self) -> Tensor:
-        """``[K, N]`` bool: exit ``k`` is right on sample ``i``."""
-        return self.preds == self.targets.view(1, -1)
-
-
-def _batches(loader: Any):
-    for batch in loader:
-        yield batch[0], batch[1]
-
-
 @torch.no_grad()
-def collect_exit_outputs(model: MultiExitModel, loader: Any, device: Any) -> ExitOutputs:
-    """Run the compute-all executor over ``loader`` and keep what the protocols need."""
-    saved = (model.executor, model.thresholds, model._keep_rate)
-    model.executor, model._keep_rate = "masked", None
+def collect_exit_outputs(model: MultiExitModel, loader: Any, device: Any) -> Records:
+    """:func:`~ponder.evaluate.records.collect` with the compute-all executor and no thresholds or forced
+    decisions: records with every exit's confidence and prediction (``exit_conf`` / ``exit_pred`` ...)."""
+    saved = (model.executor, model.thresholds, model.forced)
+    set_executor(model, "masked")
+    model.forced = None
     model.set_thresholds(None)
-    conf, preds, top5, ens, targets = [], [], [], [], []
     try:
-        for images, y in _batches(loader):
-            images, y = images.to(device), y.to(device)
-            probs = torch.stack(model(images).exit_logits).float().softmax(dim=2)  # [K, B, C]
-            c, p = probs.max(dim=2)
-            conf.append(c.cpu())
-            preds.append(p.cpu())
-            k5 = min(5, probs.shape[2])
-            top5.append((probs.topk(k5, dim=2).indices == y.view(1, -1, 1)).any(dim=2).cpu())
-            running = probs.cumsum(dim=0).argmax(dim=2)
-            ens.append((running == y.view(1, -1)).cpu())
-            targets.append(y.cpu())
+        return collect(model, loader, device, desc="exits")
     finally:
-        model.executor, model._keep_rate = saved[0], saved[2]
+        set_executor(model, saved[0])
+        model.forced = saved[2]
         model.set_thresholds(saved[1])
-    return ExitOutputs(torch.cat(conf, 1), torch.cat(preds, 1), torch.cat(top5, 1), torch.cat(ens, 1),
-                       torch.cat(targets))
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -98,25 +65,22 @@ def _data_fingerprint(ctx: EvalContext, split: str, loader: Any) -> str:
     n = len(loader.dataset) if hasattr(loader, "dataset") else len(loader)
     raw = json.dumps({"split": split, "data": data, "n": n, "seed": ctx.config.train.seed}, sort_keys=True, default=str)
     h = hashlib.sha256(raw.encode())
-    for images, targets in _batches(loader):
-        h.update(images.detach().cpu().contiguous().numpy().tobytes())
-        h.update(targets.detach().cpu().contiguous().numpy().tobytes())
+    for batch in loader:
+        h.update(batch[0].detach().cpu().contiguous().numpy().tobytes())
+        h.update(batch[1].detach().cpu().contiguous().numpy().tobytes())
         break
     return h.hexdigest()[:16]
 
 
-def cached_exit_outputs(ctx: EvalContext, split: str, loader: Any) -> ExitOutputs:
+def cached_exit_outputs(ctx: EvalContext, split: str, loader: Any) -> Records:
     """:func:`collect_exit_outputs`, cached under ``out_dir/cache`` keyed to (weights, split, data)."""
     model = _multi_exit(ctx)
     key = f"{split}-{weights_fingerprint(model)}-{_data_fingerprint(ctx, split, loader)}"
     path = Path(ctx.out_dir) / "cache" / f"exits-{key}.safetensors"
     if path.is_file() and not ctx.options.get("no_cache"):
-        t = load_file(str(path))
-        return ExitOutputs(t["conf"], t["preds"], t["top5"], t["ensemble_correct"], t["targets"])
+        return load_records(path)
     out = collect_exit_outputs(model, loader, ctx.device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f.name: getattr(out, f.name).contiguous() for f in dataclasses.fields(out)}, str(path),
-              metadata={"key": key})
+    save_records(out, path)
     return out
 
 
@@ -147,13 +111,14 @@ def anytime(ctx: EvalContext) -> dict:
     model = _multi_exit(ctx)
     prof = model.profile_exits(_input_size(ctx, model))
     outs = cached_exit_outputs(ctx, "test", ctx.test_loader)
-    correct = outs.correct
+    correct = outs.exit_correct
+    ensemble = outs.ensemble_pred == outs.targets.view(-1, 1)
     exits = [{"exit": k + 1, "macs": prof[k]["macs"], "params": prof[k]["params"],
-              "top1": correct[k].double().mean().item() * 100, "top5": outs.top5[k].double().mean().item() * 100,
-              "ensemble_top1": outs.ensemble_correct[k].double().mean().item() * 100}
+              "top1": correct[:, k].double().mean().item() * 100,
+              "top5": outs.exit_top5[:, k].double().mean().item() * 100,
+              "ensemble_top1": ensemble[:, k].double().mean().item() * 100}
              for k in range(model.num_exits)]
-    result = {"protocol": "anytime", "num_test": int(outs.targets.numel()), "macs_unit": "conv+linear MACs",
-              "exits": exits}
+    result = {"protocol": "anytime", "num_test": len(outs), "macs_unit": "conv+linear MACs", "exits": exits}
     _write(ctx, "anytime.json", result)
     _plot_anytime(ctx, exits)
     return result
@@ -183,20 +148,22 @@ def budgeted(ctx: EvalContext) -> dict:
     costs = torch.tensor([p["macs"] for p in model.profile_exits(_input_size(ctx, model))], dtype=torch.float64)
     grid = p_grid(int(ctx.options.get("grid_points", 39)))
     official = str(ctx.options.get("official_float32", False)).lower() in ("1", "true", "yes")
-    points = budget_curve(val.conf, test.conf, test.correct, costs, grid, val_correct=val.correct,
+    val_conf, test_conf = val.exit_conf.t(), test.exit_conf.t()  # [K, N]
+    test_correct = test.exit_correct.t()
+    points = budget_curve(val_conf, test_conf, test_correct, costs, grid, val_correct=val.exit_correct.t(),
                           official_float32=official)
     direct = []
     for target in _as_list(ctx.options.get("target_macs")):
-        t = thresholds_for_macs(val.conf, costs, float(target))
-        idx = assign_exits(test.conf, t)
+        t = thresholds_for_macs(val_conf, costs, float(target))
+        idx = assign_exits(test_conf, t)
         direct.append({"target_macs": float(target), "thresholds": [json_float(v) for v in t],
                        "expected_macs": expected_macs(idx, costs),
-                       "accuracy": test.correct.gather(0, idx.view(1, -1))[0].double().mean().item() * 100})
-    model.calibrate(val.conf)
+                       "accuracy": test_correct.gather(0, idx.view(1, -1))[0].double().mean().item() * 100})
+    model.calibrate_confidences(val_conf)
     result = {"protocol": "budgeted", "calibration": calibration,
               "calibration_note": "held-out split, evaluation transforms" if calibration == "val"
               else "OFFICIAL QUIRK: thresholds tuned on the test set",
-              "num_val": int(val.targets.numel()), "num_test": int(test.targets.numel()),
+              "num_val": len(val), "num_test": len(test),
               "exit_macs": costs.tolist(), "macs_unit": "conv+linear MACs", "points": points,
               "target_macs": direct}
     _write(ctx, "budgeted.json", result)
@@ -232,13 +199,13 @@ def _plot_anytime(ctx: EvalContext, exits: list[dict]) -> None:
     save_figure(fig, Path(ctx.out_dir) / "anytime.png")
 
 
-def _plot_budgeted(ctx: EvalContext, points: list[dict], costs: Tensor, test: ExitOutputs) -> None:
+def _plot_budgeted(ctx: EvalContext, points: list[dict], costs: Tensor, test: Records) -> None:
     plt = _pyplot()
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([p["expected_macs"] / 1e6 for p in points], [p["accuracy"] for p in points], ".-", label="budgeted (p-grid)")
-    ax.plot((costs / 1e6).tolist(), (test.correct.double().mean(1) * 100).tolist(), "s", label="single exit")
+    ax.plot((costs / 1e6).tolist(), (test.exit_correct.double().mean(0) * 100).tolist(), "s", label="single exit")
     ax.set_xlabel("mean MACs per image (M)")
     ax.set_ylabel("test top-1 (%)")
     ax.legend()

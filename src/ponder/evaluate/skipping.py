@@ -1,8 +1,8 @@
 """The ``skip`` protocol for block-skipping models (BlockDrop, SkipNet, ...): accuracy, per-image
 MACs mean +- std, block usage, and the keep-threshold knob swept into an accuracy-vs-MACs curve.
 
-Works for any model whose output carries ``gates [B, blocks]``; the sweep needs
-``set_budget(threshold)`` and a ``threshold`` attribute (restored afterwards).
+Works for any model whose output carries ``gates [B, blocks]``; the sweep moves the native knob of a
+:class:`~ponder.models.skipping.SkippingModel` (its keep threshold, restored afterwards).
 
 Options (``ctx.options``): ``thresholds`` (list of floats; default 0.0, 0.1, ..., 0.9),
 ``executor`` (``sparse`` by default; in eval mode both executors give the same outputs).
@@ -20,6 +20,7 @@ import torch.nn as nn
 from ponder.evaluate.protocols import EvalContext, register_protocol
 from ponder.evaluate.records import Records, collect
 from ponder.nn.executor import get_executor, set_executor
+from ponder.models.skipping import SkippingModel
 from ponder.nn.skip import block_usage
 
 DEFAULT_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(10))
@@ -43,19 +44,19 @@ def skip_report(records: Records, dense: Records | None = None) -> dict[str, Any
 def threshold_sweep(model: nn.Module, loader: Iterable, device: torch.device | str,
                     thresholds: Sequence[float]) -> list[dict[str, float]]:
     """One point per keep threshold: ``threshold``, ``accuracy``, ``macs_mean``, ``macs_std``, ``blocks_mean``."""
-    if not hasattr(model, "set_budget") or not hasattr(model, "threshold"):
-        raise ValueError(f"{type(model).__name__} has no keep threshold (set_budget / threshold) to sweep")
-    original = model.threshold
+    if not isinstance(model, SkippingModel):
+        raise ValueError(f"{type(model).__name__} has no keep threshold to sweep (not a block-skipping model)")
+    original = model.get_knob()
     points = []
     try:
         for t in thresholds:
-            model.set_budget(float(t))
+            model.set_knob(float(t))
             rec = collect(model, loader, device, desc=f"threshold {t}")
             s = rec.summary()
             points.append({"threshold": float(t), "accuracy": s["accuracy"], "macs_mean": s["macs_mean"],
                            "macs_std": s["macs_std"], "blocks_mean": (rec.gates > 0.5).double().sum(1).mean().item()})
     finally:
-        model.set_budget(original)
+        model.set_knob(original)
     return points
 
 
@@ -70,10 +71,11 @@ def skip(ctx: EvalContext) -> dict:
     try:
         records = collect(model, ctx.test_loader, ctx.device, desc="test")
         dense = (collect(model.dense_baseline(), ctx.test_loader, ctx.device, desc="dense")
-                 if hasattr(model, "dense_baseline") else None)
+                 if isinstance(model, SkippingModel) else None)
         report: dict[str, Any] = {"protocol": "skip", "model": ctx.config.model.name, "executor": executor,
-                                  "threshold": getattr(model, "threshold", None), **skip_report(records, dense)}
-        if hasattr(model, "set_budget"):
+                                  "threshold": model.get_knob() if isinstance(model, SkippingModel) else None,
+                                  **skip_report(records, dense)}
+        if isinstance(model, SkippingModel):
             thresholds = ctx.options.get("thresholds", DEFAULT_THRESHOLDS)
             report["sweep"] = threshold_sweep(model, ctx.test_loader, ctx.device, thresholds)
     finally:

@@ -8,80 +8,69 @@ forward pass, e.g. 352 to evaluate a model trained at 224 px as in the SACT pape
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ponder.evaluate.protocols import EvalContext, register_protocol
+from ponder.evaluate.records import Records, collect
 from ponder.nn.executor import get_executor, set_executor
 
 
-@torch.no_grad()
+def resized(loader: Iterable, image_size: int | None) -> Iterable:
+    """``loader``'s ``(images, targets)`` batches with the images resized to ``image_size`` (bilinear,
+    antialiased); ``loader`` itself when ``image_size`` is ``None``."""
+    if image_size is None:
+        return loader
+
+    class _Resized:
+        def __iter__(self) -> Iterator:
+            for batch in loader:
+                yield (F.interpolate(batch[0], size=(image_size, image_size), mode="bilinear", align_corners=False,
+                                     antialias=True), batch[1])
+
+    return _Resized()
+
+
+def spatial_summary(records: Records) -> dict[str, Any]:
+    """Accuracy, MACs mean / std (population, over images) / min / max, ``ponder_cost`` (mean per image
+    of the summed ponder cost), ``ponder_cost_per_stage``, ``units_run_per_stage`` (mean halting step
+    N, SACT: over positions) and, where masks were recorded, ``active_fraction_per_unit``."""
+    if records.ponder is None and records.active is None:
+        raise ValueError("protocol 'spatial' needs a spatial model (masks or ponder maps in its output); "
+                         "use protocol 'standard'")
+    if len(records) == 0:
+        raise ValueError("protocol 'spatial' got an empty test loader; check the data configuration")
+    report: dict[str, Any] = dict(records.summary())
+    report.update(macs_min=records.macs.min().item(), macs_max=records.macs.max().item())
+    if records.ponder is not None:
+        report["ponder_cost"] = records.ponder.sum(1).mean().item()
+        report["ponder_cost_per_stage"] = records.ponder.mean(0).tolist()
+    if records.units_run is not None:
+        report["units_run_per_stage"] = records.units_run.mean(0).tolist()
+    if records.active is not None:
+        report["active_fraction_per_unit"] = [round(v, 6) for v in records.active.mean(0).tolist()]
+    return report
+
+
 def spatial_report(model: nn.Module, loader: Iterable, device: torch.device | str,
                    image_size: int | None = None) -> dict[str, Any]:
-    """Evaluate an ACT/SACT model over ``loader`` of ``(images [B, C, H, W], targets [B])``.
-
-    Returns ``accuracy``, ``macs_mean`` / ``macs_std`` (population std over images) / min / max,
-    ``dense_macs`` (every unit run), ``ponder_cost`` (mean per image of the summed ponder cost),
-    ``ponder_cost_per_stage``, ``units_run_per_stage`` (mean halting step N, SACT: over positions)
-    and, for SACT, ``active_fraction_per_unit`` (mean fraction of positions each unit ran at).
-    """
-    was_training = model.training
-    model.eval()
-    correct, macs, cost = [], [], []
-    stage_rho: list[float] = []
-    stage_n: list[float] = []
-    active: list[float] = []
-    n_images, size = 0, None
-    try:
-        for images, targets in loader:
-            images, targets = images.to(device), targets.to(device)
-            if image_size is not None:
-                images = F.interpolate(images, size=(image_size, image_size), mode="bilinear",
-                                       align_corners=False, antialias=True)
-            size = tuple(images.shape[1:])
-            out = model(images)
-            if out.ponder is None or "ponder_cost" not in out.extras:
-                raise ValueError(f"protocol 'spatial' needs an ACT/SACT model (ponder maps in the output); "
-                                 f"{type(model).__name__} reports none: use protocol 'standard'")
-            b = images.shape[0]
-            correct.append((out.logits.argmax(1) == targets).cpu())
-            macs.append(out.macs.double().cpu())
-            cost.append(out.extras["ponder_cost"].double().cpu())
-            rho = [p.double().flatten(1).mean(1).sum().item() if p.dim() > 1 else p.double().sum().item()
-                   for p in out.ponder]
-            n = [u.double().flatten(1).mean(1).sum().item() if u.dim() > 1 else u.double().sum().item()
-                 for u in out.extras["units_run"]]
-            stage_rho = [a + r for a, r in zip(stage_rho, rho)] if stage_rho else rho
-            stage_n = [a + r for a, r in zip(stage_n, n)] if stage_n else n
-            if out.masks is not None:
-                act = [m.double().mean().item() * b for m in out.masks]
-                active = [a + r for a, r in zip(active, act)] if active else act
-            n_images += b
-    finally:
-        model.train(was_training)
-    if n_images == 0:
-        raise ValueError("protocol 'spatial' got an empty test loader; check the data configuration")
-    macs_t = torch.cat(macs)
-    report: dict[str, Any] = {
-        "n": n_images,
-        "input_size": list(size) if size else None,
-        "accuracy": torch.cat(correct).double().mean().item(),
-        "macs_mean": macs_t.mean().item(),
-        "macs_std": macs_t.std(unbiased=False).item(),
-        "macs_min": macs_t.min().item(),
-        "macs_max": macs_t.max().item(),
-        "ponder_cost": torch.cat(cost).mean().item(),
-        "ponder_cost_per_stage": [v / n_images for v in stage_rho],
-        "units_run_per_stage": [v / n_images for v in stage_n],
-    }
-    if hasattr(model, "ledger") and size is not None:
-        report["dense_macs"] = model.ledger(size).total
-    if active:
-        report["active_fraction_per_unit"] = [round(v / n_images, 6) for v in active]
+    """:func:`spatial_summary` of ``model`` over ``loader`` (images resized to ``image_size`` if given),
+    plus ``input_size`` and ``dense_macs`` (every unit run)."""
+    records = collect(model, resized(loader, image_size), device, desc="spatial")
+    report = spatial_summary(records)
+    size = _first_size(resized(loader, image_size))
+    report["input_size"] = list(size)
+    report["dense_macs"] = model.ledger(size).total
     return report
+
+
+def _first_size(loader: Iterable) -> tuple[int, int, int]:
+    for batch in loader:
+        return tuple(batch[0].shape[1:])  # type: ignore[return-value]
+    raise ValueError("protocol 'spatial' got an empty test loader; check the data configuration")
 
 
 @register_protocol("spatial")

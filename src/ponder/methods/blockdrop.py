@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ponder.engine.distributed import unwrap
+from ponder.dist import unwrap
 from ponder.methods.base import Method, StepOutput, register_method
 from ponder.nn.policy import PROB_EPS, bound_probs
 

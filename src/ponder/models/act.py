@@ -41,7 +41,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ponder.cost import CostLedger, eval_unit_macs
-from ponder.models.base import example_input
+from ponder.models.base import Knob, example_input
 from ponder.models.resnet import (
     BasicBlock,
     Bottleneck,
@@ -51,8 +51,13 @@ from ponder.models.resnet import (
     Shortcut,
     _MethodUnit,
 )
-from ponder.nn.halting import ACTAccumulator, HaltingBranch, SpatialHaltingBranch
+from ponder.models.spatial import SpatialModel
 from ponder.nn.dense_units import dense_unit_channels_last, resnet_on_kernels, stem_on_kernels
+from ponder.nn.forced import sample_keys
+from ponder.nn.halting import HALT_EPS, ACTAccumulator, HaltingBranch, SpatialHaltingBranch
+from ponder.nn.sparse_cost import position_macs, shortcut_macs, unit_masks_and_macs
+from ponder.nn.sparse_residual import sparse_residual
+from ponder.nn.sparse_units import branch_convs, masked_residual
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
 
@@ -80,11 +85,17 @@ class DenseResNetKernels(DenseResNetView):
         return resnet_on_kernels(self.model, x)
 
 
-class ACTResNetMixin:
-    """ACT / SACT forward, ledger and bench hooks over a ResNet's stages (mixed into a ResNet class)."""
+class ACTResNetMixin(SpatialModel):
+    """ACT / SACT forward, ledger and bench hooks over a ResNet's stages (mixed into a ResNet class).
 
+    Native knob: the halting threshold (default ``1 - eps = 0.99``): a position (ACT: an image) halts
+    once its cumulative halting score reaches it; lower halts earlier and costs less.
+    """
+
+    paper = "Figurnov et al., CVPR 2017 (SACT)"
+    knob = Knob("halt_threshold", 0.0, 1.0, 1.0 - HALT_EPS, macs_rise=True,
+                doc="a position (ACT: an image) halts once its cumulative halting score reaches this")
     spatial: bool
-    executor: str
     halting: nn.ModuleList
     blocks: list[ResidualBlock]
 
@@ -92,8 +103,7 @@ class ACTResNetMixin:
         self.spatial = spatial
         self.executor = "masked"
         self.break_even: float | str | None = "default"  # sparse_residual's dense fall-back (None: always sparse)
-        self._forced: tuple[float, int] | None = None
-        self._forced_masks: dict[tuple, Tensor] = {}
+        self.halt_eps = HALT_EPS
         branch = SpatialHaltingBranch if spatial else HaltingBranch
         self.halting = nn.ModuleList(
             nn.ModuleList(branch(_out_channels(b)) for b in list(stage)[:-1]) for stage in self.stages())
@@ -102,11 +112,21 @@ class ACTResNetMixin:
         """The ResNet stages (``layer1``, ``layer2``, ...): one ACT block each."""
         return [getattr(self, f"layer{i}") for i in range(1, 5) if hasattr(self, f"layer{i}")]
 
+    def get_knob(self) -> float:
+        """The halting threshold ``1 - eps``."""
+        return 1.0 - self.halt_eps
+
+    def set_knob(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{type(self).__name__}'s native knob is a halting threshold in [0, 1], got {value!r}")
+        self.halt_eps = 1.0 - float(value)
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> DynamicOutput:
         """ACT / SACT forward: logits, per-sample MACs, per-stage ponder maps, per-unit masks."""
         self.check_input(x)
         led = self.ledger_for(x)
+        keys = sample_keys(x) if self.forced is not None else None
         macs = torch.full((x.shape[0],), float(led["stem"] + led["head"]), dtype=torch.float64, device=x.device)
         h = stem_on_kernels(self, x) if self.spatial and self.executor == "sparse" and not self.training \
             else self.stem(x)
@@ -115,10 +135,10 @@ class ACTResNetMixin:
         for s, stage in enumerate(self.stages()):
             blocks = list(stage)
             if self.spatial:
-                h, res, stage_masks, stage_macs = self._sact_stage(s, first, blocks, h, led)
+                h, res, stage_masks, stage_macs = self._sact_stage(s, first, blocks, h, led, keys)
                 masks.extend(stage_masks)
             else:
-                h, res, stage_ran, stage_macs = self._act_stage(s, first, blocks, h, led)
+                h, res, stage_ran, stage_macs = self._act_stage(s, first, blocks, h, led, keys)
                 ran.append(stage_ran)
             macs = macs + stage_macs
             ponder.append(res.ponder_cost)
@@ -133,11 +153,12 @@ class ACTResNetMixin:
             extras={"ponder_cost": cost, "units_run": n_maps},
         )
 
-    def _act_stage(self, s: int, first: int, blocks: list[ResidualBlock], x: Tensor, led: CostLedger):
+    def _act_stage(self, s: int, first: int, blocks: list[ResidualBlock], x: Tensor, led: CostLedger,
+                   keys: Tensor | None):
         """One ACT block with a decision per image; returns (output, ACTResult, ran [B, L], macs [B])."""
         b, num = x.shape[0], len(blocks)
-        acc = ACTAccumulator(num, (b,), x.device)
-        keep = self._forced_keep((b,), s, x.device)
+        acc = ACTAccumulator(num, (b,), x.device, eps=self.halt_eps)
+        keep = None if keys is None else self.forced_images(keys, s)
         fast = self.executor == "sparse" and not torch.is_grad_enabled()
         for l, block in enumerate(blocks):
             branch = self.halting[s][l] if l < num - 1 else None
@@ -166,27 +187,20 @@ class ACTResNetMixin:
             acc.step(x, h)
         res = acc.result()
         ran = acc.ran_units
-        names = [f"blocks.{first + l}" for l in range(num)]
-        macs = led.charge(names, ran)
-        if num > 1:
-            macs = macs + led.charge([f"halt.{first + l}" for l in range(num - 1)], ran[:, :-1])
-        return res.output, res, ran, macs
+        names = tuple(f"blocks.{first + l}" for l in range(num)) + tuple(f"halt.{first + l}" for l in range(num - 1))
+        return res.output, res, ran, led.charge(names, torch.cat([ran, ran[:, :-1]], 1))
 
-    def _sact_stage(self, s: int, first: int, blocks: list[ResidualBlock], x: Tensor, led: CostLedger):
+    def _sact_stage(self, s: int, first: int, blocks: list[ResidualBlock], x: Tensor, led: CostLedger,
+                    keys: Tensor | None):
         """One SACT block with a decision per position; returns (output, ACTResult, masks, macs [B])."""
-        # imported here: ponder.nn.sparse_units imports ponder.models.resnet (and so this module)
-        from ponder.nn.sparse_cost import unit_masks_and_macs
-        from ponder.nn.sparse_residual import sparse_residual
-        from ponder.nn.sparse_units import masked_residual
-
         num = len(blocks)
         if self.executor == "sparse" and not self.training:  # the sparse units work and return channels-last
             x = dense_unit_channels_last(blocks[0], x)
         else:
             x = blocks[0](x)  # unit 1 runs densely (it may change the resolution)
         b, _, hgt, wid = x.shape
-        acc = ACTAccumulator(num, (b, hgt, wid), x.device)
-        keep = self._forced_keep((b, hgt, wid), s, x.device)
+        acc = ACTAccumulator(num, (b, hgt, wid), x.device, eps=self.halt_eps)
+        keep = None if keys is None else self.forced_positions(keys, (hgt, wid), s)
         macs = torch.full((b,), float(led[f"blocks.{first}"]), dtype=torch.float64, device=x.device)
         masks = [torch.ones(b, hgt, wid, dtype=torch.bool, device=x.device)]
         h = None
@@ -211,7 +225,8 @@ class ACTResNetMixin:
             if active:
                 # the first conv's (dilated) mask, shared by the kernel and the ledger, and the unit's MACs
                 conv1_mask, unit_macs = unit_masks_and_macs(
-                    blocks[l], in_size, mask, led[f"halt.{first + l}"] if branch is not None else 0.0)
+                    blocks[l], in_size, mask, led, f"blocks.{first + l}",
+                    f"halt.{first + l}" if branch is not None else None)
                 if self.executor == "sparse":
                     # x is this stage's own intermediate (already accumulated): the unit may overwrite it
                     x = sparse_residual(blocks[l], x, mask, break_even=self.break_even, first=conv1_mask,
@@ -233,8 +248,9 @@ class ACTResNetMixin:
     def measure_ledger(self, input_size: tuple[int, int, int]) -> CostLedger:
         """Unit costs at batch 1: ``stem``, ``head``, ``blocks.i`` (dense unit) and ``halt.i`` (halting branch).
 
-        SACT units after the first of a stage are charged per active position by
-        :func:`ponder.nn.sparse_cost.residual_macs` (conv1 on the dilated mask, the rest on the mask)."""
+        SACT units after the first of a stage are charged per active position: ``blocks.i.skip`` (the
+        shortcut, dense), ``blocks.i.first`` per position of the first conv's (dilated) mask and
+        ``blocks.i.rest`` per active position (:func:`_position_units`)."""
         x = example_input(self, input_size)
         units: dict[str, nn.Module] = {"stem": _MethodUnit(self.stem), "head": _MethodUnit(self.head)}
         i = 0
@@ -255,6 +271,16 @@ class ACTResNetMixin:
 
         costs = eval_unit_macs(self, run, units)
         total = costs.pop("total")
+        if self.spatial:  # units after the first of a stage also run per active position
+            i = 0
+            with torch.no_grad():
+                h = self.stem(example_input(self, input_size))
+                for stage in self.stages():
+                    for l, block in enumerate(stage):
+                        if l > 0:
+                            costs.update(_position_units(f"blocks.{i}", block, tuple(h.shape[1:])))
+                        h = block(h)
+                        i += 1
         return CostLedger(input_size=tuple(input_size), units=costs, total=total)
 
     # ---------------------------------------------------------------- bench hooks
@@ -266,36 +292,14 @@ class ACTResNetMixin:
         """The plain ResNet run on the sparse executor's kernels (``ponder bench`` times it as ``dense*``)."""
         return DenseResNetKernels(self)
 
-    def force_keep_rate(self, rate: float | None, seed: int = 0) -> None:
-        """Override the halting decisions with seeded random ones (``None`` restores the learned ones).
 
-        SACT: in every stage a random ``rate`` fraction of the positions (``round(rate * H * W)``
-        per image, in spatially coherent blobs like learned SACT maps:
-        :func:`ponder.nn.sparse_fallback.coherent_mask`) stays active through all units after the
-        first; the others halt after unit 1. ACT: each image runs every unit of a stage with probability
-        ``rate``, else halts after unit 1. The masks depend only on ``seed``, the stage and the shape.
-        """
-        if rate is not None and not 0.0 <= rate <= 1.0:
-            raise ValueError(f"keep rate must be in [0, 1] (or None for learned decisions), got {rate}")
-        self._forced = None if rate is None else (float(rate), int(seed))
-        self._forced_masks: dict[tuple, Tensor] = {}
-
-    def _forced_keep(self, shape: tuple[int, ...], stage: int, device: torch.device) -> Tensor | None:
-        """The forced decisions of one stage (cached: they depend only on seed, stage, shape and device)."""
-        if self._forced is None:
-            return None
-        key = (tuple(shape), stage, str(device))
-        if key not in self._forced_masks:
-            rate, seed = self._forced
-            gen = torch.Generator().manual_seed(seed * 1009 + stage)
-            if len(shape) == 1:
-                keep = (torch.rand(shape, generator=gen) < rate).to(device)
-            else:
-                from ponder.nn.sparse_fallback import coherent_mask
-
-                keep = coherent_mask(shape, rate, gen, device=device)  # type: ignore[arg-type]
-            self._forced_masks[key] = keep
-        return self._forced_masks[key]
+def _position_units(name: str, block: ResidualBlock, in_size: tuple[int, int, int]) -> dict[str, int]:
+    """A unit's per-position ledger units: the shortcut on a ``(C, H, W)`` input, and the MACs per position
+    of its first conv and of its other convs together (``FlopCounterMode`` on 1x1-output equivalents)."""
+    convs = branch_convs(block)
+    return {f"{name}.skip": shortcut_macs(block, in_size),
+            f"{name}.first": sum(position_macs(getattr(block, c)) for c, on_first in convs if on_first),
+            f"{name}.rest": sum(position_macs(getattr(block, c)) for c, on_first in convs if not on_first)}
 
 
 class ACTCifarResNet(ACTResNetMixin, CifarResNet):
@@ -338,24 +342,25 @@ def load_dense_weights(model: ACTResNetMixin, source: str | Path | dict[str, Ten
     return list(result.missing_keys)
 
 
-def _register(name: str, build, doc: str):
+def _register(name: str, cls: type, build, doc: str):
     def factory(num_classes: int | None = None, **kw) -> nn.Module:
         return build(**({} if num_classes is None else {"num_classes": num_classes}), **kw)
 
     factory.__name__, factory.__doc__ = name, doc
+    factory.__annotations__["return"] = cls  # what the registry lists without building
     return register_model(factory)
 
 
 def _cifar(depth: int, spatial: bool):
     kind = "SACT" if spatial else "ACT"
-    return _register(f"{kind.lower()}_resnet{depth}_cifar",
+    return _register(f"{kind.lower()}_resnet{depth}_cifar", ACTCifarResNet,
                      lambda **kw: ACTCifarResNet(depth, spatial=spatial, **kw),
                      f"{kind} CIFAR ResNet-{depth} ({(depth - 2) // 6} units per stage, parameter-free shortcuts).")
 
 
 def _imagenet(depth: int, layers: list[int], spatial: bool):
     kind = "SACT" if spatial else "ACT"
-    return _register(f"{kind.lower()}_resnet{depth}",
+    return _register(f"{kind.lower()}_resnet{depth}", ACTImageNetResNet,
                      lambda **kw: ACTImageNetResNet(Bottleneck, layers, spatial=spatial, **kw),
                      f"{kind} ResNet-{depth} (torchvision layout, {layers} bottleneck units; fully convolutional).")
 

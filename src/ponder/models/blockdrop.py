@@ -12,7 +12,8 @@ A skipped block outputs ``shortcut(x)`` with no ReLU (BlockDrop's rule). ``forwa
 ``DynamicOutput(logits, macs, gates=[B, blocks], extras={"probs", "sample_probs", "log_prob"})``;
 ``macs`` charges each sample for the blocks it ran plus the policy (ledger units ``stem``,
 ``blocks.i``, ``blocks.i.skip``, ``policy``, ``head``). At test time a block runs iff its keep
-probability is ``>= threshold`` (:meth:`set_budget`, 0.5 by default: the inference knob).
+probability is ``>= threshold`` (the family's native knob, 0.5 by default; :meth:`set_budget` moves it
+to reach a mean MACs per image on held-out images).
 
 Weights: keys are ``backbone.<ResNet key>`` and ``policy.*`` / ``gates.*``. Loading a plain
 ``resnet*_cifar`` / torchvision ResNet state dict (no ``backbone.`` prefix, e.g. through
@@ -21,50 +22,30 @@ Weights: keys are ``backbone.<ResNet key>`` and ``policy.*`` / ``gates.*``. Load
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ponder.cost import CostLedger, count_macs
-from ponder.models.base import PonderModel, example_input
+from ponder.cost import count_macs
+from ponder.models.base import example_input
 from ponder.models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetResNet, ResNet
+from ponder.models.skipping import SkippingModel
 from ponder.nn.policy import PolicyDecision, PooledLinearGates, ResNetPolicy, bernoulli_log_prob, decide_blocks
-from ponder.nn.skip import BlockCosts, BlockSkipper, forced_keep_state, skip_units
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
-
-FIXED_UNITS = ("stem", "head", "policy")
-_OWN_PREFIXES = ("backbone.", "policy.", "gates.", "first_decided")
+from ponder.weights import load_init_weights
 
 
-class _BlockDropBase(PonderModel):
-    """What both variants share: backbone + skipper, threshold knob, curriculum state, forced keep
-    rates (benchmarks), the ledger and backbone-weight loading."""
+class _BlockDropBase(SkippingModel):
+    """What both variants share beyond the skipping family: the curriculum state and the output."""
+
+    paper = "Wu et al., CVPR 2018 (BlockDrop)"
+    own_prefixes = ("policy.", "gates.", "first_decided")
 
     def __init__(self, backbone: ResNet, threshold: float = 0.5):
-        super().__init__()
-        self.backbone = backbone
-        self.num_classes = backbone.num_classes
-        self.default_input_size = backbone.default_input_size
-        self.skipper = BlockSkipper(skipped="shortcut")
-        self.threshold = float(threshold)
+        super().__init__(backbone, skipped="shortcut", threshold=threshold)
         # curriculum learning: blocks before this index are always kept (saved with the weights)
         self.register_buffer("first_decided", torch.zeros((), dtype=torch.long))
-        self._forced: tuple[float, torch.Generator] | None = None
-        self._costs: dict[tuple[int, ...], BlockCosts] = {}
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.backbone.blocks)
-
-    # knobs -------------------------------------------------------------------------------
-    def set_budget(self, threshold: float) -> None:
-        """Keep a block iff its keep probability is ``>= threshold`` (lower keeps more blocks)."""
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"BlockDrop's budget is a keep-probability threshold in [0, 1], got {threshold}")
-        self.threshold = float(threshold)
 
     def set_curriculum(self, num_decided: int | None) -> None:
         """Let the policy decide only the last ``num_decided`` blocks (``None`` = all); the rest are kept."""
@@ -79,57 +60,12 @@ class _BlockDropBase(PonderModel):
         """:meth:`decided`, or ``None`` when the policy decides every block (the common, faster case)."""
         return None if int(self.first_decided) == 0 else self.decided()
 
-    def force_keep_rate(self, rate: float | None, seed: int = 0) -> None:
-        """From now on keep each block of each sample independently with probability ``rate``
-        (random hard decisions, the policy still runs); ``None`` restores the learned policy."""
-        self._forced = forced_keep_state(rate, seed)
-
-    def _forced_keep(self, batch: int, columns: int, device: torch.device) -> Tensor | None:
-        if self._forced is None:
-            return None
-        rate, gen = self._forced
-        return (torch.rand(batch, columns, generator=gen) < rate).float().to(device)
-
-    def dense_baseline(self) -> nn.Module:
-        """The backbone ResNet (every block, no policy): what BlockDrop's speed is compared with."""
-        return self.backbone
-
-    # cost --------------------------------------------------------------------------------
-    def _policy_macs(self, input_size: tuple[int, int, int]) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def measure_ledger(self, input_size: tuple[int, int, int]) -> CostLedger:
-        base = self.backbone.ledger(input_size)
-        units = dict(base.units)
-        units.update(skip_units(self.backbone, input_size))
-        modes = {m: m.training for m in self.modules()}  # restored one by one: parts may differ (frozen backbone)
-        self.eval()
-        try:
-            units["policy"] = self._policy_macs(input_size)
-        finally:
-            for m, training in modes.items():
-                m.training = training
-        return CostLedger(input_size=input_size, units=units, total=base.total + units["policy"])
-
     def profile_blocks(self, input_size: tuple[int, int, int]) -> list[dict]:
-        led = self.ledger(input_size)
-        rows = [{"name": f"blocks.{i}", "macs": led[f"blocks.{i}"]} for i in range(self.num_blocks)]
-        return rows + [{"name": "policy", "macs": led["policy"]}]
+        return super().profile_blocks(input_size) + [{"name": "policy", "macs": self.ledger(input_size)["policy"]}]
 
     def _output(self, x: Tensor, logits: Tensor, dec: PolicyDecision) -> DynamicOutput:
-        size = tuple(x.shape[1:])
-        if size not in self._costs:
-            self._costs[size] = BlockCosts.from_ledger(self.ledger(size), self.num_blocks, FIXED_UNITS)
-        macs = self._costs[size].charge(dec.keep)
-        return DynamicOutput(logits=logits, macs=macs, gates=dec.keep.detach(),
+        return DynamicOutput(logits=logits, macs=self.charge(x, dec.keep), gates=dec.keep.detach(),
                              extras={"probs": dec.probs, "sample_probs": dec.sample_probs, "log_prob": dec.log_prob})
-
-    # weights -----------------------------------------------------------------------------
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """Load this model's state dict, or a plain ResNet's (keys without ``backbone.``) into the backbone."""
-        if state_dict and not any(k.startswith(_OWN_PREFIXES) for k in state_dict):
-            return self.backbone.load_state_dict(state_dict, strict=strict, assign=assign)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 class BlockDropResNet(_BlockDropBase):
@@ -139,15 +75,13 @@ class BlockDropResNet(_BlockDropBase):
         super().__init__(backbone, threshold)
         self.policy = policy
 
-    def _policy_macs(self, input_size: tuple[int, int, int]) -> int:
-        return count_macs(self.policy, example_input(self, input_size))
+    def measure_decision_units(self, input_size: tuple[int, int, int]) -> dict[str, int]:
+        return {"policy": count_macs(self.policy, example_input(self, input_size))}
 
     def init_policy_trunk(self, source: str) -> None:
         """Initialise the policy trunk from a larger ResNet of the same family (run dir or weights file),
         e.g. the ImageNet ResNet-10 from torchvision ResNet-18 weights: the stem and the first block of
         each stage, as BlockDrop does. Raises if a trunk weight is missing from ``source``."""
-        from ponder.engine.checkpoint import load_init_weights
-
         missing, _ = load_init_weights(self.policy.trunk, source)
         if missing:
             raise ValueError(f"policy_init {source} lacks {len(missing)} policy-trunk weights ({missing[:3]}); "
@@ -157,7 +91,7 @@ class BlockDropResNet(_BlockDropBase):
         """``x [B, C, H, W]``; ``sample=True`` draws decisions from the ``alpha``-bounded policy (training)."""
         self.check_input(x)
         probs = self.policy(x)
-        forced = self._forced_keep(x.shape[0], self.num_blocks, x.device)
+        forced = self.forced_keep(x)
         if forced is not None:
             dec = PolicyDecision(forced, probs, probs, bernoulli_log_prob(probs, forced).sum(1))
         else:
@@ -175,20 +109,19 @@ class BlockDropSeqResNet(_BlockDropBase):
         channels = [_in_channels(b) for b in backbone.blocks]
         self.gates = PooledLinearGates(channels)
 
-    def _policy_macs(self, input_size: tuple[int, int, int]) -> int:
-        with torch.no_grad():
-            h = self.backbone.stem(example_input(self, input_size))
-            total = 0
-            for i, block in enumerate(self.backbone.blocks):
-                total += count_macs(self.gates, i, h)
-                h = block(h)
-        return total
+    def measure_decision_units(self, input_size: tuple[int, int, int]) -> dict[str, int]:
+        h = self.backbone.stem(example_input(self, input_size))
+        total = 0
+        for i, block in enumerate(self.backbone.blocks):
+            total += count_macs(self.gates, i, h)
+            h = block(h)
+        return {"policy": total}
 
     def forward(self, x: Tensor, sample: bool = False, alpha: float = 1.0) -> DynamicOutput:
         """``x [B, C, H, W]``; ``sample=True`` draws each decision from the ``alpha``-bounded gate (training)."""
         self.check_input(x)
         decided = self._decided_mask()
-        forced = self._forced_keep(x.shape[0], self.num_blocks, x.device)
+        forced = self.forced_keep(x)
         h = self.backbone.stem(x)
         cols: list[PolicyDecision] = []
         for i, block in enumerate(self.backbone.blocks):

@@ -26,16 +26,22 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from ponder.cost import CostLedger, _isolated_counter
-from ponder.models.base import PonderModel, example_input
 from ponder import fast
-from ponder.nn.exits import (CollaborationHeads, LastExitNetwork, gradient_rescale, keep_uniform,
-                             keep_uniforms, official_op_counts, sample_keys, select_samples)
+from ponder.cost import CostLedger, _isolated_counter
+from ponder.models.base import DynamicModel, Knob, example_input
+from ponder.models.op_counter import official_op_counts
+from ponder.nn.exits import CollaborationHeads, gradient_rescale, select_samples
+from ponder.nn.forced import keep_uniform, keep_uniforms, sample_keys
+from ponder.nn.thresholds import thresholds_for_macs
 from ponder.output import DynamicOutput
 
 
-class MultiExitModel(PonderModel):
-    """Base of multi-exit networks (MSDNet, RANet): stepwise description, two executors, cost ledger.
+class MultiExitModel(DynamicModel):
+    """The early-exit family's base (MSDNet, RANet): stepwise description, two executors, cost ledger.
+
+    Native knob: the exit thresholds (:meth:`set_thresholds`). Budget: :meth:`calibrate` runs the
+    compute-all executor over held-out images and keeps their exit confidences; :meth:`set_budget`
+    fits thresholds to them (the budgeted-batch procedure's geometric family, nearest mean MACs).
 
     Attributes:
         executor: ``"masked"`` (compute-all) or ``"sparse"`` (real early exit).
@@ -45,6 +51,9 @@ class MultiExitModel(PonderModel):
         collab: :class:`CollaborationHeads` when built with ``enable_collaboration``, else ``None``.
     """
 
+    family = "early_exit"
+    knob = Knob("thresholds", 0.0, 1.0, 1.0, macs_rise=True,
+                doc="per exit, the max-softmax confidence at or above which a sample leaves there")
     num_exits: int
 
     def __init__(self) -> None:
@@ -55,10 +64,6 @@ class MultiExitModel(PonderModel):
         self.collab: CollaborationHeads | None = None
         self._thresholds: list[float] | None = None
         self._thresholds32: list[float] | None = None  # the same, rounded to float32 (the batch-1 test)
-        self._keep_rate: float | None = None
-        self._keep_seed = 0
-        self._calibration: Tensor | None = None
-        self._cost_tables: dict[tuple, tuple[CostLedger, list[int], Tensor]] = {}
 
     # ---- what a family implements -------------------------------------------------------
     def run_block(self, k: int, state: Any) -> Any:  # pragma: no cover - abstract
@@ -120,34 +125,61 @@ class MultiExitModel(PonderModel):
     def thresholds(self) -> list[float] | None:
         return None if self._thresholds is None else list(self._thresholds)
 
-    def force_keep_rate(self, rate: float | None, seed: int = 0) -> None:
-        """Benchmark hook: a fraction ``rate`` of the samples reaching each exit continues past it.
+    def get_knob(self) -> list[float] | None:
+        """The exit thresholds (``None``: every sample runs to the last exit)."""
+        return self.thresholds
 
-        Which samples continue is a seeded hash of each sample's content (deterministic per
-        sample, identical in both executors); ``None`` restores the threshold rule.
-        """
-        if rate is not None and not 0.0 <= rate <= 1.0:
-            raise ValueError(f"keep rate must be in [0, 1], got {rate}")
-        self._keep_rate, self._keep_seed = rate, int(seed)
+    def set_knob(self, value: Sequence[float] | None) -> None:
+        self.set_thresholds(value)
 
-    def calibrate(self, confidences: Tensor) -> None:
-        """Store held-out max-softmax confidences ``[num_exits, N]`` so :meth:`set_budget` can fit thresholds."""
+    def calibrate(self, images: Tensor) -> None:
+        """Keep the exit confidences of held-out ``images [N, C, H, W]`` (compute-all executor) for :meth:`set_budget`."""
+        from ponder.nn.executor import set_executor
+
+        if images.dim() != 4 or images.shape[0] == 0:
+            raise ValueError(f"calibrate expects held-out images [N, C, H, W] with N > 0, got {list(images.shape)}")
+        was_training, executor, forced = self.training, self.executor, self.forced
+        self.eval()
+        set_executor(self, "masked")
+        self.forced = None
+        device = next(self.parameters()).device
+        try:
+            with torch.no_grad():
+                conf = [torch.stack(self(chunk.to(device)).exit_logits).float().softmax(2).amax(2).cpu()
+                        for chunk in images.split(self.CALIBRATION_BATCH)]
+        finally:
+            self.train(was_training)
+            set_executor(self, executor)
+            self.forced = forced
+        self.calibrate_confidences(torch.cat(conf, 1))
+
+    def calibrate_confidences(self, confidences: Tensor) -> None:
+        """Keep held-out max-softmax confidences ``[num_exits, N]`` (e.g. from a protocol's cached outputs)."""
         if confidences.dim() != 2 or confidences.shape[0] != self.num_exits:
             raise ValueError(f"calibrate expects confidences [num_exits={self.num_exits}, N], got {list(confidences.shape)}")
         self._calibration = confidences.detach().cpu()
 
-    def set_budget(self, value: float) -> None:
-        """The family's inference knob: target mean MACs per sample at the default input size.
+    def held_out_macs(self, knob: Any | None = None) -> float:
+        """Mean MACs per image of the held-out confidences under thresholds ``knob`` (the current ones if ``None``)."""
+        from ponder.nn.thresholds import assign_exits, expected_macs
 
-        Thresholds are fitted on the confidences given to :meth:`calibrate` (held-out split).
-        """
-        if self._calibration is None:
-            raise ValueError("set_budget needs held-out confidences first; call model.calibrate(conf) "
-                             "(the 'budgeted' protocol does this) or use set_thresholds")
-        from ponder.evaluate.thresholds import thresholds_for_macs
-
+        conf = self._require_calibration()
+        t = self.thresholds if knob is None else knob
         costs = torch.tensor(self.exit_costs(self.default_input_size), dtype=torch.float64)
-        self.set_thresholds(thresholds_for_macs(self._calibration, costs, float(value)))
+        if t is None:
+            return float(costs[-1])
+        return expected_macs(assign_exits(conf, t), costs)
+
+    def set_budget(self, macs: float) -> float:
+        """Thresholds whose mean MACs per image on the held-out confidences come nearest ``macs`` (at the
+        default input size); returns that held-out mean."""
+        from ponder.models.base import _positive
+
+        target = _positive(macs)
+        conf = self._require_calibration()
+        costs = torch.tensor(self.exit_costs(self.default_input_size), dtype=torch.float64)
+        self.set_thresholds(thresholds_for_macs(conf, costs, target, closest=True))
+        return self.held_out_macs()
 
     # ---- costs --------------------------------------------------------------------------
     def measure_ledger(self, input_size: tuple[int, int, int]) -> CostLedger:
@@ -214,9 +246,9 @@ class MultiExitModel(PonderModel):
 
     def _leaves(self, k: int, logits: Tensor, keys: Tensor | None) -> Tensor | None:
         """Bool ``[B]``: which samples leave at exit ``k < num_exits - 1``; ``None`` when nobody can leave early."""
-        if self._keep_rate is not None:
+        if self.forced is not None:
             assert keys is not None
-            return keep_uniforms(keys, k, self._keep_seed).to(logits.device) >= self._keep_rate
+            return keep_uniforms(keys, k, self.forced.seed).to(logits.device) >= self.forced.rate
         if self._thresholds is None:
             return None
         return F.softmax(logits, dim=1).amax(dim=1) >= self._thresholds[k]
@@ -225,9 +257,9 @@ class MultiExitModel(PonderModel):
         """:meth:`_leaves` of one sample (``logits [1, classes]``) read off one host value: the same
         comparisons (the float32 max-softmax against the float32-rounded threshold; the float64 keep
         number against the rate). Needs thresholds or a keep rate."""
-        if self._keep_rate is not None:
+        if self.forced is not None:
             assert keys is not None
-            return keep_uniform(int(keys), k, self._keep_seed) >= self._keep_rate
+            return keep_uniform(int(keys), k, self.forced.seed) >= self.forced.rate
         assert self._thresholds32 is not None
         return F.softmax(logits, dim=1).amax().item() >= self._thresholds32[k]
 
@@ -262,7 +294,7 @@ class MultiExitModel(PonderModel):
 
     def _forward_all(self, x: Tensor) -> DynamicOutput:
         n = self.num_exits
-        keys = sample_keys(x) if self._keep_rate is not None else None
+        keys = sample_keys(x) if self.forced is not None else None
         state, carry = x, None
         exit_logits, teacher = [], None
         exit_index = torch.full((x.shape[0],), n - 1, dtype=torch.long, device=x.device)
@@ -292,7 +324,7 @@ class MultiExitModel(PonderModel):
 
     def _forward_sparse(self, x: Tensor) -> DynamicOutput:
         n, batch = self.num_exits, x.shape[0]
-        keys = sample_keys(x) if self._keep_rate is not None else None
+        keys = sample_keys(x) if self.forced is not None else None
         here: Tensor | None = None  # batch positions of the samples still running (None: all, in order)
         out_logits: Tensor | None = None
         exit_index: Tensor | None = None
@@ -301,7 +333,7 @@ class MultiExitModel(PonderModel):
             state = self.run_block(k, state)
             logits, _, carry = self._exit(k, state, carry)
             if k < n - 1:
-                if logits.shape[0] == 1 and (self._keep_rate is not None or self._thresholds is not None):
+                if logits.shape[0] == 1 and (self.forced is not None or self._thresholds is not None):
                     leave, n_leave = None, int(self._leaves_one(k, logits, keys))
                 else:
                     leave = self._leaves(k, logits, keys)
@@ -314,8 +346,7 @@ class MultiExitModel(PonderModel):
             if out_logits is None:
                 if everyone and here is None:  # the whole batch leaves together: nothing to scatter
                     exit_index = torch.full((batch,), k, dtype=torch.long, device=x.device)
-                    macs = torch.full((batch,), float(self._cost_table(x)[0][k]), dtype=torch.float64,
-                                      device=x.device)
+                    macs = self._macs_of(exit_index, x)
                     return DynamicOutput(logits=logits, macs=macs, exit_index=exit_index)
                 out_logits = logits.new_empty(batch, logits.shape[1])
                 exit_index = torch.empty(batch, dtype=torch.long, device=x.device)
@@ -342,20 +373,30 @@ class MultiExitModel(PonderModel):
         return DynamicOutput(logits=out_logits, macs=self._macs_of(exit_index, x), exit_index=exit_index)
 
     def _macs_of(self, exit_index: Tensor, x: Tensor) -> Tensor:
-        """Per-sample MACs ``[B]`` (float64) of the exits ``exit_index [B]`` taken on inputs shaped like ``x``."""
-        return self._cost_table(x)[1][exit_index]
+        """Per-sample MACs ``[B]`` (float64) of the exits ``exit_index [B]`` taken on inputs shaped like ``x``:
+        every block and exit head up to the one taken (the ledger's ``block.k`` / ``exit.k``)."""
+        return self.ledger_for(x).charge_prefix(self._unit_names, 2 * exit_index + 1)
 
-    def _cost_table(self, x: Tensor) -> tuple[list[int], Tensor]:
-        """:meth:`exit_costs` for inputs shaped like ``x``, as a list and a float64 tensor on ``x``'s device."""
-        size = tuple(x.shape[1:])
-        led, key = self.ledger(size), (size, x.device)
-        hit = self._cost_tables.get(key)
-        if hit is None or hit[0] is not led:  # a new ledger (size, heads added) gets a new table
-            costs = self.exit_costs(size)
-            hit = self._cost_tables[key] = (led, costs, torch.tensor(costs, dtype=torch.float64, device=x.device))
-        return hit[1], hit[2]
+    @property
+    def _unit_names(self) -> tuple[str, ...]:
+        return tuple(n for k in range(self.num_exits) for n in (f"block.{k}", f"exit.{k}"))
 
     # ---- benchmark hooks ----------------------------------------------------------------
     def dense_baseline(self) -> nn.Module:
         """The same network run to its last exit only (no early exit, no intermediate heads)."""
         return LastExitNetwork(self)
+
+
+class LastExitNetwork(nn.Module):
+    """Runs every block of a :class:`MultiExitModel` and only its last exit's own head (shares weights)."""
+
+    def __init__(self, model: MultiExitModel):
+        super().__init__()
+        self.__dict__["model"] = model  # not a submodule: the wrapper must not own the weights
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.model
+        state = m.input_layout(x)
+        for k in range(m.num_exits):
+            state = m.run_block(k, state)
+        return m.exit_outputs(m.num_exits - 1, state)[1]

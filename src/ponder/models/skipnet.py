@@ -11,29 +11,28 @@ Decisions are sequential, so the sparse executor decides column by column and ru
 only on the samples that keep it (:class:`ponder.nn.skip.BlockSkipper`). Each sample pays the
 stem, head, every gate, and per block either the block or its projection shortcut.
 
-Inference knob: :meth:`SkipNet.set_budget` (keep block iff ``p > threshold``; default 0.5).
+Native knob: keep block iff ``p >= threshold`` (default 0.5); :meth:`SkipNet.set_budget` moves it to
+reach a mean MACs per image on held-out images.
 Weights: ``backbone.<ResNet key>`` and ``gate_bank.*``; a plain option-B CIFAR ResNet state dict
 (e.g. a ``resnet110_cifar`` run with ``shortcut: B`` via ``train.init_from``) fills the backbone.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ponder.cost import CostLedger, count_macs
-from ponder.models.base import PonderModel, example_input
+from ponder.cost import count_macs
+from ponder.models.base import example_input
 from ponder.models.resnet import CifarResNet, ResNet
+from ponder.models.skipping import SkippingModel
 from ponder.nn.gates import DECISION_MODES, GATE_TYPES, GateBank, decide, make_gate_bank
-from ponder.nn.skip import BlockSkipper, charge_blocks, forced_keep_state, skip_units
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
 
 
-class SkipNet(PonderModel):
+class SkipNet(SkippingModel):
     """A ResNet whose blocks 1..N-1 are gated by the previous block's output.
 
     ``forward(x [B, C, H, W]) -> DynamicOutput`` with ``gates [B, N]`` (column 0 always 1) and
@@ -49,23 +48,20 @@ class SkipNet(PonderModel):
     stay closed; 0.9 starts with (almost) every block open.
     """
 
+    paper = "Wang et al., ECCV 2018 (SkipNet)"
+    own_prefixes = ("gate_bank.",)
+
     def __init__(self, backbone: ResNet, gate_type: str = "rnn", threshold: float = 0.5,
                  init_keep_prob: float | None = None, executor: str = "masked"):
-        super().__init__()
         if len(backbone.blocks) < 2:
             raise ValueError(f"SkipNet needs a backbone with at least 2 blocks, got {len(backbone.blocks)}")
-        self.backbone = backbone
-        self.num_classes = backbone.num_classes
-        self.default_input_size = backbone.default_input_size
+        super().__init__(backbone, skipped="shortcut", mix="outside", threshold=threshold)
+        self.skipper.executor = executor
         self.gate_type = gate_type
         self.gate_bank: GateBank = make_gate_bank(gate_type, self._gate_channels())
         if init_keep_prob is not None:
             self.gate_bank.bias_towards_keep(init_keep_prob)
-        self.skipper = BlockSkipper(skipped="shortcut", mix="outside", executor=executor)
         self.decision_mode = "straight_through"
-        self.threshold = 0.5
-        self.set_budget(threshold)
-        self._forced: tuple[float, torch.Generator] | None = None
 
     def _gate_channels(self) -> list[int]:
         """Channels of the map each gate reads: the output of blocks 0 .. N-2 (a block's last conv,
@@ -74,43 +70,17 @@ class SkipNet(PonderModel):
                 for b in self.backbone.blocks[:-1]]
 
     @property
-    def num_blocks(self) -> int:
-        return len(self.backbone.blocks)
-
-    @property
     def gate_names(self) -> list[str]:
         """Ledger units of the gates; ``gates.j`` decides block ``j + 1``."""
         return [f"gates.{j}" for j in range(self.num_blocks - 1)]
 
-    # knobs and benchmark hooks ---------------------------------------------------------------
-    def set_budget(self, value: float) -> None:
-        """Inference knob: keep a gated block iff its keep probability ``> value`` (in [0, 1])."""
-        if not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"SkipNet threshold must be in [0, 1], got {value}")
-        self.threshold = float(value)
-
-    def force_keep_rate(self, rate: float | None, seed: int = 0) -> None:
-        """Replace gate decisions by random ones keeping each gated block with probability ``rate``
-        (block 0 always runs; gates are still evaluated and paid for). ``None`` restores the gates."""
-        self._forced = forced_keep_state(rate, seed)
-
-    def dense_baseline(self) -> ResNet:
-        """The backbone ResNet without gates (all blocks run)."""
-        return self.backbone
-
     # forward ---------------------------------------------------------------------------------
-    def _forced_decisions(self, batch: int, device: torch.device) -> Tensor | None:
-        if self._forced is None:
-            return None
-        rate, gen = self._forced
-        return (torch.rand(batch, self.num_blocks - 1, generator=gen) < rate).float().to(device)
-
     def forward(self, x: Tensor) -> DynamicOutput:
         self.check_input(x)
         if self.decision_mode not in DECISION_MODES:
             raise ValueError(f"decision_mode must be one of {DECISION_MODES}, got {self.decision_mode!r}")
         blocks = self.backbone.blocks
-        forced = self._forced_decisions(x.shape[0], x.device)
+        forced = self.forced_keep(x, first=1)
         h = blocks[0](self.backbone.stem(x))
         state = self.gate_bank.init_state(h)
         gate_logits, actions, log_probs = [], [], []
@@ -125,48 +95,29 @@ class SkipNet(PonderModel):
         logits = self.backbone.head(h)
         actions_t = torch.stack(actions, 1)
         gates = torch.cat([actions_t.new_ones(x.shape[0], 1), actions_t], 1)
-        macs = charge_blocks(self.ledger_for(x), gates, ["stem", "head", *self.gate_names])
         logits_t = torch.stack(gate_logits, 1)
         extras = {"gate_logits": logits_t, "gate_probs": torch.sigmoid(logits_t), "gate_actions": actions_t}
         if self.training:
             extras["gate_log_probs"] = torch.stack(log_probs, 1)
-        return DynamicOutput(logits=logits, macs=macs, gates=gates, extras=extras)
-
-    # weights ---------------------------------------------------------------------------------
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """Load this model's state dict, or a plain ResNet's (keys without ``backbone.``) into the backbone."""
-        if state_dict and not any(k.startswith(("backbone.", "gate_bank.")) for k in state_dict):
-            return self.backbone.load_state_dict(state_dict, strict=strict, assign=assign)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return DynamicOutput(logits=logits, macs=self.charge(x, gates), gates=gates, extras=extras)
 
     # cost ------------------------------------------------------------------------------------
-    def measure_ledger(self, input_size: tuple[int, int, int]) -> CostLedger:
-        """Units ``stem``, ``blocks.i``, ``blocks.i.skip``, ``gates.j``, ``head`` at batch 1;
-        ``total`` = every block and every gate run."""
-        base = self.backbone.ledger(input_size)
-        units = dict(base.units)
-        units.update(skip_units(self.backbone, input_size))
-        x = example_input(self, input_size)
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                h = self.backbone.blocks[0](self.backbone.stem(x))
-                state = self.gate_bank.init_state(h)
-                for j, block in enumerate(self.backbone.blocks[1:]):
-                    units[f"gates.{j}"] = count_macs(self.gate_bank.step, j, h, state)
-                    _, state = self.gate_bank.step(j, h, state)
-                    h = block(h)
-        finally:
-            self.train(was_training)
-        gate_total = sum(units[n] for n in self.gate_names)
-        return CostLedger(input_size=input_size, units=units, total=base.total + gate_total)
+    def measure_decision_units(self, input_size: tuple[int, int, int]) -> dict[str, int]:
+        """``gates.j`` for every gate, at batch 1 on the dense path."""
+        units = {}
+        h = self.backbone.blocks[0](self.backbone.stem(example_input(self, input_size)))
+        state = self.gate_bank.init_state(h)
+        for j, block in enumerate(self.backbone.blocks[1:]):
+            units[f"gates.{j}"] = count_macs(self.gate_bank.step, j, h, state)
+            _, state = self.gate_bank.step(j, h, state)
+            h = block(h)
+        return units
 
     def profile_blocks(self, input_size: tuple[int, int, int]) -> list[dict]:
         """Per block: ``macs`` when run, ``skip_macs`` when skipped, ``gate_macs`` of the gate deciding it."""
         led = self.ledger(input_size)
-        return [{"name": f"blocks.{i}", "macs": led[f"blocks.{i}"], "skip_macs": led[f"blocks.{i}.skip"],
-                 "gate_macs": led[f"gates.{i - 1}"] if i > 0 else 0} for i in range(self.num_blocks)]
+        return [dict(row, gate_macs=led[f"gates.{i - 1}"] if i > 0 else 0)
+                for i, row in enumerate(super().profile_blocks(input_size))]
 
 
 def _skipnet(depth: int, doc_gate: str):

@@ -7,11 +7,12 @@ sigmoid of their difference, so both styles fit this contract). Gates are groupe
 
 Decision rules (:func:`decide`):
 
-- ``"straight_through"``: hard ``p > threshold`` forward, the soft ``p``'s gradient backward;
+- ``"straight_through"``: hard ``p >= threshold`` forward, the soft ``p``'s gradient backward;
 - ``"sample"``: ``a ~ Bernoulli(p)`` in training (no gradient through ``a``; use the log-prob);
 - ``"soft"``: the continuous ``p`` in training (SkipNet's Soft* variants).
 
-In ``eval()`` every rule is the deterministic ``p > threshold`` (never random).
+In ``eval()`` every rule is the deterministic ``p >= threshold`` (never random; the same rule as
+BlockDrop's policies, :mod:`ponder.nn.policy`).
 The 1x1 convolutions that read a globally pooled map run as one matmul (:func:`pooled_linear`).
 """
 
@@ -56,7 +57,7 @@ class Decision:
 
 
 def threshold_logit(threshold: float) -> float:
-    """The logit of a probability threshold: ``p > t`` iff ``logit > threshold_logit(t)`` (t in [0, 1])."""
+    """The logit of a probability threshold: ``p >= t`` iff ``logit >= threshold_logit(t)`` (t in [0, 1])."""
     if threshold <= 0.0:
         return -math.inf
     if threshold >= 1.0:
@@ -68,7 +69,7 @@ def decide(logit: Tensor, *, mode: DecisionMode = "straight_through", threshold:
            training: bool = False, forced: Tensor | None = None) -> Decision:
     """Turn keep logits ``[B]`` into a :class:`Decision` (rules in the module docstring).
 
-    The threshold test is done on the logit (``logit > threshold_logit(threshold)``), so it is exact
+    The threshold test is done on the logit (``logit >= threshold_logit(threshold)``), so it is exact
     even where ``sigmoid`` saturates, and inference costs one comparison per gate.
     ``forced [B]`` (0/1) overrides the decision (random keep-rate benchmarks); its mask has no gradient.
     """
@@ -79,7 +80,7 @@ def decide(logit: Tensor, *, mode: DecisionMode = "straight_through", threshold:
     elif training and mode == "sample":
         action = mask = torch.bernoulli(torch.sigmoid(logit.detach()))
     else:
-        action = (logit.detach() > threshold_logit(threshold)).to(logit.dtype)
+        action = (logit.detach() >= threshold_logit(threshold)).to(logit.dtype)
         if training and mode == "soft":
             mask = torch.sigmoid(logit)
         elif training:

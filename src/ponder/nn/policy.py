@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -23,9 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ponder.nn.dense_units import resnet_on_kernels
+from ponder.nn.protocols import ResNet
 
-if TYPE_CHECKING:  # ponder.models imports every model module, which import this one
-    from ponder.models.resnet import ResNet
 
 PROB_EPS = 1e-15  # BlockDrop clamps probabilities to [eps, 1 - eps] before taking logs (float64 value)
 

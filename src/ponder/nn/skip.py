@@ -26,24 +26,22 @@ For hard decisions all executors give the same outputs in ``eval()`` mode. (In `
 BatchNorm batch statistics differ: the sparse executor normalises over the kept samples only.)
 
 Cost: a sample pays ledger unit ``blocks.i`` when it runs block ``i`` and ``blocks.i.skip`` (the
-projection shortcut, 0 for identity / zero-pad shortcuts) when it skips it; see
-:func:`skip_units` and :func:`charge_blocks`.
+projection shortcut, 0 for identity / zero-pad shortcuts) when it skips it (:func:`skip_units`);
+:meth:`ponder.models.skipping.SkippingModel.charge` adds them up through the ledger.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ponder.cost import CostLedger, eval_unit_macs
+from ponder.cost import eval_unit_macs
+from ponder.nn.protocols import ResidualBlock, ResNet
 
-if TYPE_CHECKING:  # ponder.models imports every model module, which import this one
-    from ponder.models.resnet import ResidualBlock, ResNet
 
 SkippedOutput = Literal["shortcut", "relu_shortcut"]
 SoftMix = Literal["outside", "inside"]
@@ -162,51 +160,6 @@ def skip_units(backbone: ResNet, input_size: tuple[int, int, int]) -> dict[str, 
 
     spent = eval_unit_macs(backbone, run, units)
     return {f"blocks.{i}.skip": spent.get(f"blocks.{i}.skip", 0) for i in range(len(backbone.blocks))}
-
-
-def forced_keep_state(rate: float | None, seed: int) -> tuple[float, torch.Generator] | None:
-    """State of a ``force_keep_rate(rate, seed)`` benchmark hook: ``None`` (learned decisions) or
-    ``(rate, seeded generator)``; a rate outside [0, 1] is refused."""
-    if rate is None:
-        return None
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"keep rate must be in [0, 1], got {rate}")
-    return float(rate), torch.Generator().manual_seed(seed)
-
-
-def block_names(num_blocks: int) -> tuple[list[str], list[str]]:
-    """Ledger unit names ``(["blocks.0", ...], ["blocks.0.skip", ...])``."""
-    return [f"blocks.{i}" for i in range(num_blocks)], [f"blocks.{i}.skip" for i in range(num_blocks)]
-
-
-@dataclass(frozen=True)
-class BlockCosts:
-    """Per-sample cost of skip decisions, precomputed from a ledger (build once, charge every forward).
-
-    ``base``: the ``fixed`` units plus every block's skip cost; ``delta [blocks]`` float64: what
-    running block ``i`` costs more than skipping it (``blocks.i - blocks.i.skip``).
-    """
-
-    base: float
-    delta: Tensor
-
-    @staticmethod
-    def from_ledger(ledger: CostLedger, num_blocks: int, fixed: Sequence[str]) -> "BlockCosts":
-        ran, skipped = block_names(num_blocks)
-        delta = [float(ledger[r] - ledger.units.get(s, 0)) for r, s in zip(ran, skipped)]
-        base = ledger.sum(list(fixed)) + sum(ledger.units.get(s, 0) for s in skipped)
-        return BlockCosts(base=float(base), delta=torch.tensor(delta, dtype=torch.float64))
-
-    def charge(self, keep: Tensor) -> Tensor:
-        """``[B]`` float64 MACs for ``keep [B, blocks]`` (1 = ran)."""
-        return (keep > 0.5).to(torch.float64) @ self.delta.to(keep.device) + self.base
-
-
-def charge_blocks(ledger: CostLedger, keep: Tensor, fixed: Sequence[str]) -> Tensor:
-    """Per-sample MACs ``[B]`` float64: the ``fixed`` units (stem, head, policy/gates) plus, per
-    block, ``blocks.i`` where ``keep [B, blocks]`` is 1 and ``blocks.i.skip`` where it is 0.
-    (Models charging every forward keep a :class:`BlockCosts` instead of rebuilding it.)"""
-    return BlockCosts.from_ledger(ledger, keep.shape[1], fixed).charge(keep)
 
 
 def block_usage(gates: Tensor) -> dict:

@@ -15,7 +15,6 @@ Conventions: masks are ``[B, H, W]`` (nonzero = active); "rows" are flat indices
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch

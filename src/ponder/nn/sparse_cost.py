@@ -12,18 +12,16 @@ the algorithmic cost, as the papers report it.
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ponder.cost import count_macs
+from ponder.cost import CostLedger, count_macs
 from ponder import fast
 from ponder.nn.sparse_units import branch_convs, first_conv_mask, unit_info
+from ponder.nn.protocols import ResidualBlock
 
-if TYPE_CHECKING:  # duck-typed at run time (no import cycle with ponder.models)
-    from ponder.models.resnet import ResidualBlock
 
 _POSITION: "weakref.WeakKeyDictionary[nn.Conv2d, int]" = weakref.WeakKeyDictionary()
 _SHORTCUT: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]]" = weakref.WeakKeyDictionary()
@@ -68,22 +66,25 @@ def residual_macs(block: ResidualBlock, in_size: tuple[int, int, int], mask: Ten
     return total
 
 
-def unit_masks_and_macs(block: ResidualBlock, in_size: tuple[int, int, int], mask: Tensor,
-                        halt_macs: float = 0.0) -> tuple[Tensor, Tensor]:
+def unit_masks_and_macs(block: ResidualBlock, in_size: tuple[int, int, int], mask: Tensor, ledger: CostLedger,
+                        unit: str, halt: str | None = None) -> tuple[Tensor, Tensor]:
     """``(first-conv mask, per-sample MACs [B])`` of a unit run where ``mask [B, Ho, Wo]`` (bool).
 
-    The MACs are :func:`residual_macs` plus ``halt_macs`` (a halting branch's cost) for every sample
-    with an active position. A stride-1 unit (whose first-conv mask is the 3x3 dilation of ``mask``
-    for both block types) takes one compiled pass over the mask
-    (:func:`ponder.fast.unit_masks`) where available; the values are the same.
+    The MACs are the ledger's charge of the unit's per-position units (``unit.skip`` once,
+    ``unit.first`` per position of the first-conv mask, ``unit.rest`` per active position) plus the
+    halting unit ``halt`` for every sample with an active position. A stride-1 unit (whose first-conv
+    mask is the 3x3 dilation of ``mask`` for both block types) takes one compiled pass over the mask
+    that counts and charges in one go (:func:`ponder.fast.unit_masks`, with the same ledger values).
     """
-    info = unit_info(block)  # its per-position MACs are the ledger's (C_out * C_in * k * k per conv)
-    if info.stride == 1:
-        fused = fast.unit_masks(mask, shortcut_macs(block, in_size), info.first_macs, info.rest_macs, halt_macs)
+    names = (f"{unit}.skip", f"{unit}.first", f"{unit}.rest") + ((halt,) if halt else ())
+    if unit_info(block).stride == 1:
+        costs = [float(ledger[n]) for n in names] + [0.0] * (4 - len(names))
+        fused = fast.unit_masks(mask, *costs)
         if fused is not None:
             return fused
     first = first_conv_mask(block, mask, (int(in_size[1]), int(in_size[2])))
-    macs = residual_macs(block, in_size, mask, first=first)
-    if halt_macs:
-        macs = macs + mask.flatten(1).any(1).double() * halt_macs
-    return first, macs
+    counts = [torch.ones(mask.shape[0], dtype=torch.float64, device=mask.device),
+              first.flatten(1).sum(1).to(torch.float64), mask.flatten(1).sum(1).to(torch.float64)]
+    if halt:
+        counts.append(mask.flatten(1).any(1).to(torch.float64))
+    return first, ledger.charge(names, torch.stack(counts, 1))

@@ -13,7 +13,7 @@ dtype, device, thread count): decided once per machine, the same in every proces
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ponder import fast
 from ponder.layout import is_channels_last
 from ponder.nn.sparse_units import dense_fallback, first_conv_mask, output_hw, run_sparse, unit_info, work_fraction
+from ponder.nn.protocols import ResidualBlock
 
-if TYPE_CHECKING:  # duck-typed at run time (no import cycle with ponder.models)
-    from ponder.models.resnet import ResidualBlock
 
 CALIBRATION_DENSITIES = (0.1, 0.35, 0.6)
 

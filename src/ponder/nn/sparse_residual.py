@@ -13,13 +13,14 @@ so :func:`ponder.nn.set_executor` switches it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ponder import fast
+from ponder.nn.protocols import ResidualBlock
 from ponder.nn.sparse_fallback import break_even_for
 from ponder.nn.sparse_units import (
     Inactive,
@@ -32,8 +33,6 @@ from ponder.nn.sparse_units import (
     work_fraction,
 )
 
-if TYPE_CHECKING:  # duck-typed at run time (no import cycle with ponder.models)
-    from ponder.models.resnet import ResidualBlock
 
 BreakEven = float | str | None
 _DEFAULT: list[BreakEven] = ["auto"]
@@ -87,6 +86,8 @@ def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
         break_even = _DEFAULT[0]
     if break_even == "auto" and not fast.enabled():  # no timing with fast paths off: always sparse
         break_even = None
+    if _get_current_dispatch_mode() is not None:  # cost counting (FlopCounterMode) sees the sparse path the
+        break_even = None  # ledger charges; the dense fall-back is a speed choice, not another algorithm
     _check_break_even(break_even)
     with torch.no_grad():
         m = mask if mask.dtype == torch.bool else mask != 0

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ponder import fast
-from ponder.layout import is_channels_last
+from ponder.nn.protocols import ResidualBlock
 from ponder.nn.sparse_conv import (
     PositionIndex,
     empty_plane,
@@ -41,8 +41,6 @@ from ponder.nn.sparse_conv import (
     window_starts,
 )
 
-if TYPE_CHECKING:  # duck-typed at run time: ponder.models imports this layer (no import cycle)
-    from ponder.models.resnet import BasicBlock, Bottleneck, ResidualBlock
 
 Inactive = Literal["shortcut", "relu"]
 INACTIVE = ("shortcut", "relu")
@@ -234,7 +232,7 @@ def _output_plane(block: ResidualBlock, x: Tensor, overwrite: bool) -> Tensor:
     return padded_plane(x, 0)
 
 
-def run_sparse_basic(block: BasicBlock, x: Tensor, mask: Tensor, first: Tensor, inactive: str,
+def run_sparse_basic(block: ResidualBlock, x: Tensor, mask: Tensor, first: Tensor, inactive: str,
                      overwrite: bool = False) -> Tensor:
     """Sparse ``BasicBlock``: conv1 (3x3, stride s) on ``first``, conv2 (3x3) on ``mask``.
 
@@ -254,7 +252,7 @@ def run_sparse_basic(block: BasicBlock, x: Tensor, mask: Tensor, first: Tensor, 
     return plane_interior(out, (B, ho, wo), 0)
 
 
-def run_sparse_bottleneck(block: Bottleneck, x: Tensor, mask: Tensor, first: Tensor, inactive: str,
+def run_sparse_bottleneck(block: ResidualBlock, x: Tensor, mask: Tensor, first: Tensor, inactive: str,
                           overwrite: bool = False) -> Tensor:
     """Sparse ``Bottleneck``: conv1 (1x1) on ``first`` (input grid), conv2 (3x3, stride s) and conv3 on ``mask``.
 

@@ -1,5 +1,7 @@
 """Exit thresholds for budgeted batch classification (the official MSDNet procedure, vectorized).
 
+Used by the early-exit models' budget knob and by the ``budgeted`` protocol.
+
 Tables are ``conf [K, N]``: the max-softmax of exit ``k`` for sample ``i``; ``costs [K]`` are the
 cumulative MACs of each exit. Thresholds are fitted on a held-out split and applied to the test set.
 """
@@ -35,13 +37,15 @@ def exit_proportions(q: float, num_exits: int, official_float32: bool = False) -
     return p / p.sum()
 
 
-def fit_thresholds(conf: Tensor, proportions: Tensor) -> list[float]:
+def fit_thresholds(conf: Tensor, proportions: Tensor, between: bool = False) -> list[float]:
     """Thresholds ``[K]`` so that about ``floor(N P[k])`` held-out samples exit at ``k``.
 
     Exit ``k`` (in order) takes the ``floor(N P[k])`` most confident samples not yet taken: its
-    threshold is that many-th largest confidence among them (ties may let more exit). If the count
-    is 0 or fewer samples are left, the threshold is ``+inf`` (nobody exits there). The last
-    threshold is ``-inf`` (everything left exits at the last exit).
+    threshold is that many-th largest confidence among them (ties may let more exit), or with
+    ``between`` the midpoint between it and the next one down, so that no held-out sample sits on a
+    threshold (where float rounding in another executor could move it across). If the count is 0 or
+    fewer samples are left, the threshold is ``+inf`` (nobody exits there). The last threshold is
+    ``-inf`` (everything left exits at the last exit).
     """
     num_exits, n = conf.shape
     if proportions.shape[0] != num_exits:
@@ -54,6 +58,9 @@ def fit_thresholds(conf: Tensor, proportions: Tensor) -> list[float]:
         free = conf[k][~taken]
         if n_k == 0 or n_k > free.numel():
             t = math.inf
+        elif between and n_k < free.numel():
+            top = torch.topk(free, n_k + 1).values
+            t = 0.5 * (float(top[-2]) + float(top[-1]))
         else:
             t = float(torch.topk(free, n_k).values[-1])
         out.append(t)
@@ -75,24 +82,48 @@ def expected_macs(exit_index: Tensor, costs: Tensor) -> float:
     return float(costs.to(torch.float64)[exit_index].mean())
 
 
-def thresholds_for_macs(conf: Tensor, costs: Tensor, target_macs: float, iters: int = 60) -> list[float]:
-    """Direct mode: thresholds whose expected MACs on ``conf``'s split is the largest not above ``target_macs``.
+def thresholds_for_macs(conf: Tensor, costs: Tensor, target_macs: float, iters: int = 60,
+                        closest: bool = False) -> list[float]:
+    """Direct mode: thresholds whose expected MACs on ``conf``'s split is the largest not above ``target_macs``
+    (with ``closest``: the nearest to it, above or below, and thresholds between held-out confidences).
 
-    Searches the geometric proportion family ``q`` by bisection on ``log q``; below the first
-    exit's cost everyone exits at exit 1.
+    Searches the geometric proportion family ``q`` by bisection on ``log q``; below the first exit's cost
+    everyone exits at exit 1. With ``closest`` the expected MACs need not be monotone in ``q`` (ties,
+    whole-sample counts), so a grid of ``q`` is scanned first and the bisection then refines around the
+    best grid point.
     """
     costs = costs.to(torch.float64)
-    lo, hi = math.log(1e-4), math.log(1e4)
-    best = [-math.inf] * conf.shape[0]  # everybody at exit 1: the cheapest possible
     if target_macs < float(costs[0]):
+        return [-math.inf] * conf.shape[0]  # everybody at exit 1: the cheapest possible
+
+    def spent(log_q: float) -> tuple[float, list[float]]:
+        t = fit_thresholds(conf, exit_proportions(math.exp(log_q), conf.shape[0]), between=closest)
+        return expected_macs(assign_exits(conf, t), costs), t
+
+    lo, hi = math.log(1e-4), math.log(1e4)
+    if not closest:
+        best = [-math.inf] * conf.shape[0]
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            macs, t = spent(mid)
+            if macs <= target_macs:
+                best, lo = t, mid
+            else:
+                hi = mid
         return best
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        t = fit_thresholds(conf, exit_proportions(math.exp(mid), conf.shape[0]))
-        if expected_macs(assign_exits(conf, t), costs) <= target_macs:
-            best, lo = t, mid
+    grid = [lo + (hi - lo) * i / 200 for i in range(201)]
+    scored = [(abs(m - target_macs), i, t) for i, (m, t) in enumerate(spent(g) for g in grid)]
+    gap, i, best = min(scored, key=lambda r: (r[0], r[1]))
+    a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    for _ in range(iters // 2):  # refine between the neighbours of the best grid point
+        mid = 0.5 * (a + b)
+        macs, t = spent(mid)
+        if abs(macs - target_macs) < gap:
+            gap, best = abs(macs - target_macs), t
+        if macs <= target_macs:
+            a = mid
         else:
-            hi = mid
+            b = mid
     return best
 
 

@@ -1,0 +1,128 @@
+"""The block-skipping family's base: a ResNet whose residual blocks run under per-sample keep decisions.
+
+BlockDrop, SkipNet (and the learned-gate models built on them) subclass :class:`SkippingModel`, which
+owns what they share: the backbone and the :class:`~ponder.nn.skip.BlockSkipper` (masked and sparse
+executors), the native knob (a block runs iff its keep probability is ``>= threshold``), forced keep
+decisions for benchmarks, the cost ledger and its one charge, the dense baseline (the backbone), and
+loading a plain ResNet checkpoint into the backbone.
+
+Ledger units: the backbone's ``stem``, ``blocks.i`` and ``head``; ``blocks.i.skip`` (what skipping block
+``i`` costs: its projection shortcut, 0 for identity / parameter-free shortcuts); and the decision
+networks' units (:meth:`SkippingModel.measure_decision_units`: ``policy``, ``gates.j`` ...). A sample pays
+``stem + head + decisions + sum_i (blocks.i if kept else blocks.i.skip)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor
+
+from ponder.cost import CostLedger
+from ponder.models.base import DynamicModel, Knob
+from ponder.models.resnet import ResNet
+from ponder.nn.forced import keep_matrix, sample_keys
+from ponder.nn.skip import BlockSkipper, SkippedOutput, SoftMix, skip_units
+
+
+class SkippingModel(DynamicModel):
+    """A :class:`~ponder.models.resnet.ResNet` backbone whose blocks are kept or skipped per sample.
+
+    Subclasses build their decision networks, implement ``forward`` (calling :meth:`forced_keep`,
+    ``self.skipper`` and :meth:`charge`) and :meth:`measure_decision_units`; ``own_prefixes`` lists the
+    ``state_dict`` prefixes of their own weights besides ``backbone.``.
+    """
+
+    family = "skipping"
+    knob = Knob("threshold", 0.0, 1.0, 0.5, macs_rise=False,
+                doc="a block runs iff its keep probability is >= threshold (0 keeps every block)")
+    own_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, backbone: ResNet, skipped: SkippedOutput = "shortcut", mix: SoftMix | None = None,
+                 threshold: float = 0.5) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = backbone.num_classes
+        self.default_input_size = backbone.default_input_size
+        self.skipper = BlockSkipper(skipped=skipped, mix=mix)
+        self.threshold = 0.5
+        self.set_knob(threshold)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.backbone.blocks)
+
+    # ---- knob, baseline, forced decisions --------------------------------------------------
+    def get_knob(self) -> float:
+        """The keep threshold: a block runs iff its keep probability is ``>= threshold``."""
+        return self.threshold
+
+    def set_knob(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{type(self).__name__}'s native knob is a keep threshold in [0, 1], got {value!r}")
+        self.threshold = float(value)
+
+    def dense_baseline(self) -> ResNet:
+        """The backbone ResNet: every block, no decision network."""
+        return self.backbone
+
+    def forced_keep(self, x: Tensor, first: int = 0) -> Tensor | None:
+        """Forced keep decisions ``[B, num_blocks - first]`` (float 0/1) for blocks ``first..``, or ``None``
+        when the learned decisions rule (:meth:`force_keep_rate`)."""
+        if self.forced is None:
+            return None
+        keys = sample_keys(x)
+        n = self.num_blocks - first
+        return keep_matrix(keys, n, self.forced.rate, self.forced.seed, first=first).to(x.dtype)
+
+    # ---- cost ------------------------------------------------------------------------------
+    def measure_decision_units(self, input_size: tuple[int, int, int]) -> dict[str, int]:  # pragma: no cover
+        """MACs of each decision unit (``policy``, ``gates.j`` ...) for one ``(C, H, W)`` sample, in eval mode."""
+        raise NotImplementedError
+
+    def measure_ledger(self, input_size: tuple[int, int, int]) -> CostLedger:
+        base = self.backbone.ledger(input_size)
+        units = dict(base.units)
+        units.update(skip_units(self.backbone, input_size))
+        modes = {m: m.training for m in self.modules()}  # restored one by one: parts may differ (frozen backbone)
+        self.eval()
+        try:
+            with torch.no_grad():
+                decisions = self.measure_decision_units(input_size)
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        units.update(decisions)
+        return CostLedger(input_size=input_size, units=units, total=base.total + sum(decisions.values()))
+
+    def charge(self, x: Tensor, keep: Tensor) -> Tensor:
+        """Per-sample MACs ``[B]`` (float64) of inputs like ``x`` under hard decisions ``keep [B, blocks]``:
+        stem, head and every decision unit, plus per block the block or its skip path."""
+        led = self.ledger_for(x)
+        names = self._charge_names(led)
+        hard = (keep > 0.5).to(torch.float64)
+        fixed = torch.ones(keep.shape[0], len(names) - 2 * self.num_blocks, dtype=torch.float64, device=keep.device)
+        return led.charge(names, torch.cat([hard, 1.0 - hard, fixed], 1))
+
+    def _charge_names(self, led: CostLedger) -> tuple[str, ...]:
+        cached = getattr(self, "_names", None)
+        if cached is None or cached[0] is not led:
+            run = [f"blocks.{i}" for i in range(self.num_blocks)]
+            skip = [f"blocks.{i}.skip" for i in range(self.num_blocks)]
+            fixed = [n for n in led.units if n not in run and n not in skip]
+            cached = self._names = (led, tuple(run + skip + fixed))
+        return cached[1]
+
+    def profile_blocks(self, input_size: tuple[int, int, int]) -> list[dict]:
+        """Per block: ``macs`` when run and ``skip_macs`` when skipped."""
+        led = self.ledger(input_size)
+        return [{"name": f"blocks.{i}", "macs": led[f"blocks.{i}"], "skip_macs": led[f"blocks.{i}.skip"]}
+                for i in range(self.num_blocks)]
+
+    # ---- weights ---------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load this model's state dict, or a plain ResNet's (keys without ``backbone.``) into the backbone."""
+        if state_dict and not any(k.startswith(("backbone.",) + self.own_prefixes) for k in state_dict):
+            return self.backbone.load_state_dict(state_dict, strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
