@@ -86,10 +86,11 @@ def plain_values(obj: Any, names: Iterable[str]) -> dict[str, Any]:
 
 
 def model_shapes(name: str, kwargs: Mapping[str, Any]) -> dict[str, torch.Size]:
-    """Key -> shape of ``create_model(name, **kwargs).state_dict()``, built on the meta device (no memory)."""
+    """Key -> shape of ``create_model(name, **kwargs).state_dict()`` (built on the CPU: on the meta
+    device the weight initialisation of a RANet takes longer than a real build)."""
     from ponder.registry import create_model
 
-    with torch.device("meta"):
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the caller's RNG alone
         model = create_model(name, **kwargs)
     return {k: v.shape for k, v in model.state_dict().items()}
 

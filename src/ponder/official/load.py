@@ -95,7 +95,8 @@ def build_model(mapped: Mapped) -> nn.Module:
     from ponder.registry import create_model
 
     try:
-        model = create_model(mapped.model, **mapped.kwargs)
+        with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG alone
+            model = create_model(mapped.model, **mapped.kwargs)
     except TypeError as e:
         raise OfficialCheckpointError(f"{mapped.model} does not accept the options {mapped.kwargs} ({e}); "
                                       f"check the --model-arg names") from None
