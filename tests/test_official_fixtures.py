@@ -114,7 +114,8 @@ def test_skipnet_reproduces_gate_decisions_and_logits(loaded, executor):
     set_executor(m, "masked")
 
 
-@pytest.mark.parametrize("name,model", [("blockdrop", "blockdrop_resnet110_cifar"), ("skipnet", "skipnet_resnet110_cifar")])
+@pytest.mark.parametrize("name,model", [("blockdrop", "blockdrop_resnet110_cifar"),
+                                        ("skipnet", "skipnet_resnet110_cifar")])
 def test_converted_run_is_evaluated_and_benchmarked_like_a_trained_one(tmp_path, capsys, name, model):
     data = tmp_path / "data"
     write_fake_cifar(data, "cifar10", n_train=20, n_test=16, seed=0)
@@ -125,8 +126,8 @@ def test_converted_run_is_evaluated_and_benchmarked_like_a_trained_one(tmp_path,
     source = json.loads((run / "source.json").read_text())
     assert source["model"] == model and len(source["sha256"]) == 64
     data_cfg = load_run_config(run).data  # the official preprocessing travels with the run
-    assert data_cfg.dataset == "cifar10" and data_cfg.normalize == ([[0.0] * 3, [1.0] * 3] if name == "blockdrop"
-                                                                     else [[0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.201]])
+    official = {"blockdrop": [[0.0] * 3, [1.0] * 3], "skipnet": [[0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.201]]}
+    assert data_cfg.dataset == "cifar10" and data_cfg.normalize == official[name]
     assert main(["eval", str(run), "--data-dir", str(data), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["model"] == model and result["n"] == 16 and 0.0 <= result["accuracy"] <= 1.0

@@ -52,7 +52,8 @@ def prefixed(state: dict) -> dict:
 
 
 def ranet_official(state: dict) -> dict:
-    """ponder RANet keys -> RANet-pytorch keys (FirstLayer, scale_flows, conv_normal / conv_up, conv_last, classifier)."""
+    """ponder RANet keys -> RANet-pytorch keys (FirstLayer, scale_flows, conv_normal / conv_up, conv_last,
+    classifier)."""
     out = {}
     for key, value in state.items():
         head, _, tail = key.partition(".")
@@ -90,7 +91,8 @@ def blockdrop_official(model: torch.nn.Module, policy_key: str = "agent") -> dic
     return {policy_key: agent, "resnet": flat_official(state, "backbone."), "epoch": 30, "reward": 0.25, "acc": 0.5}
 
 
-FF_OFFICIAL = {"ffgate1": {"body.1.0": "conv1", "body.1.1": "bn1", "body.2.0": "conv2", "body.2.1": "bn2", "out": "linear_layer"},
+FF_OFFICIAL = {"ffgate1": {"body.1.0": "conv1", "body.1.1": "bn1", "body.2.0": "conv2", "body.2.1": "bn2",
+                           "out": "linear_layer"},
                "ffgate2": {"body.0": "conv1", "body.1": "bn1", "out": "linear_layer"}}
 
 
@@ -174,7 +176,8 @@ def test_blockdrop_backbone_and_policy_map_and_value_head_is_dropped(tmp_path, l
     assert (ck.model_name, ck.model_kwargs) == ("blockdrop_resnet32_cifar", {"num_classes": 10, "shortcut": "avgpool"})
     assert any("vnet" in n for n in ck.notes) and ck.info == {"epoch": 30, "acc": 0.5, "reward": 0.25}
     # BlockDrop's ResNet-32 CIFAR-10 checkpoint expects mean/std inputs (block_skipping.md 1.4)
-    torch.testing.assert_close(torch.tensor(ck.normalize), torch.tensor([[125.3, 123.0, 113.9], [63.0, 62.1, 66.7]]) / 255)
+    want = torch.tensor([[125.3, 123.0, 113.9], [63.0, 62.1, 66.7]]) / 255
+    torch.testing.assert_close(torch.tensor(ck.normalize), want)
     assert_same_weights(ck.model, src)
 
 
@@ -195,8 +198,8 @@ def test_blockdrop_imagenet_flat_keys_are_ponders_resnet_keys():
     official = {"conv1.weight": None, **{f"bn1.{p}": None for p in ("weight", "bias", "running_mean", "running_var")}}
     for s in range(4):
         for part in ("conv1", "bn1", "conv2", "bn2"):
-            official.update({f"blocks.{s}.0.{part}.{p}": None for p in
-                             (("weight",) if part.startswith("conv") else ("weight", "bias", "running_mean", "running_var"))})
+            params = ("weight",) if part.startswith("conv") else ("weight", "bias", "running_mean", "running_var")
+            official.update({f"blocks.{s}.0.{part}.{p}": None for p in params})
         if s > 0:  # stage 0 keeps 64 channels at stride 1: an empty shortcut
             official[f"ds.{s}.0.weight"] = None
             official.update({f"ds.{s}.1.{p}": None for p in ("weight", "bias", "running_mean", "running_var")})
@@ -208,8 +211,8 @@ def test_blockdrop_imagenet_flat_keys_are_ponders_resnet_keys():
 def test_skipnet_gates_backbone_and_duplicated_shortcuts(tmp_path, gate_type, legacy):
     src = randomised("skipnet_resnet38_cifar", gate_type=gate_type)
     state = skipnet_official(src, n=6, gate_type=gate_type)
-    obj = {"iter": 1000, "arch": f"cifar10_{gate_type}_38", "state_dict": prefixed(no_counters(state) if legacy else state),
-           "best_prec1": 10.0}
+    obj = {"iter": 1000, "arch": f"cifar10_{gate_type}_38", "best_prec1": 10.0,
+           "state_dict": prefixed(no_counters(state) if legacy else state)}
     ck = load_official(save(obj, tmp_path / "resnet-38-rnn-sp-cifar10.pth.tar", legacy))
     assert (ck.model_name, ck.model_kwargs) == ("skipnet_resnet38_cifar", {"num_classes": 10, "gate_type": gate_type})
     assert any("duplicated shortcut" in n for n in ck.notes) and any("last block" in n for n in ck.notes)
@@ -290,7 +293,8 @@ def test_python2_strings_that_are_not_utf8_are_read_as_latin1(tmp_path):
     (b"", "is not a PyTorch checkpoint: expected a checkpoint written by torch.save"),
     (b"just some text\n", "is not a PyTorch checkpoint"),
     (bytes(range(256)) * 4, "is not a PyTorch checkpoint"),
-    (b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01.", "is not a PyTorch checkpoint"),  # a bare pickle: never unpickled
+    # a bare pickle: never unpickled
+    (b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01.", "is not a PyTorch checkpoint"),
     (b"PK\x03\x04" + b"\x00" * 60, "starts like a zip archive but cannot be read"),
 ])
 def test_unknown_files_get_one_sentence(tmp_path, content, expected):
@@ -308,6 +312,8 @@ def test_a_checkpoint_of_another_layout_names_the_expected_ones(tmp_path):
         load_official(path)
     with pytest.raises(OfficialCheckpointError, match="does not exist"):
         load_official(tmp_path / "missing.pth.tar")
+    with pytest.raises(OfficialCheckpointError, match="is a directory"):
+        load_official(tmp_path)
 
 
 def test_cli_prints_one_line_and_no_traceback(tmp_path, capsys):

@@ -214,7 +214,8 @@ def _in_channels(block: nn.Module) -> int:
 
 
 def cifar_policy(num_blocks: int, in_chans: int = 3, init_keep_prob: float | None = None) -> ResNetPolicy:
-    """BlockDrop's CIFAR policy: a ResNet-8 (one BasicBlock per stage, BlockDrop's avg-pool shortcuts) on the full input."""
+    """BlockDrop's CIFAR policy: a ResNet-8 (one BasicBlock per stage, BlockDrop's avg-pool shortcuts) on the
+    full input."""
     return ResNetPolicy(CifarResNet(8, num_classes=1, shortcut="avgpool", in_chans=in_chans), 64, num_blocks,
                         init_keep_prob=init_keep_prob)
 

@@ -298,7 +298,8 @@ def _cifar(depth: int):
         return CifarResNet(depth, num_classes=num_classes, shortcut=shortcut, **kw)
 
     factory.__name__ = f"resnet{depth}_cifar"
-    factory.__doc__ = f"CIFAR ResNet-{depth} ({(depth - 2) // 6} BasicBlocks per stage; shortcut 'A', 'avgpool' or 'B')."
+    factory.__doc__ = (f"CIFAR ResNet-{depth} ({(depth - 2) // 6} BasicBlocks per stage; "
+                       f"shortcut 'A', 'avgpool' or 'B').")
     return register_model(factory)
 
 

@@ -71,7 +71,8 @@ def map_checkpoint(obj: Any, name: str | None, kwargs: dict[str, Any]) -> Mapped
     trunk = {k[len("features."):]: v for k, v in agent.items() if k.startswith("features.") and k not in stray}
     state.update(flat_resnet_keys(trunk, "policy.trunk."))
     state.update({"policy.fc." + k[len("logit."):]: v for k, v in agent.items() if k.startswith("logit.")})
-    layers = tuple(len(indices(resnet, rf"blocks\.{s}\.(\d+)\.")) for s in range(len(indices(resnet, r"blocks\.(\d+)\."))))
+    stages = indices(resnet, r"blocks\.(\d+)\.")
+    layers = tuple(len(indices(resnet, rf"blocks\.{s}\.(\d+)\.")) for s in stages)
     num_classes = int(resnet["fc.weight"].shape[0])
     imagenet = resnet["conv1.weight"].shape[-1] == 7
     if imagenet:

@@ -112,7 +112,8 @@ def build_model(mapped: Mapped) -> nn.Module:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise OfficialCheckpointError(
-            f"the {mapped.repository} checkpoint does not fit {mapped.model} with {mapped.kwargs}: {problems[0]}{more}; "
+            f"the {mapped.repository} checkpoint does not fit {mapped.model} with {mapped.kwargs}: "
+            f"{problems[0]}{more}; "
             f"name the right model and options (--model NAME --model-arg KEY=VALUE)")
     model.load_state_dict(state, strict=True)
     return model

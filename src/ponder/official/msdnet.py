@@ -17,7 +17,8 @@ from typing import Any
 
 from torch import Tensor
 
-from ponder.official.layout import Mapped, OfficialCheckpointError, cifar_dataset, find_state_dict, indices, plain_values
+from ponder.official.layout import (Mapped, OfficialCheckpointError, cifar_dataset, find_state_dict, indices,
+                                    plain_values)
 
 REPOSITORY = "kalviny/MSDNet-PyTorch"
 MODELS = "msdnet_*"

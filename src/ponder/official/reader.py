@@ -39,8 +39,9 @@ def container(path: str | Path) -> str:
     :class:`OfficialCheckpointError` naming what was expected."""
     path = Path(path)
     if not path.is_file():
-        raise OfficialCheckpointError(f"checkpoint {path} does not exist; give the path of an official "
-                                      f"checkpoint file (e.g. model_best.pth.tar or ckpt_E_*.t7)")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise OfficialCheckpointError(f"checkpoint {path} {what}; give the path of an official checkpoint file "
+                                      f"(e.g. model_best.pth.tar or ckpt_E_*.t7)")
     with open(path, "rb") as f:
         head = f.read(len(LEGACY_MAGIC))
     if head.startswith(ZIP_MAGIC):

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ponder.official.layout import Mapped, OfficialCheckpointError, cifar_dataset, find_state_dict, indices, plain_values
+from ponder.official.layout import (Mapped, OfficialCheckpointError, cifar_dataset, find_state_dict, indices,
+                                    plain_values)
 
 REPOSITORY = "ucbdrive/skipnet"
 MODELS = "skipnet_*"
@@ -67,8 +68,9 @@ def map_checkpoint(obj: Any, name: str | None, kwargs: dict[str, Any]) -> Mapped
         raise OfficialCheckpointError(f"the SkipNet checkpoint is a ResNet-{depth}; ponder has SkipNet on CIFAR "
                                       f"ResNet-38, -74 and -110")
     if gates == "rnn" and tuple(official["control.rnn.weight_hh_l0"].shape) != (4 * RNN_DIMS, RNN_DIMS):
-        raise OfficialCheckpointError(f"the SkipNet LSTM gate has hidden size {official['control.rnn.weight_hh_l0'].shape[1]}"
-                                      f"; ponder's recurrent gate has the official 10 (embed_dim = hidden_dim = 10)")
+        hidden = official["control.rnn.weight_hh_l0"].shape[1]
+        raise OfficialCheckpointError(f"the SkipNet LSTM gate has hidden size {hidden}; ponder's recurrent gate has "
+                                      f"the official 10 (embed_dim = hidden_dim = 10)")
     state: dict[str, Tensor] = {}
     duplicates = 0
     for key, value in official.items():
