@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ponder.cost import count_macs, profile
-from ponder.models.resnet import CifarResNet
+from ponder.models.resnet import AvgPoolShortcut, CifarResNet
 from ponder.nn.executor import set_executor
 from ponder.registry import create_model, list_models
 
@@ -22,6 +22,16 @@ def test_registered_with_block_counts():
     assert _model().num_blocks == 15
     assert _model("blockdrop_resnet110_cifar").policy.fc.out_features == 54
     assert _model("blockdrop_resnet101").policy.fc.out_features == 33
+
+
+@pytest.mark.parametrize("name", ["blockdrop_resnet32_cifar", "blockdrop_resnet110_cifar",
+                                  "blockdrop_seq_resnet110_cifar"])
+def test_cifar_models_use_blockdrops_avgpool_shortcut(name):
+    m = _model(name)
+    trunks = [m.backbone] + ([m.policy.trunk] if hasattr(m, "policy") else [])
+    for net in trunks:
+        shortcuts = [b.downsample for b in net.blocks if b.downsample is not None]
+        assert len(shortcuts) == 2 and all(isinstance(s, AvgPoolShortcut) for s in shortcuts)
 
 
 def test_output_contract():
@@ -46,7 +56,8 @@ def test_eval_is_deterministic_and_greedy():
 
 
 @pytest.mark.parametrize("name,shortcut,size", [
-    ("blockdrop_resnet32_cifar", "A", 32), ("blockdrop_resnet32_cifar", "B", 32),
+    ("blockdrop_resnet32_cifar", None, 32), ("blockdrop_resnet32_cifar", "A", 32),
+    ("blockdrop_resnet32_cifar", "B", 32), ("blockdrop_seq_resnet110_cifar", None, 32),
     ("blockdrop_seq_resnet110_cifar", "B", 32), ("blockdrop_resnet101", None, 64)])
 def test_ledger_equals_flop_counter_sparse_batch1(name, shortcut, size):
     m = set_executor(_model(name, shortcut=shortcut), "sparse")
@@ -68,9 +79,10 @@ def test_ledger_equals_flop_counter_sparse_batch1(name, shortcut, size):
 
 
 @pytest.mark.parametrize("name", ["blockdrop_resnet32_cifar", "blockdrop_seq_resnet110_cifar"])
+@pytest.mark.parametrize("shortcut", [None, "B"])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_masked_and_sparse_agree(name, batch):
-    m = _model(name, shortcut="B")
+def test_masked_and_sparse_agree(name, shortcut, batch):
+    m = _model(name, shortcut=shortcut)
     x = torch.randn(batch, 3, 32, 32)
     m.force_keep_rate(0.4, seed=3)
     masked = m(x)

@@ -51,6 +51,18 @@ def test_augment_false_uses_eval_transform(cifar_root):
     assert torch.equal(b.train[(3, 1)][0], b.train[(3, 2)][0])
 
 
+def test_normalize_replaces_the_data_sets_statistics(cifar_root):
+    raw = DataConfig(dataset="cifar10", data_dir=str(cifar_root), normalize=[[0, 0, 0], [1, 1, 1]])
+    b = build_datasets(raw, 0)
+    x, _ = b.test[0]
+    torch.testing.assert_close(x, b.test.images[0].float() / 255)
+    half = DataConfig(dataset="cifar10", data_dir=str(cifar_root), normalize=[[0.5] * 3, [0.25] * 3])
+    torch.testing.assert_close(build_datasets(half, 0).test[0][0], (x - 0.5) / 0.25)
+    for bad in ([[0, 0, 0]], [[0, 0, 0], [1, 0, 1]], [[0, 0], [1, 1, 1]], "raw"):
+        with pytest.raises(DataError, match=r"data.normalize must be \[mean, std\]"):
+            build_datasets(DataConfig(dataset="cifar10", data_dir=str(cifar_root), normalize=bad), 0)
+
+
 def test_unknown_dataset_and_missing_dir():
     with pytest.raises(DataError, match="valid: cifar10, cifar100, imagefolder, digits"):
         build_datasets(DataConfig(dataset="mnist"), 0)

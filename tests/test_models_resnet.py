@@ -22,6 +22,16 @@ def test_cifar_resnet_dense_macs_match_reference(depth):
     assert ponder.profile(model, (3, 32, 32)).macs == GOLDEN_CIFAR_MACS[depth]
 
 
+def test_avgpool_shortcut_has_option_a_params_and_macs_and_the_counter_agrees():
+    a = ponder.create_model("resnet110_cifar", shortcut="A")
+    pool = ponder.create_model("resnet110_cifar", shortcut="avgpool")
+    pa, pp = ponder.profile(a, (3, 32, 32)), ponder.profile(pool, (3, 32, 32))
+    assert (pp.params, pp.macs) == (pa.params, pa.macs) and pp.macs == GOLDEN_CIFAR_MACS[110]
+    with FlopCounterMode(display=False) as counter:
+        pool(torch.randn(1, 3, 32, 32))
+    assert counter.get_total_flops() == 2 * pp.macs
+
+
 def test_projection_shortcut_adds_exactly_two_1x1_convs():
     a = ponder.profile(ponder.create_model("resnet110_cifar", shortcut="A"), (3, 32, 32))
     b = ponder.profile(ponder.create_model("resnet110_cifar", shortcut="B"), (3, 32, 32))
@@ -127,3 +137,19 @@ def test_zero_pad_shortcut_is_parameter_free_and_pads_evenly():
     assert y.shape == (2, 32, 4, 4)
     assert torch.equal(y[:, 8:24], x[:, :, ::2, ::2])
     assert y[:, :8].abs().sum() == 0 and y[:, 24:].abs().sum() == 0
+
+
+def test_avgpool_shortcut_pools_2x2_and_appends_zero_channels_after_the_input():
+    from ponder.models.resnet import AvgPoolShortcut
+
+    x = torch.tensor([[[[1.0, 2.0, 5.0, 7.0],
+                        [3.0, 6.0, 1.0, 3.0]],
+                       [[-4.0, 0.0, 8.0, 8.0],
+                        [0.0, 2.0, 0.0, 4.0]]]])  # [1, 2, 2, 4]
+    y = AvgPoolShortcut(2, 4, 2)(x)
+    want = torch.tensor([[[[3.0, 4.0]], [[-0.5, 5.0]], [[0.0, 0.0]], [[0.0, 0.0]]]])  # [1, 4, 1, 2]
+    assert torch.equal(y, want)
+    assert sum(p.numel() for p in AvgPoolShortcut(2, 4, 2).parameters()) == 0
+    # an odd side: the last window averages the pixels it covers (the strided 3x3 branch's shape)
+    odd = AvgPoolShortcut(1, 2, 2)(torch.arange(9.0).view(1, 1, 3, 3))
+    assert torch.equal(odd[0, 0], torch.tensor([[2.0, 3.5], [6.5, 8.0]])) and odd.shape == (1, 2, 2, 2)

@@ -38,11 +38,11 @@ def _reference(net: CifarResNet, skipper: BlockSkipper, x: torch.Tensor, keep: t
     return torch.cat(outs)
 
 
-_NETS = {s: _randomised(s) for s in ("A", "B")}
+_NETS = {s: _randomised(s) for s in ("A", "avgpool", "B")}
 
 
 @settings(max_examples=25, deadline=None)
-@given(shortcut=st.sampled_from(["A", "B"]), skipped=st.sampled_from(["shortcut", "relu_shortcut"]),
+@given(shortcut=st.sampled_from(["A", "avgpool", "B"]), skipped=st.sampled_from(["shortcut", "relu_shortcut"]),
        batch=st.integers(1, 5), size=st.sampled_from([8, 12]), rate=st.floats(0.0, 1.0),
        seed=st.integers(0, 10_000))
 def test_all_executors_agree_on_hard_decisions(shortcut, skipped, batch, size, rate, seed):
@@ -125,7 +125,7 @@ def test_set_executor_reaches_the_skipper():
     assert model.skipper.executor == "sparse"
 
 
-@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("shortcut", ["A", "avgpool", "B"])
 def test_ledger_equals_flop_counter_on_sparse_batch1(shortcut):
     net = _NETS[shortcut]
     size = (3, 8, 8)

@@ -39,10 +39,11 @@ def randomise_bn(module: nn.Module, seed: int = 0) -> nn.Module:
 
 def make_block(kind: str, stride: int, shortcut: str, seed: int = 0):
     """shortcut "A": identity at stride 1 (strided: BasicBlock zero-pad, Bottleneck projection);
+    "avgpool": BasicBlock 2 -> 4 channels through BlockDrop's avg-pool shortcut (Bottleneck: projection);
     "B": a 1x1 projection (the widths differ)."""
     torch.manual_seed(seed)
     if kind == "basic":
-        cin = 4 if shortcut == "A" else 3
+        cin = {"A": 4, "avgpool": 2, "B": 3}[shortcut]
         block = BasicBlock(cin, 4, stride, shortcut)
     else:
         block = Bottleneck(16 if shortcut == "A" else 8, 4, stride)
@@ -61,7 +62,7 @@ def mask_from(bits: list[bool], shape) -> torch.Tensor:
 def unit_case(draw):
     kind = draw(st.sampled_from(["basic", "bottleneck"]))
     stride = draw(st.sampled_from([1, 2]))
-    shortcut = draw(st.sampled_from(["A", "B"]))
+    shortcut = draw(st.sampled_from(["A", "avgpool", "B"]))
     B, H, W = draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
     ho, wo = (H - 1) // stride + 1, (W - 1) // stride + 1
     fill = draw(st.sampled_from(["random", "empty", "full"]))

@@ -1,4 +1,4 @@
-"""The ``ponder`` command: models, flops, train, eval, bench, ponder-map, demo."""
+"""The ``ponder`` command: models, flops, train, eval, bench, convert, ponder-map, demo."""
 
 from __future__ import annotations
 
@@ -253,6 +253,17 @@ def _rounds(extremes: tuple[float, float], mac_ratio: float) -> str:
     return f"  (single rounds: speedup {lo:.2f}-{hi:.2f}x, efficiency {lo / mac_ratio:.2f}-{hi / mac_ratio:.2f})"
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from ponder.official import convert_official
+
+    loaded = convert_official(args.path, args.to, args.model, **dict(_parse_options(args.model_arg)))
+    options = ", ".join(f"{k}={v}" for k, v in loaded.model_kwargs.items())
+    print(f"{loaded.path} ({loaded.repository}) -> {args.to}: {loaded.model_name} ({options}), "
+          f"data {loaded.dataset}")
+    for note in loaded.notes:
+        print(f"  note: {note}")
+
+
 def cmd_ponder_map(args: argparse.Namespace) -> None:
     try:
         from ponder.pondermap import write_ponder_maps
@@ -344,6 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("convert", help="turn an official MSDNet / RANet / BlockDrop / SkipNet checkpoint into a run "
+                                       "directory")
+    s.add_argument("path", help="the checkpoint file (read with weights_only=True: no code runs)")
+    s.add_argument("--to", required=True, metavar="RUN_DIR", help="run directory to write")
+    s.add_argument("--model", help="ponder model name (default: read from the checkpoint)")
+    s.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model constructor option over the ones read from the checkpoint")
+    s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("ponder-map", help="write ponder-cost heatmaps of a spatial model over images")
     s.add_argument("run_dir")

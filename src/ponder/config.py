@@ -31,6 +31,7 @@ class DataConfig:
     workers: int = 0
     augment: bool = True
     limit_train: int | None = None    # use only the first N training images (quick runs)
+    normalize: list[list[float]] | None = None  # [mean, std] per channel on x/255; None = the data set's own
 
 
 @dataclass

@@ -14,7 +14,7 @@ from ponder.data.digits import DIGITS_CLASSES, digits_split, digits_stats, digit
 from ponder.data.errors import DataError
 from ponder.data.imagefolder import ImageFolder, find_classes
 from ponder.data.splits import long_tail_indices, train_val_split
-from ponder.data.transforms import Transform, cifar_transforms, imagenet_transforms
+from ponder.data.transforms import Transform, cifar_transforms, imagenet_transforms, normalize_stats
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
 
@@ -86,12 +86,12 @@ def _load(cfg: Any) -> tuple[Any, Any, Transform, Transform, list[str], tuple[in
         root = _root(cfg)
         xtr, ytr, classes = load_cifar_split(root, name, train=True)
         xte, yte, _ = load_cifar_split(root, name, train=False)
-        train_tf, eval_tf = cifar_transforms(name, True), cifar_transforms(name, False)
+        train_tf, eval_tf = cifar_transforms(name, True, cfg.normalize), cifar_transforms(name, False, cfg.normalize)
         return TensorImageDataset(xtr, ytr), TensorImageDataset(xte, yte, eval_tf), train_tf, eval_tf, classes, (3, 32, 32)
     if name == "digits":
         images, labels = load_digits()
         tr, te = digits_split(len(labels))
-        mean, std = digits_stats(images[tr])
+        mean, std = normalize_stats(cfg.normalize, digits_stats(images[tr]))
         eval_tf = digits_transforms(False, mean, std)
         full = TensorImageDataset(images[tr], labels[tr])
         test = TensorImageDataset(images[te], labels[te], eval_tf)
@@ -102,9 +102,9 @@ def _load(cfg: Any) -> tuple[Any, Any, Transform, Transform, list[str], tuple[in
         val_classes, _ = find_classes(root / "val")
         if val_classes != full.classes:
             raise DataError(f"{root / 'val'} has classes that differ from {root / 'train'}; both need the same class folders")
-        eval_tf = imagenet_transforms(False)
+        eval_tf = imagenet_transforms(False, stats=cfg.normalize)
         test = ImageFolder(root / "val", eval_tf, classes=full.classes)
-        return full, test, imagenet_transforms(True), eval_tf, full.classes, (3, 224, 224)
+        return full, test, imagenet_transforms(True, stats=cfg.normalize), eval_tf, full.classes, (3, 224, 224)
     raise DataError(f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
 
 

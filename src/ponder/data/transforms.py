@@ -16,11 +16,28 @@ import torch.nn.functional as F
 
 from ponder.data.errors import DataError
 
-CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+Stats = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel, on x / 255
+
+CIFAR_STATS: dict[str, Stats] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def normalize_stats(value: Sequence[Sequence[float]] | None, default: Stats) -> Stats:
+    """The ``data.normalize`` setting ``[mean, std]`` (one value per channel, on ``x / 255``) as
+    ``(mean, std)``, or ``default`` when it is ``None``. ``[[0, 0, 0], [1, 1, 1]]`` feeds raw ``[0, 1]`` pixels."""
+    if value is None:
+        return default
+    try:
+        mean, std = (tuple(float(v) for v in part) for part in value)
+    except (TypeError, ValueError):
+        mean = std = ()
+    if not mean or len(mean) != len(std) or min(std) <= 0:
+        raise DataError(f"data.normalize must be [mean, std] with one value per channel and std > 0, "
+                        f"e.g. [[0.5, 0.5, 0.5], [0.25, 0.25, 0.25]], got {value!r}")
+    return mean, std
 
 
 class Transform:
@@ -179,17 +196,24 @@ class RandomResizedCrop(Transform):
         return torch.cat(out)
 
 
-def cifar_transforms(name: str, train: bool) -> Transform:
-    """CIFAR-10/100: train = pad-4 random crop 32 + horizontal flip + normalize; eval = normalize."""
+def cifar_transforms(name: str, train: bool, stats: Sequence[Sequence[float]] | None = None) -> Transform:
+    """CIFAR-10/100: train = pad-4 random crop 32 + horizontal flip + normalize; eval = normalize.
+
+    ``stats``: ``[mean, std]`` in place of the data set's own (see :func:`normalize_stats`).
+    """
     if name not in CIFAR_STATS:
         raise DataError(f"no CIFAR statistics for {name!r}; valid: {', '.join(CIFAR_STATS)}")
-    norm = Normalize(*CIFAR_STATS[name])
+    norm = Normalize(*normalize_stats(stats, CIFAR_STATS[name]))
     return Compose(RandomCrop(32, padding=4), RandomHorizontalFlip(), norm) if train else Compose(norm)
 
 
-def imagenet_transforms(train: bool, size: int = 224, resize: int = 256) -> Transform:
-    """ImageNet: train = random-resized-crop ``size`` + flip + normalize; eval = resize ``resize`` + center crop ``size``."""
-    norm = Normalize(*IMAGENET_STATS)
+def imagenet_transforms(train: bool, size: int = 224, resize: int = 256,
+                        stats: Sequence[Sequence[float]] | None = None) -> Transform:
+    """ImageNet: train = random-resized-crop ``size`` + flip + normalize; eval = resize ``resize`` + center crop ``size``.
+
+    ``stats``: ``[mean, std]`` in place of the ImageNet statistics (see :func:`normalize_stats`).
+    """
+    norm = Normalize(*normalize_stats(stats, IMAGENET_STATS))
     if train:
         return Compose(RandomResizedCrop(size), RandomHorizontalFlip(), norm)
     return Compose(Resize(resize), CenterCrop(size), norm)

@@ -8,7 +8,9 @@ Two variants over a ``ponder.models.resnet`` backbone:
 - :class:`BlockDropSeqResNet` (BlockDrop-seq): before each block, ``Linear(C -> 2)`` on the pooled
   current feature map decides (softmax keep/drop) whether that block runs.
 
-A skipped block outputs ``shortcut(x)`` with no ReLU (BlockDrop's rule). ``forward(x)`` returns
+A skipped block outputs ``shortcut(x)`` with no ReLU (BlockDrop's rule). The CIFAR backbones and the
+ResNet-8 policy use BlockDrop's parameter-free shortcut by default (``shortcut="avgpool"``: 2x2
+average pool, zero channels appended; ``ponder.models.resnet``). ``forward(x)`` returns
 ``DynamicOutput(logits, macs, gates=[B, blocks], extras={"probs", "sample_probs", "log_prob"})``;
 ``macs`` charges each sample for the blocks it ran plus the policy (ledger units ``stem``,
 ``blocks.i``, ``blocks.i.skip``, ``policy``, ``head``). At test time a block runs iff its keep
@@ -145,8 +147,9 @@ def _in_channels(block: nn.Module) -> int:
 
 
 def cifar_policy(num_blocks: int, in_chans: int = 3, init_keep_prob: float | None = None) -> ResNetPolicy:
-    """BlockDrop's CIFAR policy: a ResNet-8 (one BasicBlock per stage, zero-pad shortcuts) on the full input."""
-    return ResNetPolicy(CifarResNet(8, num_classes=1, shortcut="A", in_chans=in_chans), 64, num_blocks,
+    """BlockDrop's CIFAR policy: a ResNet-8 (one BasicBlock per stage, BlockDrop's avg-pool shortcuts) on the
+    full input."""
+    return ResNetPolicy(CifarResNet(8, num_classes=1, shortcut="avgpool", in_chans=in_chans), 64, num_blocks,
                         init_keep_prob=init_keep_prob)
 
 
@@ -163,14 +166,14 @@ def _cifar_blockdrop(depth: int, num_classes: int, shortcut: str, threshold: flo
 
 
 @register_model
-def blockdrop_resnet32_cifar(num_classes: int = 10, shortcut: str = "A", threshold: float = 0.5,
+def blockdrop_resnet32_cifar(num_classes: int = 10, shortcut: str = "avgpool", threshold: float = 0.5,
                              in_chans: int = 3, init_keep_prob: float | None = None) -> BlockDropResNet:
     """BlockDrop on CIFAR ResNet-32 (15 blocks), ResNet-8 policy on the 32x32 input."""
     return _cifar_blockdrop(32, num_classes, shortcut, threshold, in_chans, init_keep_prob)
 
 
 @register_model
-def blockdrop_resnet110_cifar(num_classes: int = 10, shortcut: str = "A", threshold: float = 0.5,
+def blockdrop_resnet110_cifar(num_classes: int = 10, shortcut: str = "avgpool", threshold: float = 0.5,
                              in_chans: int = 3, init_keep_prob: float | None = None) -> BlockDropResNet:
     """BlockDrop on CIFAR ResNet-110 (54 blocks), ResNet-8 policy on the 32x32 input."""
     return _cifar_blockdrop(110, num_classes, shortcut, threshold, in_chans, init_keep_prob)
@@ -189,7 +192,7 @@ def blockdrop_resnet101(num_classes: int = 1000, threshold: float = 0.5,
 
 
 @register_model
-def blockdrop_seq_resnet110_cifar(num_classes: int = 10, shortcut: str = "A",
+def blockdrop_seq_resnet110_cifar(num_classes: int = 10, shortcut: str = "avgpool",
                                   threshold: float = 0.5) -> BlockDropSeqResNet:
     """BlockDrop-seq on CIFAR ResNet-110: per-block ``Linear(C -> 2)`` policies on the pooled block input."""
     return BlockDropSeqResNet(CifarResNet(110, num_classes=num_classes, shortcut=shortcut), threshold)

@@ -1,5 +1,13 @@
 """Residual networks: CIFAR ResNets (6n+2, selectable shortcut) and torchvision-layout ImageNet ResNets.
 
+Shortcuts where a CIFAR block changes stride or width (``shortcut=``; reference
+block_skipping.md 1.1): ``"A"`` subsamples ``x[:, :, ::2, ::2]`` and zero-pads the new channels
+evenly on both sides (SP-Net, RDI-Net, CoDiNet); ``"avgpool"`` average-pools 2x2 and appends the
+zero channels after the existing ones (BlockDrop, backbone and policy); ``"B"`` is a 1x1 conv + BN
+projection (SkipNet, ConvNet-AIG). ``"A"`` and ``"avgpool"`` have no parameters and cost no MACs
+(pooling is outside the conv + linear convention), so they give the same parameters and MACs but
+different networks.
+
 ``state_dict`` keys of the ImageNet models are identical to torchvision's, so a torchvision
 weights file loads without conversion (:func:`load_torchvision_weights`).
 """
@@ -18,7 +26,8 @@ from ponder.models.base import PonderModel, example_input
 from ponder.output import DynamicOutput, static_output
 from ponder.registry import register_model
 
-Shortcut = Literal["A", "B"]
+Shortcut = Literal["A", "avgpool", "B"]
+SHORTCUTS = ("A", "avgpool", "B")
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -40,6 +49,25 @@ class ZeroPadShortcut(nn.Module):
         x = x[:, :, :: self.stride, :: self.stride]
         lo = self.pad // 2
         return F.pad(x, (0, 0, 0, 0, lo, self.pad - lo))
+
+
+class AvgPoolShortcut(nn.Module):
+    """Parameter-free shortcut of BlockDrop's CIFAR ResNets: ``stride x stride`` average pool, then the
+    new ``cout - cin`` channels appended as zeros after the existing ones.
+
+    ``[B, cin, H, W] -> [B, cout, ceil(H / stride), ceil(W / stride)]`` (an odd side's last window
+    averages the pixels it covers, so the shape matches the strided 3x3 branch; even sides, such as
+    CIFAR's, are exactly BlockDrop's pool).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride, self.pad = stride, cout - cin
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride, ceil_mode=True)
+        return F.pad(x, (0, 0, 0, 0, 0, self.pad))
 
 
 class ResidualBlock(nn.Module):
@@ -73,6 +101,8 @@ class BasicBlock(ResidualBlock):
         if stride != 1 or cin != planes:
             if shortcut == "A":
                 self.downsample = ZeroPadShortcut(cin, planes, stride)
+            elif shortcut == "avgpool":
+                self.downsample = AvgPoolShortcut(cin, planes, stride)
             else:
                 self.downsample = nn.Sequential(conv1x1(cin, planes, stride), nn.BatchNorm2d(planes))
 
@@ -182,15 +212,20 @@ def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
 
 
 class CifarResNet(ResNet):
-    """CIFAR ResNet of depth 6n+2: 3x3 stem (16), three stages of n BasicBlocks (16/32/64)."""
+    """CIFAR ResNet of depth 6n+2: 3x3 stem (16), three stages of n BasicBlocks (16/32/64).
+
+    ``shortcut``: ``"A"`` (subsample + even zero-pad), ``"avgpool"`` (BlockDrop's 2x2 average pool +
+    appended zeros) or ``"B"`` (1x1 conv + BN); see the module docstring.
+    """
 
     def __init__(self, depth: int = 20, num_classes: int = 10, shortcut: Shortcut = "A",
                  in_chans: int = 3, zero_init_residual: bool = False):
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...), got {depth}")
-        if shortcut not in ("A", "B"):
-            raise ValueError(f"shortcut must be 'A' (zero-pad) or 'B' (1x1 conv projection), got {shortcut!r}")
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut must be 'A' (subsample + zero-pad), 'avgpool' (BlockDrop: 2x2 average "
+                             f"pool + zero channels) or 'B' (1x1 conv projection), got {shortcut!r}")
         n = (depth - 2) // 6
         self.depth, self.num_classes, self.shortcut_type = depth, num_classes, shortcut
         self.default_input_size = (in_chans, 32, 32)
@@ -263,7 +298,8 @@ def _cifar(depth: int):
         return CifarResNet(depth, num_classes=num_classes, shortcut=shortcut, **kw)
 
     factory.__name__ = f"resnet{depth}_cifar"
-    factory.__doc__ = f"CIFAR ResNet-{depth} ({(depth - 2) // 6} BasicBlocks per stage; shortcut 'A' or 'B')."
+    factory.__doc__ = (f"CIFAR ResNet-{depth} ({(depth - 2) // 6} BasicBlocks per stage; "
+                       f"shortcut 'A', 'avgpool' or 'B').")
     return register_model(factory)
 
 

@@ -26,7 +26,7 @@ For hard decisions all executors give the same outputs in ``eval()`` mode. (In `
 BatchNorm batch statistics differ: the sparse executor normalises over the kept samples only.)
 
 Cost: a sample pays ledger unit ``blocks.i`` when it runs block ``i`` and ``blocks.i.skip`` (the
-projection shortcut, 0 for identity / zero-pad shortcuts) when it skips it (:func:`skip_units`);
+projection shortcut, 0 for identity / zero-pad / avg-pool shortcuts) when it skips it (:func:`skip_units`);
 :meth:`ponder.models.skipping.SkippingModel.charge` adds them up through the ledger.
 """
 
@@ -147,7 +147,7 @@ class BlockSkipper(nn.Module):
 def skip_units(backbone: ResNet, input_size: tuple[int, int, int]) -> dict[str, int]:
     """MACs one sample pays when it *skips* each block: ``{"blocks.i.skip": macs}``.
 
-    That is the block's shortcut (a 1x1 projection costs; identity / zero-pad cost 0),
+    That is the block's shortcut (a 1x1 projection costs; identity / zero-pad / avg-pool cost 0),
     measured at batch 1 with ``FlopCounterMode`` on a dense forward.
     """
     p = next(backbone.parameters())

@@ -37,7 +37,7 @@ def position_macs(conv: nn.Conv2d) -> int:
 
 
 def shortcut_macs(block: ResidualBlock, in_size: tuple[int, int, int]) -> int:
-    """Dense MACs of ``block.shortcut`` on one ``(C, H, W)`` input (0 for identity / zero-pad)."""
+    """Dense MACs of ``block.shortcut`` on one ``(C, H, W)`` input (0 for identity / zero-pad / avg-pool)."""
     if block.downsample is None:
         return 0
     per = _SHORTCUT.setdefault(block, {})

@@ -84,10 +84,10 @@ def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
                          "to train.")
     if break_even == "default":
         break_even = _DEFAULT[0]
-    if break_even == "auto" and not fast.enabled():  # no timing with fast paths off: always sparse
+    if break_even == "auto" and (not fast.enabled() or _get_current_dispatch_mode() is not None):
+        # no timed fall-back with fast paths off, and cost counting (FlopCounterMode) sees the sparse path
+        # the ledger charges: the measured fall-back is a speed choice, not another algorithm
         break_even = None
-    if _get_current_dispatch_mode() is not None:  # cost counting (FlopCounterMode) sees the sparse path the
-        break_even = None  # ledger charges; the dense fall-back is a speed choice, not another algorithm
     _check_break_even(break_even)
     with torch.no_grad():
         m = mask if mask.dtype == torch.bool else mask != 0

@@ -15,7 +15,7 @@ with ``s = block.shortcut(x)`` and ``b = block.branch(x)``:
 Inside a post-activation ResNet a unit's input is a ReLU output (``x >= 0``), so both agree for
 units without a downsample. Convs run where they are needed: the first conv of the unit on the
 positions the following 3x3 conv reads (:func:`first_conv_mask`: the dilated mask), the others on
-``mask``. Shortcuts (identity, option-A zero-pad, 1x1 projection) are computed densely.
+``mask``. Shortcuts (identity, option-A zero-pad, BlockDrop's avg-pool, 1x1 projection) are computed densely.
 """
 
 from __future__ import annotations
