@@ -133,6 +133,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     from ponder import bench
 
+    if args.save and not args.checkpoint:
+        raise CLIError("--save needs --checkpoint RUN_DIR: a saved result belongs to a run")
     bench.keep_freed_memory()
     if args.checkpoint:
         from ponder.data import build_datasets
@@ -176,6 +178,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
         model.set_budget(args.budget)
     result = bench.bench_dynamic(model, name, batches, args.threads, mode, args.repeats, args.warmup)
     _print_bench(result, args.json)
+    if args.save:
+        _save_bench(args, model, config, result, batches)
+
+
+def _save_bench(args: argparse.Namespace, model: Any, config: Any, result: Any, batches: list) -> None:
+    """``--save``: the benchmark as ``RUN_DIR/results/bench-b<batch>-t<threads>[-budget<b>].json``."""
+    from ponder.results import result_from_bench, save_result
+
+    saved = result_from_bench(args.checkpoint, config, model, result, images=sum(len(b) for b in batches),
+                              input_size=tuple(batches[0].shape[1:]), rounds=args.repeats, budget=args.budget)
+    print(f"saved {save_result(args.checkpoint, saved)}", file=sys.stderr)
 
 
 def _calibrate_on_heldout(model: Any, bundle: Any, config: Any, data_cfg: Any, run_dir: Path) -> None:
@@ -304,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", type=float, help="the model's inference knob (threshold / budget)")
     s.add_argument("--data-dir")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--save", action="store_true",
+                   help="with --checkpoint: also save the result as RUN_DIR/results/bench-*.json (see `ponder report`)")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("ponder-map", help="write ponder-cost heatmaps of a spatial model over images")

@@ -140,7 +140,8 @@ def evaluate_run(run_dir: str | Path, protocol: str = "standard", data_dir: str 
     """Load a run's model and evaluate it with a registered protocol (results also written to ``out_dir``).
 
     Data come from the run's data config (eval transforms for test and the held-out val split);
-    ``data_dir`` overrides its folder; ``out_dir`` defaults to the run dir.
+    ``data_dir`` overrides its folder; ``out_dir`` defaults to the run dir. Besides the protocol's own
+    files, the result is saved as data in ``out_dir/results/<protocol>.json`` (:mod:`ponder.results`).
     """
     from ponder.data import build_datasets, build_loaders
     from ponder.evaluate.protocols import EvalContext, get_protocol
@@ -155,5 +156,10 @@ def evaluate_run(run_dir: str | Path, protocol: str = "standard", data_dir: str 
     ctx = EvalContext(model=model, config=config, run_dir=run_dir, out_dir=Path(out_dir) if out_dir else run_dir,
                       test_loader=test_loader, val_loader=val_loader, device=dev, options=dict(options or {}))
     with torch.no_grad():
-        return fn(ctx)
+        report = fn(ctx)
+    from ponder.evaluate.as_result import result_from_report
+    from ponder.results import save_result
+
+    save_result(ctx.out_dir, result_from_report(ctx, protocol, report))
+    return report
 
