@@ -202,6 +202,13 @@ def test_evaluate_run_saves_the_result_of_a_real_evaluation(cifar_dir, tmp_path,
         "standard", "test", 8, "dense")
     assert a.accuracy == reports[0]["accuracy"] and a.macs_mean == a.dense_macs == 40_551_040 and a.macs_std == 0
     assert a.run.config_hash == b.run.config_hash and b.run.seed == 1
+    code, out, _ = run_cli(capsys, "report", str(tmp_path))
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("| static | resnet20_cifar"))
+    acc = [100 * r["accuracy"] for r in reports]
+    mean, std = sum(acc) / 2, abs(acc[0] - acc[1]) / math.sqrt(2)
+    assert f"| {mean:.2f} ± {std:.2f} |" in row and "| 40.55M | 40.55M |" in row
+    assert row.endswith("| 2 |")  # two seeds, one group
 
 
 def test_bench_checkpoint_save_writes_a_bench_result(cifar_dir, tmp_path, capsys):

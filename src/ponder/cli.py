@@ -1,4 +1,4 @@
-"""The ``ponder`` command: models, flops, train, eval, bench, ponder-map, demo."""
+"""The ``ponder`` command: models, flops, train, eval, bench, report, ponder-map, demo."""
 
 from __future__ import annotations
 
@@ -245,6 +245,16 @@ def _rounds(extremes: tuple[float, float], mac_ratio: float) -> str:
     return f"  (single rounds: speedup {lo:.2f}-{hi:.2f}x, efficiency {lo / mac_ratio:.2f}-{hi / mac_ratio:.2f})"
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from ponder.report import report_command
+
+    markdown, notices = report_command(args.paths, out=args.out, docs=args.update_doc, check=args.check,
+                                       points=args.points, batch=args.batch, x_scale=args.x_scale)
+    print(markdown, end="")
+    for line in notices:
+        print(line, file=sys.stderr)
+
+
 def cmd_ponder_map(args: argparse.Namespace) -> None:
     try:
         from ponder.pondermap import write_ponder_maps
@@ -320,6 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save", action="store_true",
                    help="with --checkpoint: also save the result as RUN_DIR/results/bench-*.json (see `ponder report`)")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("report", help="markdown tables and an HTML page (plots) from the results of runs")
+    s.add_argument("paths", nargs="*", metavar="RUN_DIR",
+                   help="run directories, folders of runs, result files or glob patterns")
+    s.add_argument("--out", metavar="DIR", help="also write DIR/report.md and DIR/report.html")
+    s.add_argument("--points", action="store_true", help="also print every operating point (exit, threshold, budget)")
+    s.add_argument("--batch", type=int, help="latency measured at this batch size (default: each run's latest bench)")
+    s.add_argument("--x-scale", choices=("auto", "linear", "log"), default="auto",
+                   help="x axes of the plots (auto: log when the values span more than 20x)")
+    s.add_argument("--update-doc", action="append", default=[], metavar="DOC.md",
+                   help="regenerate the tables between <!-- ponder-report:NAME start/end --> markers of DOC.md")
+    s.add_argument("--check", action="store_true",
+                   help="with --update-doc: change nothing, fail when a generated table differs from the results")
+    s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("ponder-map", help="write ponder-cost heatmaps of a spatial model over images")
     s.add_argument("run_dir")
