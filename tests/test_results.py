@@ -241,3 +241,18 @@ def test_result_from_bench_of_a_static_model(tmp_path):
     r = result_from_bench(tmp_path / "r20", config, model, bench, images=8, input_size=(3, 32, 32), rounds=5)
     assert (r.kind, r.evaluation.executor, r.macs_mean, r.dense_macs, r.latency.ms_per_image) == (
         "bench-b8-t1", "dense", 40_551_040, 40_551_040, 0.5)
+
+
+def test_bench_save_of_a_static_run_feeds_the_report(cifar_dir, tmp_path, capsys):
+    run = untrained_run(tmp_path / "r20_s0", cifar_dir)
+    evaluate_run(run, "standard", device="cpu")
+    code, out, err = run_cli(capsys, "bench", "--checkpoint", str(run), "--batch", "2", "--images", "2", "--repeats",
+                             "2", "--warmup", "1", "--threads", "1", "--json", "--save")
+    assert code == 0, err
+    bench = load_result(run / "results" / "bench-b2-t1.json")
+    assert (bench.latency.mode, bench.latency.executor, bench.latency.baseline, bench.evaluation.images) == (
+        "static", "dense", None, 2)
+    assert bench.latency.ms_per_image == pytest.approx(json.loads(out)["ms"] / 2)
+    code, out, _ = run_cli(capsys, "report", str(run))
+    row = next(line for line in out.splitlines() if line.startswith("| static | resnet20_cifar"))
+    assert f"| {bench.latency.ms_per_image:.3f} |" in row or f"| {bench.latency.ms_per_image:.2f} |" in row

@@ -176,7 +176,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if not hasattr(model, "set_budget"):
             raise CLIError(f"{name} has no budget knob (set_budget)")
         model.set_budget(args.budget)
-    result = bench.bench_dynamic(model, name, batches, args.threads, mode, args.repeats, args.warmup)
+    if hasattr(model, "dense_baseline"):
+        result = bench.bench_dynamic(model, name, batches, args.threads, mode, args.repeats, args.warmup)
+    else:  # a static run (--checkpoint): its time does not depend on the images
+        result = bench.bench_static(model, name, args.batch, tuple(batches[0].shape[1:]), args.threads,
+                                    args.repeats, args.warmup)
     _print_bench(result, args.json)
     if args.save:
         _save_bench(args, model, config, result, batches)
@@ -184,9 +188,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def _save_bench(args: argparse.Namespace, model: Any, config: Any, result: Any, batches: list) -> None:
     """``--save``: the benchmark as ``RUN_DIR/results/bench-b<batch>-t<threads>[-budget<b>].json``."""
+    from ponder.bench import DynamicBench
     from ponder.results import result_from_bench, save_result
 
-    saved = result_from_bench(args.checkpoint, config, model, result, images=sum(len(b) for b in batches),
+    images = sum(len(b) for b in batches) if isinstance(result, DynamicBench) else result.batch
+    saved = result_from_bench(args.checkpoint, config, model, result, images=images,
                               input_size=tuple(batches[0].shape[1:]), rounds=args.repeats, budget=args.budget)
     print(f"saved {save_result(args.checkpoint, saved)}", file=sys.stderr)
 
