@@ -2,8 +2,8 @@
 
 A *row* is one evaluation of one run (a result whose protocol is not ``bench``) with the latency
 of the run's benchmark attached: the benchmark at the model's own setting (no ``--budget``) gives the
-headline's latency, one with ``--budget B`` the latency of the operating point whose ``budget`` is
-``B``. A run with benchmarks only gives one row from its latest benchmark. A *group* is the rows
+headline's latency (when the evaluation has a headline), one with ``--budget B`` the latency of the
+operating point whose ``budget`` is ``B``. A run with benchmarks only gives one row from its latest benchmark. A *group* is the rows
 with the same config hash and result kind (the same run, trained with other seeds): its numbers are
 means over seeds with the sample standard deviation over seeds (0 for a single seed).
 """
@@ -216,7 +216,7 @@ def build_rows(found: Sequence[tuple[Path, EvalResult]], batch: int | None = Non
         at_budget = {b.latency.budget: b for b in benches if b.latency.budget is not None}  # type: ignore[union-attr]
         evals = [r for r in results if r.evaluation.protocol != "bench"]
         for r in evals:
-            bench = r if r.latency is not None else (own[-1] if own else None)
+            bench = r if r.latency is not None else (own[-1] if own and r.accuracy is not None else None)
             rows.append(Row(source, r, bench, dict(at_budget)))
         if not evals and benches:
             rows.append(Row(source, benches[-1], benches[-1], dict(at_budget)))
