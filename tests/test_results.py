@@ -17,8 +17,8 @@ from ponder.engine.checkpoint import save_weights
 from ponder.evaluate.as_result import result_from_report
 from ponder.evaluate.protocols import EvalContext
 from ponder.results import (SCHEMA, EvalResult, Evaluation, Latency, OperatingPoint, Provenance, ResultError, RunInfo,
-                            config_hash, latency_from_bench, load_result, load_results, machine_info, model_family,
-                            result_from_bench, save_result)
+                            bench_kind, config_hash, latency_from_bench, load_result, load_results, machine_info,
+                            model_family, result_from_bench, result_kind, save_result)
 
 PROV = Provenance(cpu="Test CPU", cores=4, os="Linux", python="3.11", torch="2.3", ponder="0.1.0",
                   commit="0123456789abcdef", dirty=False, threads=2, device="cpu", timestamp="2025-01-01T00:00:00+00:00")
@@ -142,6 +142,14 @@ def test_latency_from_a_dynamic_and_a_static_bench():
     static = latency_from_bench(StaticBench(model="m", batch=8, threads=1, ms=4.0, images_per_s=2000.0, macs=10))
     assert (static.mode, static.executor, static.baseline, static.ms_per_image, static.speedup) == (
         "static", "dense", None, 0.5, None)
+
+
+def test_result_file_names():
+    assert bench_kind(64, 2) == "bench-b64-t2"
+    assert bench_kind(64, 2, 2.5e7) == "bench-b64-t2-budget25000000" and bench_kind(1, 1, 0.5) == "bench-b1-t1-budget0.5"
+    assert result_kind("standard", {"no_cache": True}) == "standard"
+    assert result_kind("spatial", {"image_size": 352}) == "spatial-image_size352"
+    assert result_kind("budgeted", {"target_macs": [1e7, 2e7]}) == "budgeted-target_macs_10000000.0_20000000.0"
 
 
 def _ctx(tmp_path, model_name, model_kwargs):

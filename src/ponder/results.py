@@ -526,8 +526,11 @@ def latency_from_bench(bench: "StaticBench | DynamicBench", *, rounds: int | Non
 
 
 def bench_kind(batch: int, threads: int, budget: float | None = None) -> str:
-    """``bench-b64-t2``, with ``-budget<value>`` when the model was set to a budget."""
-    return f"bench-b{batch}-t{threads}" + ("" if budget is None else f"-budget{budget:g}")
+    """``bench-b64-t2``, with ``-budget<value>`` when the model was set to a budget (``-budget25000000``)."""
+    if budget is None:
+        return f"bench-b{batch}-t{threads}"
+    value = str(int(budget)) if float(budget).is_integer() else f"{budget:g}".replace("+", "")
+    return f"bench-b{batch}-t{threads}-budget{value}"
 
 
 def result_from_bench(run_dir: str | Path, config: "RunConfig", model: "nn.Module",
