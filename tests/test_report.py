@@ -10,7 +10,7 @@ import pytest
 
 from ponder.cli import main
 from ponder.report import collect_groups, render_html, render_markdown
-from ponder.report.svg import log_ticks, nice_ticks
+from ponder.report.svg import legend_lines, log_ticks, nice_ticks
 from ponder.results import (EvalResult, Evaluation, Latency, OperatingPoint, Provenance, RunInfo, load_result,
                             save_result)
 
@@ -191,6 +191,14 @@ def test_ticks():
     assert nice_ticks(63.0, 94.0) == [65.0, 70.0, 75.0, 80.0, 85.0, 90.0]
     assert log_ticks(1e6, 1e9) == [1e6, 1e7, 1e8, 1e9]
     assert log_ticks(8e6, 3e8) == [1e7, 2e7, 5e7, 1e8, 2e8]
+
+
+def test_long_legend_labels_wrap_after_their_separators():
+    assert legend_lines("msdnet_cifar_budgeted · multi_exit · budgeted-target_macs_1.5e7_2.5e7") == [
+        "msdnet_cifar_budgeted · multi_exit ·", "budgeted-target_macs_1.5e7_2.5e7"]
+    assert legend_lines("resnet20_cifar · cross_entropy · standard") == ["resnet20_cifar · cross_entropy · standard"]
+    cut = legend_lines("x" * 200)
+    assert len(cut) == 3 and cut[-1].endswith("…") and all(len(line) <= 44 for line in cut)
 
 
 def test_cli_prints_markdown_and_writes_the_report_files(runs, tmp_path, capsys):

@@ -113,8 +113,20 @@ def _marker(shape: str, x: float, y: float, color: str, r: float = 4.2) -> str:
     return f'<polygon points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in pts)}" {style}/>'
 
 
-def _shorten(text: str, n: int = 52) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
+def legend_lines(label: str, width: int = 44, most: int = 3) -> list[str]:
+    """``label`` broken after its `` · `` separators (or spaces) into lines of about ``width`` characters;
+    more than ``most`` lines are cut, the last ending in an ellipsis."""
+    lines: list[str] = []
+    for word in label.replace(" · ", "\u00a0· ").split(" "):
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines += [word[i:i + width] for i in range(0, len(word), width)]
+    lines = [line.replace("\u00a0", " ").strip() for line in lines]
+    if len(lines) > most:
+        lines = lines[:most]
+        lines[-1] = lines[-1][: width - 1] + "…"
+    return lines
 
 
 def svg_plot(series: Sequence[Series], *, title: str, x_label: str, y_label: str, log_x: bool = False,
@@ -122,7 +134,8 @@ def svg_plot(series: Sequence[Series], *, title: str, x_label: str, y_label: str
              width: int = 860) -> str:
     """An SVG document (a string) plotting ``series``; ``<g class="series">`` per series, in order."""
     legend_w, left, top, bottom_pad = 320, 66, 34, 50
-    height = max(400, top + 22 * len(series) + 40)
+    legends = [legend_lines(s.label) for s in series]
+    height = max(400, top + sum(8 + 15 * len(lines) for lines in legends) + 30)
     px0, px1, py0, py1 = left, width - legend_w - 18, height - bottom_pad, top
     pts = [p for s in series for p in s.points]
     xs = [v for p in pts for v in (p.x - p.xerr, p.x + p.xerr)]
@@ -153,6 +166,7 @@ def svg_plot(series: Sequence[Series], *, title: str, x_label: str, y_label: str
             f'<text x="{(px0 + px1) / 2:.1f}" y="{height - 12}" text-anchor="middle">{escape(x_label)}</text>',
             f'<text transform="translate(16 {(py0 + py1) / 2:.1f}) rotate(-90)" text-anchor="middle">'
             f"{escape(y_label)}</text>"]
+    ly = top + 8
     for i, s in enumerate(series):
         color, shape = PALETTE[s.style % len(PALETTE)], MARKERS[(s.style // len(PALETTE) + s.style) % len(MARKERS)]
         out.append(f'<g class="series" data-label={quoteattr(s.label)}>')
@@ -173,12 +187,14 @@ def svg_plot(series: Sequence[Series], *, title: str, x_label: str, y_label: str
                             f'M{x_hi:.1f},{y - 3:.1f}V{y + 3:.1f}" stroke="{color}" fill="none"/>')
             out.append(f'<g class="point"><title>{escape(p.tip or s.label)}</title>{"".join(bars)}'
                        f'{_marker(shape, x, y, color)}</g>')
-        ly = top + 8 + 22 * i
         lx = px1 + 24
         line = (f'<line x1="{lx - 8}" y1="{ly}" x2="{lx + 8}" y2="{ly}" stroke="{color}" stroke-width="1.6"/>'
                 if s.connect and len(ordered) > 1 else "")
+        text = "".join(f'<tspan x="{lx + 16}" dy="{0 if k == 0 else 15}">{escape(t)}</tspan>'
+                       for k, t in enumerate(legends[i]))
         out.append(f'<g class="legend">{line}{_marker(shape, lx, ly, color)}'
-                   f'<text x="{lx + 16}" y="{ly + 4}"><title>{escape(s.label)}</title>{escape(_shorten(s.label))}</text></g>')
+                   f'<text x="{lx + 16}" y="{ly + 4}"><title>{escape(s.label)}</title>{text}</text></g>')
         out.append("</g>")
+        ly += 8 + 15 * len(legends[i])
     out.append("</svg>")
     return "\n".join(out)

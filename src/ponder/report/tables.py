@@ -20,24 +20,14 @@ class Table:
     notes: list[str]
 
 
-def _pm(stat: Stat | None, fmt, scale: float = 1.0) -> str:
-    """``mean ± std`` over seeds (``mean`` alone for one seed), ``–`` when missing."""
+def _pm(stat: Stat | None, decimals: int | None = 2, scale: float = 1.0) -> str:
+    """``mean ± std`` over seeds (``mean`` alone for one seed), ``–`` when missing; ``decimals=None``:
+    2, or 3 below 1 (milliseconds)."""
     if stat is None:
         return DASH
-    text = fmt(stat.mean * scale)
-    return f"{text} ± {fmt(stat.std * scale)}" if stat.n > 1 else text
-
-
-def _pct(v: float) -> str:
-    return f"{v:.2f}"
-
-
-def _ms(v: float) -> str:
-    return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3f}"
-
-
-def _ratio(v: float) -> str:
-    return f"{v:.2f}"
+    mean, std = stat.mean * scale, stat.std * scale
+    d = decimals if decimals is not None else (2 if abs(mean) >= 1 else 3)
+    return f"{mean:.{d}f} ± {std:.{d}f}" if stat.n > 1 else f"{mean:.{d}f}"
 
 
 def _macs(mean: Stat | None, per_image_std: Stat | None) -> str:
@@ -59,9 +49,9 @@ SUMMARY_HEADER = ["model", "method", "evaluation", "top-1 (%)", "MACs / image", 
 def summary_row(g: Group, with_family: bool) -> list[str]:
     run = g.first.run
     speed = g.latency("speedup")
-    cells = [run.model, run.method, g.kind, _pm(g.accuracy, _pct, 100), _macs(g.macs, g.macs_std),
-             _count(g.dense_macs), _pm(g.latency("ms_per_image"), _ms),
-             DASH if speed is None else _pm(speed, _ratio) + "×", _pm(g.latency("efficiency"), _ratio),
+    cells = [run.model, run.method, g.kind, _pm(g.accuracy, scale=100), _macs(g.macs, g.macs_std),
+             _count(g.dense_macs), _pm(g.latency("ms_per_image"), None),
+             DASH if speed is None else _pm(speed) + "×", _pm(g.latency("efficiency")),
              str(len(g.first.points)) if g.first.points else DASH, str(len(g.rows))]
     return ([FAMILY_TITLES.get(g.family, g.family)] if with_family else []) + cells
 
@@ -73,7 +63,8 @@ def _latency_notes(groups: list[Group]) -> list[str]:
         for b in g.benches:
             lat, prov = b.latency, b.provenance
             assert lat is not None
-            text = (f"{prov.cpu} ({prov.cores} cores, {prov.device}), batch {lat.batch}, {lat.threads} threads, "
+            threads = f"{lat.threads} thread{'s' if lat.threads != 1 else ''}"
+            text = (f"{prov.cpu} ({prov.cores} cores, {prov.device}), batch {lat.batch}, {threads}, "
                     f"torch {prov.torch}, ponder {prov.ponder} at {prov.commit[:10]}")
             if text not in settings:
                 settings.append(text)
@@ -103,8 +94,7 @@ def points_table(g: Group) -> Table:
             knob = f"budget {format_count(p.budget)}"
         elif p.knob is not None and p.value is not None:
             knob = f"{p.knob} = {p.value:g}"
-        rows.append([p.label, knob, _pm(p.accuracy, _pct, 100), _macs(p.macs, p.macs_std),
-                     _pm(p.ms_per_image, _ms)])
+        rows.append([p.label, knob, _pm(p.accuracy, scale=100), _macs(p.macs, p.macs_std), _pm(p.ms_per_image, None)])
     seeds = f"{len(g.rows)} seed{'s' if len(g.rows) > 1 else ''}"
     return Table(f"{g.label} ({seeds})", ["point", "setting", "top-1 (%)", "MACs / image", "ms / image"], rows, [])
 
