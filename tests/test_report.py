@@ -204,7 +204,8 @@ def test_long_legend_labels_wrap_after_their_separators():
 def test_cli_prints_markdown_and_writes_the_report_files(runs, tmp_path, capsys):
     code, out, err = run_cli(capsys, "report", runs / "static" / "r20_s*", runs / "bd_s0", "--out", tmp_path / "rep")
     assert code == 0 and out == (tmp_path / "rep" / "report.md").read_text()
-    assert f"wrote {tmp_path / 'rep' / 'report.md'}" in err
+    assert f"wrote report.md, report.html, accuracy_vs_macs.svg, accuracy_vs_latency.svg in {tmp_path / 'rep'}" in err
+    assert ET.parse(tmp_path / "rep" / "accuracy_vs_macs.svg").getroot().tag == "{http://www.w3.org/2000/svg}svg"
     assert "| static | resnet20_cifar |" in out and "blockdrop_resnet110_cifar" in out and "msdnet" not in out
     assert (tmp_path / "rep" / "report.html").read_text().startswith("<!DOCTYPE html>")
 

@@ -12,10 +12,10 @@ from typing import Sequence
 
 from ponder.report.collect import Group, ReportError, collect_groups
 from ponder.report.docs import update_document
-from ponder.report.html import render_html
+from ponder.report.html import plots, render_html
 from ponder.report.markdown import render_markdown
 
-__all__ = ["Group", "ReportError", "collect_groups", "render_html", "render_markdown", "report_command",
+__all__ = ["Group", "ReportError", "collect_groups", "plots", "render_html", "render_markdown", "report_command",
            "update_document"]
 
 
@@ -24,8 +24,8 @@ def report_command(paths: Sequence[str], out: str | None = None, docs: Sequence[
     """What ``ponder report`` does: ``(markdown for stdout, notices)``.
 
     With ``docs``, regenerates (or with ``check`` verifies) their marked tables and prints nothing
-    else; otherwise renders every result under ``paths`` and, with ``out``, writes ``out/report.md``
-    and ``out/report.html``.
+    else; otherwise renders every result under ``paths`` and, with ``out``, writes ``out/report.md``,
+    ``out/report.html`` and its plots as ``out/accuracy_vs_macs.svg`` / ``accuracy_vs_latency.svg``.
     """
     from ponder.engine.checkpoint import atomic_write_text
 
@@ -41,5 +41,9 @@ def report_command(paths: Sequence[str], out: str | None = None, docs: Sequence[
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "report.md", markdown)
         atomic_write_text(folder / "report.html", render_html(groups, x_scale))
-        notices = [f"wrote {folder / 'report.md'} and {folder / 'report.html'}"]
+        written = ["report.md", "report.html"]
+        for name, svg in plots(groups, x_scale).items():
+            atomic_write_text(folder / f"{name}.svg", svg + "\n")
+            written.append(f"{name}.svg")
+        notices = [f"wrote {', '.join(written)} in {folder}"]
     return markdown, notices

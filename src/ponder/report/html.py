@@ -106,26 +106,33 @@ def runs_table(groups: list[Group]) -> Table:
     return Table("runs and provenance", header, rows, [])
 
 
+def plots(groups: list[Group], x_scale: str = "auto") -> dict[str, str]:
+    """SVG documents by file stem: ``accuracy_vs_macs`` and, when a run was benchmarked, ``accuracy_vs_latency``."""
+    out = {}
+    macs, lat = macs_series(groups), latency_series(groups)
+    if macs:
+        log = _scale([p.x for s in macs for p in s.points], x_scale)
+        out["accuracy_vs_macs"] = svg_plot(macs, title="top-1 accuracy vs MACs per image",
+                                           x_label="mean MACs per image (conv+linear)" + (", log scale" if log else ""),
+                                           y_label="top-1 accuracy (%)", log_x=log)
+    if lat:
+        log = _scale([p.x for s in lat for p in s.points], x_scale)
+        out["accuracy_vs_latency"] = svg_plot(lat, title="top-1 accuracy vs measured latency",
+                                              x_label="milliseconds per image (median)" + (", log scale" if log else ""),
+                                              y_label="top-1 accuracy (%)", log_x=log, x_format=lambda v: f"{v:.3g}")
+    return out
+
+
 def render_html(groups: list[Group], x_scale: str = "auto", title: str = "ponder report") -> str:
     """The whole page: accuracy-vs-MACs and accuracy-vs-latency plots, summary tables, points, provenance."""
-    macs = macs_series(groups)
-    lat = latency_series(groups)
+    figures = plots(groups, x_scale)
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{escape(title)}</title>\n"
              f"<style>{_CSS}</style>\n</head>\n<body>\n<h1>{escape(title)}</h1>",
              f"<p>{len(groups)} run group{'s' if len(groups) != 1 else ''} from "
              f"{sum(len(g.rows) for g in groups)} results. Curves join a run's operating points (exits, thresholds, "
              f"budgets); error bars are one standard deviation over seeds. Hover a point for its numbers.</p>"]
-    if macs:
-        log = _scale([p.x for s in macs for p in s.points], x_scale)
-        parts.append("<figure>" + svg_plot(macs, title="top-1 accuracy vs MACs per image",
-                                           x_label="mean MACs per image (conv+linear)" + (", log scale" if log else ""),
-                                           y_label="top-1 accuracy (%)", log_x=log) + "</figure>")
-    if lat:
-        log = _scale([p.x for s in lat for p in s.points], x_scale)
-        parts.append("<figure>" + svg_plot(lat, title="top-1 accuracy vs measured latency",
-                                           x_label="milliseconds per image (median)" + (", log scale" if log else ""),
-                                           y_label="top-1 accuracy (%)", log_x=log,
-                                           x_format=lambda v: f"{v:.3g}") + "</figure>")
+    parts += [f"<figure>{svg}</figure>" for svg in figures.values()]
+    if "accuracy_vs_latency" in figures:
         parts += [f'<p class="note">{escape(n)}</p>' for n in summary_table(groups).notes[1:]]
     else:
         parts.append('<p class="note">No measured latency in these results: run '
