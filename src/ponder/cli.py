@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="markdown tables and an HTML page (plots) from the results of runs")
     s.add_argument("paths", nargs="*", metavar="RUN_DIR",
                    help="run directories, folders of runs, result files or glob patterns")
-    s.add_argument("--out", metavar="DIR", help="also write DIR/report.md and DIR/report.html")
+    s.add_argument("--out", metavar="DIR", help="also write DIR/report.md, DIR/report.html and its plots (SVG)")
     s.add_argument("--points", action="store_true", help="also print every operating point (exit, threshold, budget)")
     s.add_argument("--batch", type=int, help="latency measured at this batch size (default: each run's latest bench)")
     s.add_argument("--x-scale", choices=("auto", "linear", "log"), default="auto",

@@ -309,7 +309,8 @@ def load_result(path: str | Path) -> EvalResult:
     except FileNotFoundError:
         raise ResultError(f"result file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ResultError(f"result file {path} is not readable JSON ({e}); re-run the evaluation that wrote it") from None
+        raise ResultError(f"result file {path} is not readable JSON ({e}); "
+                          f"re-run the evaluation that wrote it") from None
     return EvalResult.from_dict(data, where=str(path))
 
 

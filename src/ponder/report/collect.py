@@ -3,9 +3,10 @@
 A *row* is one evaluation of one run (a result whose protocol is not ``bench``) with the latency
 of the run's benchmark attached: the benchmark at the model's own setting (no ``--budget``) gives the
 headline's latency (when the evaluation has a headline), one with ``--budget B`` the latency of the
-operating point whose ``budget`` is ``B``. A run with benchmarks only gives one row from its latest benchmark. A *group* is the rows
-with the same config hash and result kind (the same run, trained with other seeds): its numbers are
-means over seeds with the sample standard deviation over seeds (0 for a single seed).
+operating point whose ``budget`` is ``B``. A run with benchmarks only gives one row from its latest
+benchmark. A *group* is the rows with the same config hash and result kind (the same run, trained
+with other seeds): its numbers are means over seeds with the sample standard deviation over seeds
+(0 for a single seed).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ A document marks each generated table with a pair of HTML comments::
 ``NAME`` picks the table: ``all`` (every run), a family (``static``, ``early_exit``, ``skipping``,
 ``spatial``) or ``points`` (every operating point). ``from=`` lists result paths or globs, comma
 separated, relative to the document's folder; without it the block uses the paths given to
-``ponder report``. ``--check`` compares instead of writing, so a test can hold documents to their results.
+``ponder report``. Markers count at the start of a line outside fenced code blocks. ``--check``
+compares instead of writing, so a test can hold documents to their results.
 """
 
 from __future__ import annotations
@@ -22,9 +23,16 @@ from ponder.report.collect import Group, ReportError, collect_groups
 from ponder.report.markdown import markdown_table
 from ponder.report.tables import named_table
 
-_BLOCK = re.compile(r"<!-- ponder-report:(?P<name>[\w-]+)(?P<args>(?:[ \t]+[\w-]+=\S+)*)[ \t]+start -->"
-                    r"(?P<body>.*?)<!-- ponder-report:(?P=name) end -->", re.S)
-_START = re.compile(r"<!-- ponder-report:[^>]*start -->")
+_BLOCK = re.compile(r"^[ \t]*<!-- ponder-report:(?P<name>[\w-]+)(?P<args>(?:[ \t]+[\w-]+=\S+)*)[ \t]+start -->"
+                    r"(?P<body>.*?)<!-- ponder-report:(?P=name) end -->", re.S | re.M)
+_START = re.compile(r"^[ \t]*<!-- ponder-report:[^>]*start -->", re.M)
+_FENCE = re.compile(r"^[ \t]*(```|~~~).*?^[ \t]*\1[^\n]*$", re.S | re.M)
+
+
+def _outside_code(text: str, matches: list[re.Match]) -> list[re.Match]:
+    """The matches that do not start inside a fenced code block (examples of markers are not blocks)."""
+    fences = [(m.start(), m.end()) for m in _FENCE.finditer(text)]
+    return [m for m in matches if not any(a <= m.start() < b for a, b in fences)]
 
 
 def block_markdown(name: str, groups: list[Group]) -> str:
@@ -50,14 +58,15 @@ def _paths(doc: Path, name: str, args: str, default: Sequence[str]) -> list[str]
     return list(default)
 
 
-def regenerate(doc: str | Path, default_paths: Sequence[str] = (), batch: int | None = None) -> tuple[str, str, list[str]]:
+def regenerate(doc: str | Path, default_paths: Sequence[str] = (),
+               batch: int | None = None) -> tuple[str, str, list[str]]:
     """``(old_text, new_text, names of the blocks that changed)`` for document ``doc``."""
     doc = Path(doc)
     if not doc.is_file():
         raise ReportError(f"document {doc} does not exist; give a markdown file with ponder-report markers")
     text = doc.read_text()
-    blocks = list(_BLOCK.finditer(text))
-    if len(blocks) != len(_START.findall(text)):
+    blocks = _outside_code(text, list(_BLOCK.finditer(text)))
+    if len(blocks) != len(_outside_code(text, list(_START.finditer(text)))):
         raise ReportError(f"{doc} has a ponder-report start marker without its matching "
                           f"<!-- ponder-report:NAME end --> line; close every block")
     if not blocks:

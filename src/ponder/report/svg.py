@@ -105,7 +105,8 @@ def _marker(shape: str, x: float, y: float, color: str, r: float = 4.2) -> str:
     if shape == "circle":
         return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}" {style}/>'
     if shape == "square":
-        return f'<rect x="{x - r * 0.85:.1f}" y="{y - r * 0.85:.1f}" width="{r * 1.7:.1f}" height="{r * 1.7:.1f}" {style}/>'
+        side = r * 1.7
+        return f'<rect x="{x - side / 2:.1f}" y="{y - side / 2:.1f}" width="{side:.1f}" height="{side:.1f}" {style}/>'
     if shape == "triangle":
         pts = [(x, y - r * 1.1), (x - r, y + r * 0.75), (x + r, y + r * 0.75)]
     else:  # diamond

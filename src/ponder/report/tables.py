@@ -57,18 +57,20 @@ def summary_row(g: Group, with_family: bool) -> list[str]:
 
 
 def _latency_notes(groups: list[Group]) -> list[str]:
-    """One line per distinct machine / batch / threads setting behind the ms column."""
-    settings = []
+    """One line per distinct machine / batch / threads / versions behind the ms column, with its commits."""
+    settings: dict[str, list[str]] = {}
     for g in groups:
         for b in g.benches:
             lat, prov = b.latency, b.provenance
             assert lat is not None
             threads = f"{lat.threads} thread{'s' if lat.threads != 1 else ''}"
             text = (f"{prov.cpu} ({prov.cores} cores, {prov.device}), batch {lat.batch}, {threads}, "
-                    f"torch {prov.torch}, ponder {prov.ponder} at {prov.commit[:10]}")
-            if text not in settings:
-                settings.append(text)
-    return [f"ms / image measured on {s}." for s in settings]
+                    f"torch {prov.torch}, ponder {prov.ponder}")
+            commit = prov.commit[:10] + ("+dirty" if prov.dirty else "")
+            commits = settings.setdefault(text, [])
+            if commit not in commits:
+                commits.append(commit)
+    return [f"ms / image measured on {text} at {', '.join(commits)}." for text, commits in settings.items()]
 
 
 NOTES = ("top-1 and ms / image: mean ± standard deviation over seeds; MACs (conv+linear) per image: "
