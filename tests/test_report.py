@@ -212,7 +212,12 @@ def test_cli_prints_markdown_and_writes_the_report_files(runs, tmp_path, capsys)
 
 DOC = """# Results
 
-Some prose that stays.
+Some prose that stays, and an example of a marker that is not a block:
+
+```
+<!-- ponder-report:all from=PATHS start -->
+<!-- ponder-report:all end -->
+```
 
 <!-- ponder-report:all from=runs start -->
 typed by hand
@@ -234,7 +239,8 @@ def test_document_tables_are_regenerated_and_checked(runs, tmp_path, capsys):
     code, _, err = run_cli(capsys, "report", runs, "--update-doc", doc)
     assert code == 0 and "regenerated all, skipping" in err
     text = doc.read_text()
-    assert "Some prose that stays." in text and "Between the tables." in text and "typed by hand" not in text
+    assert "Between the tables." in text and "typed by hand" not in text
+    assert text.startswith(DOC[:DOC.index("typed by hand")])  # prose and the fenced example untouched
     assert "| static | resnet20_cifar | cross_entropy | standard | 91.80 ± 0.30 |" in text
     skipping = text.split("<!-- ponder-report:skipping start -->")[1]
     assert "| blockdrop_resnet110_cifar | blockdrop | skip | 90.50 |" in skipping and "resnet20" not in skipping
@@ -287,3 +293,11 @@ def test_a_copied_run_is_not_another_seed(runs, tmp_path, capsys):
     shutil.copytree(runs / "bd_s0", tmp_path / "copy_of_bd_s0")
     code, _, err = run_cli(capsys, "report", runs / "bd_s0", tmp_path / "copy_of_bd_s0")
     assert code == 2 and "a copy is not another seed" in err
+
+
+def test_the_tables_of_docs_reports_md_are_generated_from_its_example_results(capsys):
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "reports.md"
+    code, _, err = run_cli(capsys, "report", "--update-doc", doc, "--check")
+    assert code == 0, err
