@@ -334,20 +334,11 @@ def _json_safe(value: Any) -> Any:
 
 def config_hash(config: "RunConfig") -> str:
     """12 hex digits of SHA-256 over the resolved config without the seed and machine-local fields."""
-    flat = _flatten(config.to_dict())
-    kept = {k: v for k, v in flat.items() if k not in _NOT_HASHED}
+    from ponder.engine import _flat  # the dotted-key view the resume check compares too
+
+    kept = {k: v for k, v in _flat(config.to_dict()).items() if k not in _NOT_HASHED}
     raw = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def model_family(model: "nn.Module") -> str:
