@@ -1,4 +1,4 @@
-"""The ``ponder`` command: models, flops, train, eval, bench, convert, ponder-map, demo."""
+"""The ``ponder`` command: models, flops, train, eval, bench, report, convert, kernels, ponder-map, demo."""
 
 from __future__ import annotations
 
@@ -149,6 +149,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from ponder import bench
     from ponder.models.base import DynamicModel
 
+    if args.save and not args.checkpoint:
+        raise CLIError("--save needs --checkpoint RUN_DIR: a saved result belongs to a run")
     bench.keep_freed_memory()
     if args.checkpoint:
         from ponder.data import build_datasets, build_loaders
@@ -205,8 +207,25 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.budget is not None:
         reached = model.set_budget(args.budget)
         mode += f", budget {args.budget:.4g} MACs (held-out mean {reached:.4g})"
-    result = bench.bench_dynamic(model, name, batches, args.threads, mode, args.repeats, args.warmup)
+    if isinstance(model, DynamicModel):
+        result = bench.bench_dynamic(model, name, batches, args.threads, mode, args.repeats, args.warmup)
+    else:  # a static run (--checkpoint): its time does not depend on the images
+        result = bench.bench_static(model, name, args.batch, tuple(batches[0].shape[1:]), args.threads,
+                                    args.repeats, args.warmup)
     _print_bench(result, args.json)
+    if args.save:
+        _save_bench(args, model, config, result, batches)
+
+
+def _save_bench(args: argparse.Namespace, model: Any, config: Any, result: Any, batches: list) -> None:
+    """``--save``: the benchmark as ``RUN_DIR/results/bench-b<batch>-t<threads>[-budget<b>].json``."""
+    from ponder.bench import DynamicBench
+    from ponder.results import result_from_bench, save_result
+
+    images = sum(len(b) for b in batches) if isinstance(result, DynamicBench) else result.batch
+    saved = result_from_bench(args.checkpoint, config, model, result, images=images,
+                              input_size=tuple(batches[0].shape[1:]), rounds=args.repeats, budget=args.budget)
+    print(f"saved {save_result(args.checkpoint, saved)}", file=sys.stderr)
 
 
 def _knob_value(text: str) -> Any:
@@ -251,6 +270,16 @@ def _print_bench(result: Any, as_json: bool) -> None:
 def _rounds(extremes: tuple[float, float], mac_ratio: float) -> str:
     lo, hi = extremes
     return f"  (single rounds: speedup {lo:.2f}-{hi:.2f}x, efficiency {lo / mac_ratio:.2f}-{hi / mac_ratio:.2f})"
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from ponder.report import report_command
+
+    markdown, notices = report_command(args.paths, out=args.out, docs=args.update_doc, check=args.check,
+                                       points=args.points, batch=args.batch, x_scale=args.x_scale)
+    print(markdown, end="")
+    for line in notices:
+        print(line, file=sys.stderr)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -354,7 +383,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's native knob (exit thresholds as a list, a keep or halting threshold)")
     s.add_argument("--data-dir")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--save", action="store_true",
+                   help="with --checkpoint: also save the result as RUN_DIR/results/bench-*.json (see `ponder report`)")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("report", help="markdown tables and an HTML page (plots) from the results of runs")
+    s.add_argument("paths", nargs="*", metavar="RUN_DIR",
+                   help="run directories, folders of runs, result files or glob patterns")
+    s.add_argument("--out", metavar="DIR", help="also write DIR/report.md, DIR/report.html and its plots (SVG)")
+    s.add_argument("--points", action="store_true", help="also print every operating point (exit, threshold, budget)")
+    s.add_argument("--batch", type=int, help="latency measured at this batch size (default: each run's latest bench)")
+    s.add_argument("--x-scale", choices=("auto", "linear", "log"), default="auto",
+                   help="x axes of the plots (auto: log when the values span more than 20x)")
+    s.add_argument("--update-doc", action="append", default=[], metavar="DOC.md",
+                   help="regenerate the tables between <!-- ponder-report:NAME start/end --> markers of DOC.md")
+    s.add_argument("--check", action="store_true",
+                   help="with --update-doc: change nothing, fail when a generated table differs from the results")
+    s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("convert", help="turn an official MSDNet / RANet / BlockDrop / SkipNet checkpoint into a run "
                                        "directory")

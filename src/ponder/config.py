@@ -143,3 +143,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"override {key!r}: {p} is not a section")
         node[parts[-1]] = yaml.safe_load(raw)
     return data
+
+
+def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config dict as ``{"optim.lr": 0.1, "model.kwargs": {...}, ...}`` (sections flattened, kwargs kept whole)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out

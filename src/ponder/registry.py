@@ -16,6 +16,9 @@ import torch.nn as nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
+#: the families every model belongs to (``PonderModel.family``)
+FAMILIES = ("static", "early_exit", "skipping", "spatial")
+
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
 

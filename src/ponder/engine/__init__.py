@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ponder.config import DataConfig, RunConfig
+from ponder.config import DataConfig, RunConfig, flat_config
 from ponder.engine.checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE, load_run, load_run_config
 from ponder.weights import WEIGHTS_FILE, RunDirError, load_init_weights
 from ponder.engine.distributed import DistInfo, init_distributed, resolve_device, shutdown_distributed
@@ -45,18 +45,8 @@ def resolve_config(config: RunConfig, num_classes: int, data_dir: str | None = N
     return config
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
 def _check_resume_config(saved: RunConfig, given: RunConfig, run_dir: Path) -> None:
-    a, b = _flat(saved.to_dict()), _flat(given.to_dict())
+    a, b = flat_config(saved.to_dict()), flat_config(given.to_dict())
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES)
     if changed:
         raise RunDirError(f"cannot resume {run_dir}: the config differs from its {CONFIG_FILE} in {', '.join(changed)}; "
@@ -140,7 +130,8 @@ def evaluate_run(run_dir: str | Path, protocol: str = "standard", data_dir: str 
     """Load a run's model and evaluate it with a registered protocol (results also written to ``out_dir``).
 
     Data come from the run's data config (eval transforms for test and the held-out val split);
-    ``data_dir`` overrides its folder; ``out_dir`` defaults to the run dir.
+    ``data_dir`` overrides its folder; ``out_dir`` defaults to the run dir. Besides the protocol's own
+    files, the result is saved as data in ``out_dir/results/<protocol>.json`` (:mod:`ponder.results`).
     """
     from ponder.data import build_datasets, build_loaders
     from ponder.evaluate.protocols import EvalContext, get_protocol
@@ -155,5 +146,10 @@ def evaluate_run(run_dir: str | Path, protocol: str = "standard", data_dir: str 
     ctx = EvalContext(model=model, config=config, run_dir=run_dir, out_dir=Path(out_dir) if out_dir else run_dir,
                       test_loader=test_loader, val_loader=val_loader, device=dev, options=dict(options or {}))
     with torch.no_grad():
-        return fn(ctx)
+        report = fn(ctx)
+    from ponder.evaluate.as_result import result_from_report
+    from ponder.results import save_result
+
+    save_result(ctx.out_dir, result_from_report(ctx, protocol, report))
+    return report
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ponder.fast.machine import cache_root, cpu_tag
+from ponder.machine import cache_root, cpu_tag
 
 _CSRC = Path(__file__).with_name("csrc")
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ponder.fast.machine import cache_root, cpu_tag
+from ponder.machine import cache_root, cpu_tag
 from ponder.fast.timing import fastest
 
 _MEMORY: dict[str, Any] = {}  # key_text -> value: the file's contents as this process last read them

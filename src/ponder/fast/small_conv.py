@@ -14,7 +14,7 @@ on 32x32 maps, 12-24 on 16x16 and 8x8; at batch 1 those took 15-50 us for 0.1-1.
 
 :func:`ponder.fast.conv.conv2d` and :func:`~ponder.fast.conv.conv1x1_rows` time them against
 their other routes per shape and batch-size bucket and use them only where they win. The module is
-built with ``-march=native`` (one build per CPU model, :func:`ponder.fast.machine.cpu_tag`) and with
+built with ``-march=native`` (one build per CPU model, :func:`ponder.machine.cpu_tag`) and with
 contracted multiply-adds, so the results equal ``F.conv2d``'s up to float rounding, not bit for bit.
 """
 

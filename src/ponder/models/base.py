@@ -32,9 +32,6 @@ from ponder.cost import CostLedger, LedgerCache
 from ponder.nn.executor import set_executor
 from ponder.output import DynamicOutput
 
-FAMILIES = ("static", "early_exit", "skipping", "spatial")
-
-
 class PonderModel(nn.Module):
     """A network whose ``forward(x [B, C, H, W])`` returns a :class:`DynamicOutput`.
 
