@@ -18,10 +18,11 @@ from ponder.config import DataConfig, RunConfig
 from ponder.engine.checkpoint import (CONFIG_FILE, METRICS_FILE, STATE_FILE, WEIGHTS_FILE, RunDirError,
                                       load_init_weights, load_run, load_run_config)
 from ponder.engine.distributed import DistInfo, init_distributed, resolve_device, shutdown_distributed
-from ponder.engine.trainer import NonFiniteLossError, Trainer, seed_everything
+from ponder.engine.context import TrainContext
+from ponder.engine.trainer import NonFiniteLossError, NonFiniteWeightsError, Trainer, seed_everything
 
-__all__ = ["DistInfo", "NonFiniteLossError", "RunDirError", "Trainer", "evaluate_run", "load_run", "resolve_config",
-           "seed_everything", "train"]
+__all__ = ["DistInfo", "NonFiniteLossError", "NonFiniteWeightsError", "RunDirError", "TrainContext", "Trainer",
+           "evaluate_run", "load_run", "resolve_config", "seed_everything", "train"]
 
 # fields that may differ between a run's saved config and the one it is resumed with
 _RESUMABLE_CHANGES = {"train.epochs", "train.device", "train.tensorboard", "data.data_dir", "data.workers",
