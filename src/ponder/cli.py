@@ -23,9 +23,19 @@ def _input_size(args: argparse.Namespace, model: Any) -> tuple[int, int, int]:
     return size  # type: ignore[return-value]
 
 
+def _check_counts(args: argparse.Namespace, minimum: dict[str, int]) -> None:
+    """Refuse a count option below its minimum, e.g. ``--batch 0`` (``minimum``: attribute -> least value)."""
+    for name, least in minimum.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            rule = "a positive integer" if least == 1 else f"an integer >= {least}"
+            raise CLIError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+
+
 def _model(args: argparse.Namespace) -> Any:
     import ponder
 
+    _check_counts(args, {"num_classes": 1})
     kwargs = {"num_classes": getattr(args, "num_classes", None)}
     kwargs.update(_parse_options(getattr(args, "model_arg", [])))
     try:
@@ -88,7 +98,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise CLIError("give --out DIR for a new run (or --resume RUN_DIR to continue one)")
     from ponder.engine import train
 
-    run_dir = train(config, args.out or args.resume, resume=args.resume, data_dir=args.data_dir)
+    run_dir = train(config, args.out or args.resume, resume=args.resume, data_dir=args.data_dir,
+                    overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(f"run directory: {run_dir}")
 
@@ -133,6 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     from ponder import bench
 
+    _check_counts(args, {"batch": 1, "images": 1, "repeats": 1, "warmup": 0, "threads": 1})
     bench.keep_freed_memory()
     if args.checkpoint:
         from ponder.data import build_datasets
@@ -277,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir")
     s.add_argument("--out", help="run directory to create")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    s.add_argument("--overwrite", action="store_true", help="replace a run already in --out (start it from scratch)")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a run directory with a protocol")

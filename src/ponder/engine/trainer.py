@@ -322,7 +322,7 @@ class Trainer:
         if self.run_dir is not None:
             ckpt.append_metrics(self.run_dir, record)
         if self._tb_wanted and self._tb is None:
-            self._tb = self._tensorboard_class()(log_dir=str(self.run_dir / "tensorboard"))
+            self._tb = self._tensorboard_class()(log_dir=str(self.run_dir / ckpt.TENSORBOARD_DIR))
         if self._tb is not None:
             for k, v in record.items():
                 if k != "epoch" and isinstance(v, (int, float)):

@@ -118,13 +118,18 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def create_method(name: str, model: nn.Module, **options: Any) -> Method:
-    """Build a registered method for ``model``."""
+def method_class(name: str) -> type[Method]:
+    """The Method subclass registered under ``name``."""
     import ponder.methods  # noqa: F401
 
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name](model, **options)
+    return _METHODS[name]
+
+
+def create_method(name: str, model: nn.Module, **options: Any) -> Method:
+    """Build a registered method for ``model``."""
+    return method_class(name)(model, **options)
 
 
 @register_method
