@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ponder.data.errors import DataError
-from ponder.data.transforms import Transform
+from ponder.data.transforms import SampleRNG, Transform
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -92,8 +92,7 @@ class ImageFolder(Dataset):
         path, label = self.samples[index]
         img = decode_image(path)
         if self.transform is not None:
-            gen = torch.Generator().manual_seed(seed) if seed is not None else None
-            img = self.transform(img, gen)
+            img = self.transform(img, SampleRNG([seed]) if seed is not None else None)
         return img, label
 
     def subset(self, indices: torch.Tensor | Sequence[int], transform: Transform | None = None) -> "ImageFolder":

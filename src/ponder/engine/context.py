@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from ponder.engine.distributed import DistInfo, all_true, broadcast_buffers, gather_objects
+from ponder.engine.distributed import DistInfo, all_reduce_sum, all_true, broadcast_buffers, gather_objects
 
 if TYPE_CHECKING:
     from ponder.config import RunConfig
@@ -206,9 +206,7 @@ class TrainContext:
         """
         if not self.dist.enabled:
             return tensor
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(tensor) / self.dist.world_size
+        return all_reduce_sum(tensor) / self.dist.world_size
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's picklable ``obj`` in rank order (``[obj]`` in one process)."""

@@ -22,6 +22,7 @@ from ponder.engine import checkpoint as ckpt
 from ponder.engine.context import TrainContext
 from ponder.engine.distributed import DistInfo, all_true, barrier, broadcast_buffers, gather_objects, wrap_ddp
 from ponder.engine.optim import LRSchedule, build_optimizer
+from ponder.engine.sync_batchnorm import convert_sync_batchnorm
 from ponder.evaluate.records import collect
 from ponder.methods.base import Method
 
@@ -101,6 +102,8 @@ class Trainer:
         self.model = model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if tc.sync_batchnorm and self.dist.enabled:
+            convert_sync_batchnorm(self.model)
         self.net = wrap_ddp(self.model, self.device, tc.find_unused_parameters) if self.dist.enabled else self.model
         self.optimizer = build_optimizer(method.param_groups(self.model), self.model, config.optim)
         self.steps_per_epoch = steps_per_epoch(train_loader, tc.max_steps_per_epoch)
