@@ -17,6 +17,7 @@ from ponder.data.splits import long_tail_indices, train_val_split
 from ponder.data.transforms import SampleRNG, Transform, cifar_transforms, imagenet_transforms
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
+DEFAULT_IMAGE_SIZE = 224  # imagefolder crops when neither the recipe nor the model gives a size
 
 
 class TensorImageDataset(Dataset):
@@ -105,9 +106,10 @@ def _load(cfg: Any) -> tuple[Any, Any, Transform, Transform, list[str], tuple[in
         val_classes, _ = find_classes(root / "val")
         if val_classes != full.classes:
             raise DataError(f"{root / 'val'} has classes that differ from {root / 'train'}; both need the same class folders")
-        eval_tf = imagenet_transforms(False)
+        size = cfg.image_size or DEFAULT_IMAGE_SIZE
+        eval_tf = imagenet_transforms(False, size, resize=round(size * 256 / 224))
         test = ImageFolder(root / "val", eval_tf, classes=full.classes)
-        return full, test, imagenet_transforms(True), eval_tf, full.classes, (3, 224, 224)
+        return full, test, imagenet_transforms(True, size), eval_tf, full.classes, (3, size, size)
     raise DataError(f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
 
 

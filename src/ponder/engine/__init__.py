@@ -82,6 +82,17 @@ def check_run_config(config: RunConfig) -> RunConfig:
     return config
 
 
+def model_image_size(config: RunConfig) -> int:
+    """The side of the square images ``config``'s model is built for (its ``default_input_size``;
+    224 for a model that does not say), e.g. 32 for a CIFAR network trained on an image folder."""
+    from ponder.data.datasets import DEFAULT_IMAGE_SIZE
+    from ponder.registry import create_model
+
+    model = _built("model", config.model.name, lambda: create_model(config.model.name, **config.model.kwargs))
+    size = getattr(model, "default_input_size", None)
+    return int(size[-1]) if size else DEFAULT_IMAGE_SIZE
+
+
 def _built(what: str, name: str, build: Callable[[], Any]) -> Any:
     """``build()``, with a TypeError about its keyword arguments turned into a :class:`ConfigError`."""
     try:
@@ -155,6 +166,8 @@ def train(config: RunConfig | None, out_dir: str | Path | None, resume: str | Pa
     try:
         seed = config.train.seed
         seed_everything(seed + info.rank)
+        if config.data.dataset == "imagefolder" and config.data.image_size is None:
+            config.data.image_size = model_image_size(config)
         data_cfg = data_config_for(config, data_dir)
         bundle = build_datasets(data_cfg, seed)
         config = resolve_config(config, bundle.num_classes, data_cfg.data_dir)

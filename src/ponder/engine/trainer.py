@@ -210,6 +210,9 @@ class Trainer:
                 record = {"epoch": self.epoch + 1, **self.train_epoch(self.epoch)}
                 record.update(self.method.on_epoch_end(self.ctx) or {})
                 record.update(self.evaluate())
+                skipped = self._skipped_images()
+                if skipped:
+                    record["skipped_images"] = len(skipped)
                 record["time_s"] = round(time.perf_counter() - start, 3)
                 self.check_finite_state()
                 self.epoch += 1
@@ -218,7 +221,20 @@ class Trainer:
         finally:
             if self._tb is not None:
                 self._tb.close()
+        skipped = self._skipped_images()
+        if skipped and self.verbose:
+            first = next(iter(skipped))
+            noun = "image" if len(skipped) == 1 else "images"
+            print(f"skipped {len(skipped)} unreadable {noun} (data.skip_bad_images), e.g. {skipped[first]}", flush=True)
         return self.history
+
+    def _skipped_images(self) -> dict[str, str]:
+        """Unreadable images the loaders skipped so far, over every rank (path -> reason)."""
+        loaders = [x for x in (self.train_loader, self.val_loader, self.test_loader) if getattr(x, "skip_bad", False)]
+        if not loaders:
+            return {}
+        local = {path: why for loader in loaders for path, why in loader.skipped.items()}
+        return {path: why for part in gather_objects(local) for path, why in part.items()}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training loader; returns sample-weighted means of loss and method metrics."""
