@@ -93,9 +93,11 @@ class StaticBench:
     model: str
     batch: int
     threads: int
-    ms: float
+    ms: float            # median over rounds, per batch
     images_per_s: float
     macs: int
+    # fastest and slowest single round (ms per batch): how noisy ``ms`` is
+    ms_range: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -136,9 +138,10 @@ def bench_static(model: nn.Module, name: str, batch: int, input_size: Sequence[i
     model = model.eval().to(device)
     x = torch.randn(batch, *input_size, device=device)
     with torch_threads(threads):
-        ms = time_interleaved({"model": lambda: model(x)}, repeats, warmup, device)["model"]
-    return StaticBench(name, batch, threads or torch.get_num_threads(), ms,
-                       batch / ms * 1e3, _macs_of(model, x[:1]))
+        rounds = time_rounds({"model": lambda: model(x)}, repeats, warmup, device)["model"]
+        used = torch.get_num_threads()
+    ms = statistics.median(rounds)
+    return StaticBench(name, batch, used, ms, batch / ms * 1e3, _macs_of(model, x[:1]), (min(rounds), max(rounds)))
 
 
 def bench_dynamic(model: nn.Module, name: str, batches: list[Tensor], threads: int, mode: str,

@@ -221,7 +221,9 @@ def _print_bench(result: Any, as_json: bool) -> None:
         return
     print(f"{d['model']}  batch {d['batch']}  threads {d['threads']}")
     if "ms" in d:
-        print(f"  {d['ms']:.2f} ms/batch  {d['images_per_s']:.0f} images/s  {format_count(d['macs'])} MACs/image")
+        lo, hi = d["ms_range"]
+        print(f"  {d['ms']:.2f} ms/batch  {d['images_per_s']:.0f} images/s  {format_count(d['macs'])} MACs/image"
+              f"  (single rounds: {lo:.2f}-{hi:.2f} ms)")
         return
     print(f"  mode         {d['mode']}")
     print(f"  dense        {d['dense_ms']:.2f} ms/batch  ({format_count(d['dense_macs'])} MACs/image)")
@@ -364,6 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench" and not (args.name or args.checkpoint):
         parser.error("bench needs a model NAME or --checkpoint RUN_DIR")
     fn: Callable[[argparse.Namespace], None] = args.fn
+    if args.command in ("train", "eval", "demo"):
+        from ponder.threads import use_free_cores
+
+        use_free_cores()  # fewer threads when other processes keep cores busy (see ponder.threads)
     try:
         fn(args)
     except _user_errors() as e:
