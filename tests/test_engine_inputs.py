@@ -3,6 +3,7 @@
 import os
 import re
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,10 @@ def test_files_of_a_run_share_one_mode(tmp_path, cifar_dir):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in run.iterdir() if p.is_file()}
     assert set(modes) == {"config.yaml", "metrics.jsonl", "weights.safetensors", "state.pt"}
     assert set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[1] / "recipes").rglob("*.yaml")))
+def test_every_shipped_recipe_passes_the_checks(path):
+    from ponder.engine import check_run_config
+
+    check_run_config(load_config(path))

@@ -223,9 +223,9 @@ class Trainer:
                 self._tb.close()
         skipped = self._skipped_images()
         if skipped and self.verbose:
-            first = next(iter(skipped))
             noun = "image" if len(skipped) == 1 else "images"
-            print(f"skipped {len(skipped)} unreadable {noun} (data.skip_bad_images), e.g. {skipped[first]}", flush=True)
+            print(f"skipped {len(skipped)} unreadable {noun} (data.skip_bad_images): {', '.join(sorted(skipped)[:3])}"
+                  f"{', ...' if len(skipped) > 3 else ''}", flush=True)
         return self.history
 
     def _skipped_images(self) -> dict[str, str]:
