@@ -102,6 +102,43 @@ def test_workers_do_not_change_batches(cifar_root):
     assert torch.equal(x0, x2) and torch.equal(y0, y2)
 
 
+def test_augmentation_follows_the_sample_not_the_batch(cifar_root):
+    cfg = DataConfig(dataset="cifar10", data_dir=str(cifar_root), batch_size=10)
+    train = build_datasets(cfg, 0).train
+    keys = [(i, 1000 + 7919 * i) for i in range(10)]
+    batch = [x for x, _ in train.__getitems__(keys)]
+    assert all(torch.equal(batch[j], train[k][0]) for j, k in enumerate(keys))  # fetched alone
+    other = [x for x, _ in train.__getitems__(keys[::-3])]  # another batch, in another order
+    assert all(torch.equal(other[j], batch[9 - 3 * j]) for j in range(len(other)))
+    assert not torch.equal(train[(0, 1)][0], train[(0, 2)][0])  # the seed decides the crop / flip
+
+    # a global batch of 10 in one process == the two ranks' batches of 5 (EpochSampler shards)
+    from ponder.data.loaders import _loader
+
+    one = next(iter(_loader(train, 10, EpochSampler(len(train), seed=3), cfg, 3)))[0]
+    for rank in (0, 1):
+        half = next(iter(_loader(train, 5, EpochSampler(len(train), seed=3, rank=rank, world_size=2), cfg, 3)))[0]
+        assert torch.equal(half, one[rank::2])
+
+
+def test_sample_streams_cover_random_resized_crops():
+    from ponder.data.transforms import SampleRNG, imagenet_transforms
+
+    tf = imagenet_transforms(True, size=16)
+    images = torch.randint(0, 256, (6, 3, 24, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    seeds = [11, 22, 33, 44, 55, 66]
+    batch = tf(images, SampleRNG(seeds))
+    alone = torch.stack([tf(images[i], SampleRNG([s])) for i, s in enumerate(seeds)])
+    assert batch.shape == (6, 3, 16, 16) and torch.equal(batch, alone)
+    u = SampleRNG([5, 5, 6]).uniform()
+    assert u[0] == u[1] != u[2] and 0 <= float(u.min()) and float(u.max()) < 1
+    stream = SampleRNG([7])
+    assert len({float(stream.uniform()) for _ in range(100)}) == 100  # a stream moves on with every draw
+    rng = SampleRNG(range(4000))
+    many = torch.cat([rng.uniform(), rng.uniform()])
+    assert abs(float(many.mean()) - 0.5) < 0.02 and abs(float(many.var()) - 1 / 12) < 0.01
+
+
 def test_epoch_sampler_sharding():
     train = [list(EpochSampler(10, seed=1, rank=r, world_size=3, pad=True)) for r in range(3)]
     assert [len(s) for s in train] == [4, 4, 4]

@@ -12,7 +12,8 @@ import yaml
 
 from ponder import create_model
 from ponder.config import ConfigError, RunConfig, config_from_dict, load_config
-from ponder.engine.checkpoint import (RunDirError, append_metrics, atomic_write, load_run, load_state, read_metrics,
+from ponder.files import atomic_write
+from ponder.engine.checkpoint import (RunDirError, append_metrics, load_run, load_state, read_metrics,
                                       read_weights, rng_state, save_state, save_weights, set_rng_state, truncate_metrics)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "cifar10"

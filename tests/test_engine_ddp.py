@@ -118,3 +118,61 @@ def test_find_unused_parameters_auto_choice():
     assert is_static_model(create_model("resnet20_cifar"))
     assert not is_static_model(Dynamic(20))
     assert not is_static_model(torch.nn.Linear(2, 2))
+
+
+EQUAL_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    torch.set_num_threads(1)
+    from ponder.config import load_config
+    from ponder.engine import train
+    from ponder.engine.distributed import init_distributed, shutdown_distributed
+
+    init_distributed("cpu")
+    for recipe, out in zip(sys.argv[1::2], sys.argv[2::2]):
+        train(load_config(recipe), out, verbose=False)
+    shutdown_distributed()
+    sys.stdout.flush()
+    os._exit(0)  # see SCRIPT
+""")
+
+
+def test_two_processes_equal_one_process_at_the_same_global_batch(tmp_path):
+    """Per-sample augmentation seeds + synchronised BatchNorm: 2 x batch 5 trains what 1 x batch 10 trains,
+    to float rounding (two epochs of one step: training at init amplifies rounding about 50x per step)."""
+    import torch
+
+    from ponder.config import load_config
+    from ponder.engine import train
+    from ponder.engine.checkpoint import load_state, read_metrics
+
+    torch.set_num_threads(1)
+    data = write_fake_cifar(tmp_path / "data", "cifar10", n_train=40, n_test=20, seed=0)
+    recipes = {}
+    for name, batch, sync in (("one", 10, True), ("two", 5, True), ("two_plain_bn", 5, False)):
+        recipes[name] = tmp_path / f"{name}.yaml"
+        recipes[name].write_text(yaml.safe_dump({
+            "model": {"name": "resnet20_cifar"},
+            "data": {"dataset": "cifar10", "data_dir": str(data), "batch_size": batch, "eval_batch_size": 8},
+            "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}, "schedule": {"name": "cosine"},
+            "train": {"epochs": 2, "max_steps_per_epoch": 1, "device": "cpu", "sync_batchnorm": sync},
+        }))
+    script = tmp_path / "equal.py"
+    script.write_text(EQUAL_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(recipes["two"]), str(tmp_path / "two"),
+           str(recipes["two_plain_bn"]), str(tmp_path / "two_plain_bn")]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train(load_config(recipes["one"]), tmp_path / "one", verbose=False)
+
+    one, two, plain = (load_state(tmp_path / name / "state.pt") for name in ("one", "two", "two_plain_bn"))
+    assert (one["world_size"], two["world_size"], one["step"], two["step"]) == (1, 2, 2, 2)
+
+    def largest_difference(state):
+        return max(float((state["model"][k].double() - v.double()).abs().max()) for k, v in one["model"].items())
+
+    assert largest_difference(two) < 2e-6  # weights and BN running statistics alike
+    assert largest_difference(plain) > 1e-2  # per-rank BN statistics train another network
+    for a, b in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6) and b["test_acc"] == a["test_acc"]

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from cifar_fixtures import write_fake_cifar
 from ponder import create_model
 from ponder.config import config_from_dict
-from ponder.engine import NonFiniteLossError, RunDirError, Trainer, evaluate_run, load_run, train
+from ponder.engine import NonFiniteLossError, NonFiniteWeightsError, RunDirError, Trainer, evaluate_run, load_run, train
 from ponder.engine.checkpoint import load_state, read_metrics
 from ponder.weights import load_init_weights, read_weights
 from ponder.methods.base import CrossEntropy, StepOutput, register_method
@@ -200,3 +200,24 @@ def test_records_gates_and_exits_in_standard_report():
     assert r["accuracy"] == 0.75 and r["macs_mean"] == 2.0 and r["macs_std"] == 1.0 and r["n"] == 4
     assert r["block_usage"] == [0.75, 0.5] and r["blocks_run_mean"] == 1.25 and r["exit_histogram"] == [2, 0, 2]
     assert F.one_hot(rec.exit_index).sum(0).tolist() == r["exit_histogram"]
+
+
+@pytest.mark.parametrize("steps, epochs_kept", [(1, 2), (3, 0)])
+def test_non_finite_weights_are_never_saved(cifar_dir, tmp_path, steps, epochs_kept):
+    # lr 1e6: the loss stays finite for a step or two, but BN running variances overflow to inf
+    cfg = tiny_config(cifar_dir, optim={"lr": 1e6}, schedule={"warmup_epochs": 0, "milestones": [0.9]},
+                      method={"name": "cross_entropy"}, train={"max_steps_per_epoch": steps})
+    kept = f"checkpoint of epoch {epochs_kept} .* is kept" if epochs_kept else "no checkpoint was written"
+    with pytest.raises(NonFiniteWeightsError, match=rf"weights NaN or infinite in epoch {epochs_kept + 1} "
+                                                     rf"\(\d+ tensors, e.g. layer1.0.bn1.running_var.*{kept}"):
+        train(cfg, tmp_path / "run", verbose=False)
+    run = tmp_path / "run"
+    assert [r["epoch"] for r in read_metrics(run)] == list(range(1, epochs_kept + 1))
+    if not epochs_kept:
+        assert not (run / "state.pt").exists() and not (run / "weights.safetensors").exists()
+        return
+    state = load_state(run / "state.pt")
+    weights = read_weights(run / "weights.safetensors")
+    assert state["epoch"] == epochs_kept
+    assert all(bool(torch.isfinite(v).all()) for v in list(weights.values()) + list(state["model"].values())
+               if v.is_floating_point())

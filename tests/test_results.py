@@ -14,7 +14,7 @@ from ponder.cli import main
 from ponder.config import config_from_dict
 from ponder.engine import evaluate_run
 from ponder.engine.checkpoint import save_weights
-from ponder.evaluate.as_result import result_from_report
+from ponder.results import result_from_report
 from ponder.evaluate.protocols import EvalContext
 from ponder.results import (SCHEMA, EvalResult, Evaluation, Latency, OperatingPoint, Provenance, ResultError, RunInfo,
                             bench_kind, config_hash, latency_from_bench, load_result, load_results, machine_info,

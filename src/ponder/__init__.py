@@ -4,8 +4,8 @@ from ponder.cost import CostLedger, Profile, count_macs, profile
 from ponder.official import load_official
 from ponder.output import DynamicOutput
 from ponder.registry import create_model, list_models, register_model
+from ponder.version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "CostLedger", "DynamicOutput", "Profile", "count_macs", "create_model", "list_models", "load_official",

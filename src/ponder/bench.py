@@ -94,9 +94,11 @@ class StaticBench:
     model: str
     batch: int
     threads: int
-    ms: float
+    ms: float            # median over rounds, per batch
     images_per_s: float
     macs: int
+    # fastest and slowest single round (ms per batch): how noisy ``ms`` is
+    ms_range: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -131,9 +133,11 @@ def bench_static(model: nn.Module, name: str, batch: int, input_size: Sequence[i
     model = model.eval().to(device)
     x = torch.randn(batch, *input_size, device=device)
     with torch_threads(threads):
-        ms = time_interleaved({"model": lambda: model(x)}, repeats, warmup, device)["model"]
+        rounds = time_rounds({"model": lambda: model(x)}, repeats, warmup, device)["model"]
+        used = torch.get_num_threads()
+    ms = statistics.median(rounds)
     macs = model.ledger(tuple(input_size)).total if hasattr(model, "ledger") else count_macs(model, x[:1])
-    return StaticBench(name, batch, threads or torch.get_num_threads(), ms, batch / ms * 1e3, macs)
+    return StaticBench(name, batch, used, ms, batch / ms * 1e3, macs, (min(rounds), max(rounds)))
 
 
 def bench_dynamic(model: nn.Module, name: str, batches: list[Tensor], threads: int, mode: str,

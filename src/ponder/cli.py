@@ -22,9 +22,19 @@ def _input_size(args: argparse.Namespace, model: Any) -> tuple[int, int, int]:
     return size  # type: ignore[return-value]
 
 
+def _check_counts(args: argparse.Namespace, minimum: dict[str, int]) -> None:
+    """Refuse a count option below its minimum, e.g. ``--batch 0`` (``minimum``: attribute -> least value)."""
+    for name, least in minimum.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            rule = "a positive integer" if least == 1 else f"an integer >= {least}"
+            raise CLIError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
+
+
 def _model(args: argparse.Namespace) -> Any:
     import ponder
 
+    _check_counts(args, {"num_classes": 1})
     kwargs = {"num_classes": getattr(args, "num_classes", None)}
     kwargs.update(_parse_options(getattr(args, "model_arg", [])))
     try:
@@ -103,7 +113,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise CLIError("give --out DIR for a new run (or --resume RUN_DIR to continue one)")
     from ponder.engine import train
 
-    run_dir = train(config, args.out or args.resume, resume=args.resume, data_dir=args.data_dir)
+    run_dir = train(config, args.out or args.resume, resume=args.resume, data_dir=args.data_dir,
+                    overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(f"run directory: {run_dir}")
 
@@ -149,6 +160,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from ponder import bench
     from ponder.models.base import DynamicModel
 
+    _check_counts(args, {"batch": 1, "images": 1, "repeats": 1, "warmup": 0, "threads": 1})
     if args.save and not args.checkpoint:
         raise CLIError("--save needs --checkpoint RUN_DIR: a saved result belongs to a run")
     bench.keep_freed_memory()
@@ -249,7 +261,9 @@ def _print_bench(result: Any, as_json: bool) -> None:
         return
     print(f"{d['model']}  batch {d['batch']}  threads {d['threads']}")
     if "ms" in d:
-        print(f"  {d['ms']:.2f} ms/batch  {d['images_per_s']:.0f} images/s  {format_count(d['macs'])} MACs/image")
+        lo, hi = d["ms_range"]
+        print(f"  {d['ms']:.2f} ms/batch  {d['images_per_s']:.0f} images/s  {format_count(d['macs'])} MACs/image"
+              f"  (single rounds: {lo:.2f}-{hi:.2f} ms)")
         return
     print(f"  mode         {d['mode']}")
     print(f"  dense        {d['dense_ms']:.2f} ms/batch  ({format_count(d['dense_macs'])} MACs/image)")
@@ -353,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir")
     s.add_argument("--out", help="run directory to create")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    s.add_argument("--overwrite", action="store_true", help="replace a run already in --out (start it from scratch)")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("eval", help="evaluate a run directory with a protocol")
@@ -462,6 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench" and not (args.name or args.checkpoint):
         parser.error("bench needs a model NAME or --checkpoint RUN_DIR")
     fn: Callable[[argparse.Namespace], None] = args.fn
+    if args.command in ("train", "eval", "demo"):
+        from ponder.threads import use_free_cores
+
+        use_free_cores()  # fewer threads when other processes keep cores busy (see ponder.threads)
     try:
         fn(args)
     except _user_errors() as e:

@@ -14,9 +14,10 @@ from ponder.data.digits import DIGITS_CLASSES, digits_split, digits_stats, digit
 from ponder.data.errors import DataError
 from ponder.data.imagefolder import ImageFolder, find_classes
 from ponder.data.splits import long_tail_indices, train_val_split
-from ponder.data.transforms import Transform, cifar_transforms, imagenet_transforms, normalize_stats
+from ponder.data.transforms import SampleRNG, Transform, cifar_transforms, imagenet_transforms, normalize_stats
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
+DEFAULT_IMAGE_SIZE = 224  # imagefolder crops when neither the recipe nor the model gives a size
 
 
 class TensorImageDataset(Dataset):
@@ -24,8 +25,9 @@ class TensorImageDataset(Dataset):
 
     ``dataset[key] -> (image, label)`` where ``image`` is ``transform(uint8 [C,H,W])``. A key is an
     index or ``(index, seed)`` (see :class:`ponder.data.EpochSampler`). A ``DataLoader`` fetches a
-    whole batch through ``__getitems__``, which transforms the batch in one vectorized call
-    (generator seeded by the batch's first seed), so augmentation costs little per epoch.
+    whole batch through ``__getitems__``, which transforms the batch in one vectorized call, so
+    augmentation costs little per epoch; each image draws from its own seed's stream
+    (:class:`~ponder.data.transforms.SampleRNG`), so it is augmented the same in any batch.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Transform | None = None) -> None:
@@ -38,21 +40,23 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def _apply(self, x: torch.Tensor, seed: int | None) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor, seeds: list[int] | None) -> torch.Tensor:
+        """``transform`` of a batch ``x [B,C,H,W]``, image ``i`` drawing from ``seeds[i]``'s stream."""
         if self.transform is None:
             return x
-        return self.transform(x, torch.Generator().manual_seed(seed) if seed is not None else None)
+        return self.transform(x, SampleRNG(seeds) if seeds is not None else None)
 
     def __getitem__(self, key: Any) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        return self._apply(self.images[index], seed), int(self.targets[index])
+        image = self._apply(self.images[index].unsqueeze(0), None if seed is None else [seed])[0]
+        return image, int(self.targets[index])
 
     def __getitems__(self, keys: Sequence[Any]) -> list[tuple[torch.Tensor, int]]:
         if not keys:
             return []
         tagged = isinstance(keys[0], tuple)
         idx = torch.tensor([k[0] for k in keys] if tagged else list(keys), dtype=torch.int64)
-        images = self._apply(self.images[idx], keys[0][1] if tagged else None)
+        images = self._apply(self.images[idx], [k[1] for k in keys] if tagged else None)
         return list(zip(images.unbind(0), self.targets[idx].tolist()))
 
     def subset(self, indices: torch.Tensor | Sequence[int], transform: Transform | None = None) -> "TensorImageDataset":
@@ -102,9 +106,10 @@ def _load(cfg: Any) -> tuple[Any, Any, Transform, Transform, list[str], tuple[in
         val_classes, _ = find_classes(root / "val")
         if val_classes != full.classes:
             raise DataError(f"{root / 'val'} has classes that differ from {root / 'train'}; both need the same class folders")
-        eval_tf = imagenet_transforms(False, stats=cfg.normalize)
+        size = cfg.image_size or DEFAULT_IMAGE_SIZE
+        eval_tf = imagenet_transforms(False, size, resize=round(size * 256 / 224), stats=cfg.normalize)
         test = ImageFolder(root / "val", eval_tf, classes=full.classes)
-        return full, test, imagenet_transforms(True, stats=cfg.normalize), eval_tf, full.classes, (3, 224, 224)
+        return full, test, imagenet_transforms(True, size, stats=cfg.normalize), eval_tf, full.classes, (3, size, size)
     raise DataError(f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
 
 

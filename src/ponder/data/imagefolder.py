@@ -3,11 +3,18 @@
 Classes are the sorted sub-folder names (index = position); each class folder is walked
 recursively in sorted order (links followed) and files with an image extension (any case)
 are kept. Images are decoded with Pillow (``pip install ponder[images]``) to RGB ``uint8 [3,H,W]``.
+
+A file that cannot be decoded (corrupt, truncated, a decompression bomb) raises a
+:class:`DataError` naming it. Fetched in batches by a data loader (``__getitems__``, in loader
+worker processes too) such a file comes back as a :class:`BadImage` in place of its sample, so
+that the main process can stop with that one sentence or skip it
+(see :func:`ponder.data.loaders.collate_samples`).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ponder.data.errors import DataError
-from ponder.data.transforms import Transform
+from ponder.data.transforms import SampleRNG, Transform
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -52,8 +59,19 @@ def make_samples(root: str | Path, class_to_idx: dict[str, int], extensions: Seq
     return samples
 
 
+SKIP_HINT = "or set data.skip_bad_images=true to skip unreadable images"
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """Stands in a batch for an image that could not be decoded: its file and the one-sentence reason."""
+
+    path: str
+    message: str
+
+
 def decode_image(path: str) -> torch.Tensor:
-    """Decode an image file to RGB ``uint8 [3,H,W]`` with Pillow."""
+    """Decode an image file to RGB ``uint8 [3,H,W]`` with Pillow; a bad file raises :class:`DataError` naming it."""
     try:
         from PIL import Image
     except ImportError:
@@ -61,8 +79,12 @@ def decode_image(path: str) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except OSError as e:
-        raise DataError(f"{path} is not a readable image ({e}); remove or replace it") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path} is refused as a decompression bomb ({e}); remove it, {SKIP_HINT}, or raise "
+                        f"PIL.Image.MAX_IMAGE_PIXELS if the image is genuine") from None
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for corrupt and truncated files
+        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path} is not a readable image ({reason}); remove or replace it, {SKIP_HINT}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -92,9 +114,20 @@ class ImageFolder(Dataset):
         path, label = self.samples[index]
         img = decode_image(path)
         if self.transform is not None:
-            gen = torch.Generator().manual_seed(seed) if seed is not None else None
-            img = self.transform(img, gen)
+            img = self.transform(img, SampleRNG([seed]) if seed is not None else None)
         return img, label
+
+    def __getitems__(self, keys: Sequence[Any]) -> list[tuple[torch.Tensor, int] | BadImage]:
+        """The samples of a batch; an image that cannot be decoded comes back as a :class:`BadImage`
+        (an error raised here, in a loader worker, would reach the user as the worker's traceback)."""
+        out: list[tuple[torch.Tensor, int] | BadImage] = []
+        for key in keys:
+            try:
+                out.append(self[key])
+            except DataError as e:
+                index = key[0] if isinstance(key, tuple) else key
+                out.append(BadImage(self.samples[index][0], str(e)))
+        return out
 
     def subset(self, indices: torch.Tensor | Sequence[int], transform: Transform | None = None) -> "ImageFolder":
         """The samples at ``indices`` (same classes) with ``transform``."""

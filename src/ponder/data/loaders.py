@@ -7,10 +7,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from ponder.data.datasets import DataBundle
 from ponder.data.errors import DataError
+from ponder.data.imagefolder import BadImage
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -57,10 +58,49 @@ class EpochSampler(Sampler):
         return len(range(self.rank, self.n, self.world_size))
 
 
+def collate_samples(items: list[Any]) -> Any:
+    """``default_collate`` of a batch's samples; when some are :class:`BadImage` (files that could
+    not be decoded) the result is ``(images or None, targets or None, [BadImage, ...])`` instead,
+    for :class:`SampleLoader` to act on in the main process."""
+    bad = [x for x in items if isinstance(x, BadImage)]
+    if not bad:
+        return default_collate(items)
+    good = [x for x in items if not isinstance(x, BadImage)]
+    images, targets = default_collate(good) if good else (None, None)
+    return images, targets, bad
+
+
+class SampleLoader(DataLoader):
+    """A ``DataLoader`` (collating with :func:`collate_samples`) that acts on unreadable images in
+    the main process, whatever the number of workers: it raises the first one's
+    :class:`DataError` (one sentence naming the file), or with ``skip_bad`` leaves them out of
+    their batch and records them in ``skipped`` (path -> reason)."""
+
+    def __init__(self, *args: Any, skip_bad: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, collate_fn=collate_samples, **kwargs)
+        self.skip_bad = skip_bad
+        self.skipped: dict[str, str] = {}
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if len(batch) == 2:
+                yield batch
+                continue
+            images, targets, bad = batch
+            if not self.skip_bad:
+                raise DataError(bad[0].message)
+            self.skipped.update((b.path, b.message) for b in bad)
+            if images is None:
+                raise DataError(f"every image of a batch is unreadable (e.g. {bad[0].path}); "
+                                f"check the image folder or lower data.batch_size")
+            yield images, targets
+
+
 def _loader(ds: Dataset, batch_size: int, sampler: Sampler | None, cfg: Any, seed: int) -> DataLoader:
-    return DataLoader(
+    return SampleLoader(
         ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=cfg.workers, drop_last=False,
         generator=torch.Generator().manual_seed(seed), pin_memory=torch.cuda.is_available(),
+        skip_bad=bool(getattr(cfg, "skip_bad_images", False)),
     )
 
 

@@ -2,19 +2,73 @@
 
 Images enter as ``uint8`` (0..255); geometric transforms keep ``uint8``; :class:`Normalize`
 turns them into ``float32`` ``(x / 255 - mean) / std``. Random transforms draw from the
-``generator`` they are given (the global torch RNG when ``None``), one draw per image, all
-images of a batch at once, so a seeded generator gives the same output every time.
+``generator`` they are given, one draw per image, all images of a batch at once: a
+:class:`SampleRNG` (one random stream per image: what an image gets depends on its own seed
+only, never on the batch it comes in or how many processes share the data set; the data sets
+use it), a ``torch.Generator`` (one stream for the batch) or ``None`` (the global torch RNG).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ponder.data.errors import DataError
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on ``uint64`` values (wrapping arithmetic)."""
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class SampleRNG:
+    """One counter-based random stream per image: the ``k``-th number drawn for image ``i``
+    depends only on ``(seeds[i], k)``, so an image is augmented the same whether it is fetched
+    alone or in any batch, on any rank.
+
+    ``seeds``: one non-negative integer below ``2**64`` per image (the sampler's sample seeds).
+    """
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        self._keys = _splitmix64(np.asarray(list(seeds), dtype=np.uint64))
+        self._drawn = np.zeros(len(self._keys), dtype=np.uint64)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def uniform(self, index: Sequence[int] | None = None) -> torch.Tensor:
+        """``float64 [n]`` in ``[0, 1)``: the next number of every image (or of the images at ``index``)."""
+        idx = np.arange(len(self._keys)) if index is None else np.asarray(index, dtype=np.int64)
+        bits = _splitmix64(self._keys[idx] ^ _splitmix64(self._drawn[idx]))
+        self._drawn[idx] += np.uint64(1)
+        return torch.from_numpy((bits >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+
+
+RandomSource = Union[SampleRNG, torch.Generator, None]
+
+
+def _rand(n: int, rng: RandomSource, index: Sequence[int] | None = None) -> torch.Tensor:
+    """``[n]`` uniform numbers in ``[0, 1)``, one per image (images ``index`` of a :class:`SampleRNG`)."""
+    if isinstance(rng, SampleRNG):
+        u = rng.uniform(index)
+        if u.numel() != n:
+            raise DataError(f"a SampleRNG for {u.numel()} images was asked for {n} numbers; give one seed per image")
+        return u
+    return torch.rand(n, generator=rng, dtype=torch.float64)
+
+
+def _randint(high: int, n: int, rng: RandomSource, index: Sequence[int] | None = None) -> torch.Tensor:
+    """``int64 [n]`` uniform in ``0..high-1``, one per image."""
+    return (_rand(n, rng, index) * high).long().clamp_(max=high - 1)
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel, on x / 255
 
@@ -43,14 +97,14 @@ def normalize_stats(value: Sequence[Sequence[float]] | None, default: Stats) -> 
 class Transform:
     """Base class: ``t(x, generator=None)`` maps ``[C,H,W]`` or ``[B,C,H,W]`` to the same rank."""
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: RandomSource = None) -> torch.Tensor:
         batched = x.dim() == 4
         if x.dim() not in (3, 4):
             raise DataError(f"{type(self).__name__} expects an image [C,H,W] or a batch [B,C,H,W], got shape {tuple(x.shape)}")
         out = self.apply(x if batched else x.unsqueeze(0), generator)
         return out if batched else out.squeeze(0)
 
-    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, generator: RandomSource) -> torch.Tensor:
         """Transform a batch ``[B,C,H,W]``."""
         raise NotImplementedError
 
@@ -65,7 +119,7 @@ class Compose(Transform):
     def __init__(self, *transforms: Transform) -> None:
         self.transforms = list(transforms)
 
-    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, generator: RandomSource) -> torch.Tensor:
         for t in self.transforms:
             x = t.apply(x, generator)
         return x
@@ -77,15 +131,15 @@ class RandomCrop(Transform):
     def __init__(self, size: int, padding: int = 0) -> None:
         self.size, self.padding = size, padding
 
-    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, generator: RandomSource) -> torch.Tensor:
         p, s = self.padding, self.size
         if p:
             x = F.pad(x, (p, p, p, p))
         b, c, h, w = x.shape
         if h < s or w < s:
             raise DataError(f"RandomCrop({s}) got a {h - 2 * p}x{w - 2 * p} image padded to {h}x{w}; it is too small")
-        dy = torch.randint(0, h - s + 1, (b,), generator=generator)
-        dx = torch.randint(0, w - s + 1, (b,), generator=generator)
+        dy = _randint(h - s + 1, b, generator)
+        dx = _randint(w - s + 1, b, generator)
         ar = torch.arange(s)
         rows = (dy[:, None] + ar)[:, None, :, None]
         cols = (dx[:, None] + ar)[:, None, None, :]
@@ -98,8 +152,8 @@ class RandomHorizontalFlip(Transform):
     def __init__(self, p: float = 0.5) -> None:
         self.p = p
 
-    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        flip = torch.rand(x.shape[0], generator=generator) < self.p
+    def apply(self, x: torch.Tensor, generator: RandomSource) -> torch.Tensor:
+        flip = _rand(x.shape[0], generator) < self.p
         return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -111,7 +165,7 @@ class Normalize(Transform):
         self._shift = torch.tensor(self.mean).mul(255.0).view(1, -1, 1, 1)
         self._scale = 1.0 / torch.tensor(self.std).mul(255.0).view(1, -1, 1, 1)
 
-    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, generator: RandomSource) -> torch.Tensor:
         if x.dtype != torch.uint8:
             raise DataError(f"Normalize expects uint8 images (0..255), got {x.dtype}; put it last in the pipeline")
         if x.shape[1] != self._shift.shape[1]:
@@ -131,7 +185,7 @@ class Resize(Transform):
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, generator: RandomSource) -> torch.Tensor:
         h, w = x.shape[-2:]
         if h <= w:
             return _resize(x, self.size, int(self.size * w / h))
@@ -144,7 +198,7 @@ class CenterCrop(Transform):
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, generator: RandomSource) -> torch.Tensor:
         s = self.size
         h, w = x.shape[-2:]
         if h < s or w < s:
@@ -165,18 +219,20 @@ class RandomResizedCrop(Transform):
     def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
 
-    def window(self, h: int, w: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
-        """``(top, left, height, width)`` of one random crop of an ``h x w`` image."""
+    def window(self, h: int, w: int, generator: RandomSource, index: int | None = None) -> tuple[int, int, int, int]:
+        """``(top, left, height, width)`` of one random crop of an ``h x w`` image (image ``index``
+        of a :class:`SampleRNG`)."""
         area = h * w
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        at = None if index is None else [index]
         for _ in range(10):
-            u = torch.rand(2, generator=generator).tolist()
-            target = area * (self.scale[0] + u[0] * (self.scale[1] - self.scale[0]))
-            aspect = math.exp(log_lo + u[1] * (log_hi - log_lo))
+            u0, u1 = float(_rand(1, generator, at)), float(_rand(1, generator, at))
+            target = area * (self.scale[0] + u0 * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(log_lo + u1 * (log_hi - log_lo))
             cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
             if 0 < cw <= w and 0 < ch <= h:
-                top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
-                left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+                top = int(_randint(h - ch + 1, 1, generator, at))
+                left = int(_randint(w - cw + 1, 1, generator, at))
                 return top, left, ch, cw
         aspect = w / h
         if aspect < self.ratio[0]:
@@ -187,11 +243,11 @@ class RandomResizedCrop(Transform):
             cw, ch = w, h
         return (h - ch) // 2, (w - cw) // 2, ch, cw
 
-    def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, generator: RandomSource) -> torch.Tensor:
         h, w = x.shape[-2:]
         out = []
-        for img in x:
-            top, left, ch, cw = self.window(h, w, generator)
+        for i, img in enumerate(x):
+            top, left, ch, cw = self.window(h, w, generator, i if isinstance(generator, SampleRNG) else None)
             out.append(_resize(img[None, :, top : top + ch, left : left + cw], self.size, self.size))
         return torch.cat(out)
 

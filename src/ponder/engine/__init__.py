@@ -8,20 +8,23 @@ and ``state.pt`` (see :mod:`ponder.engine.checkpoint`). ``train`` works unchange
 from __future__ import annotations
 
 import copy
+import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ponder.config import DataConfig, RunConfig, flat_config
-from ponder.engine.checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE, load_run, load_run_config
-from ponder.weights import WEIGHTS_FILE, RunDirError, load_init_weights
-from ponder.engine.distributed import DistInfo, init_distributed, resolve_device, shutdown_distributed
-from ponder.engine.trainer import NonFiniteLossError, Trainer, seed_everything
+from ponder.config import ConfigError, DataConfig, RunConfig, coerce_kwargs, flat_config, validate
+from ponder.engine.checkpoint import (CONFIG_FILE, METRICS_FILE, STATE_FILE, TENSORBOARD_DIR, load_run,
+                                      load_run_config, remove_stale_temporaries, save_config)
+from ponder.engine.context import TrainContext
+from ponder.engine.distributed import DistInfo, barrier, init_distributed, resolve_device, shutdown_distributed
+from ponder.engine.trainer import NonFiniteLossError, NonFiniteWeightsError, Trainer, seed_everything
+from ponder.weights import WEIGHTS_FILE, RunDirError, first_line, load_init_weights
 
-__all__ = ["DistInfo", "NonFiniteLossError", "RunDirError", "Trainer", "evaluate_run", "load_run", "resolve_config",
-           "seed_everything", "train"]
+__all__ = ["DistInfo", "NonFiniteLossError", "NonFiniteWeightsError", "RunDirError", "TrainContext", "Trainer",
+           "check_run_config", "evaluate_run", "load_run", "resolve_config", "seed_everything", "train"]
 
 # fields that may differ between a run's saved config and the one it is resumed with
 _RESUMABLE_CHANGES = {"train.epochs", "train.device", "train.tensorboard", "data.data_dir", "data.workers",
@@ -53,24 +56,80 @@ def _check_resume_config(saved: RunConfig, given: RunConfig, run_dir: Path) -> N
                           f"resume with the saved config (only {', '.join(sorted(_RESUMABLE_CHANGES))} may change)")
 
 
-def _prepare_run_dir(out_dir: Path, resume: bool) -> None:
+def check_run_config(config: RunConfig) -> RunConfig:
+    """Check ``config`` before anything runs: types and ranges of every field (coerced in place,
+    e.g. YAML 1.1's ``1e6`` string to a float), the model name, and the method's options against
+    its signature. Raises :class:`ConfigError` (or ``UnknownModelError`` / ``ValueError`` for
+    unknown names) with one sentence; returns ``config``."""
+    from ponder.methods.base import method_class
+    from ponder.registry import create_model, list_models
+
+    validate(config)
+    if config.model.name not in list_models():
+        create_model(config.model.name)  # raises UnknownModelError with suggestions
+    cls = method_class(config.method.name)
+    config.method.kwargs = coerce_kwargs(cls.__init__, dict(config.method.kwargs), "method.kwargs", skip=2)
+    return config
+
+
+def model_image_size(config: RunConfig) -> int:
+    """The side of the square images ``config``'s model is built for (its ``default_input_size``;
+    224 for a model that does not say), e.g. 32 for a CIFAR network trained on an image folder."""
+    from ponder.data.datasets import DEFAULT_IMAGE_SIZE
+    from ponder.registry import create_model
+
+    model = _built("model", config.model.name, lambda: create_model(config.model.name, **config.model.kwargs))
+    size = getattr(model, "default_input_size", None)
+    return int(size[-1]) if size else DEFAULT_IMAGE_SIZE
+
+
+def _built(what: str, name: str, build: Callable[[], Any]) -> Any:
+    """``build()``, with a TypeError about its keyword arguments turned into a :class:`ConfigError`."""
+    try:
+        return build()
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        raise ConfigError(f"{what}.kwargs do not fit {what} {name!r} ({first_line(e)}); "
+                          f"check the recipe's {what}.kwargs") from None
+
+
+def _check_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a run directory that cannot be used as asked, saying the way forward; creates nothing."""
+    has_state = (out_dir / STATE_FILE).is_file()
     if resume:
-        if not (out_dir / STATE_FILE).is_file():
-            raise RunDirError(f"cannot resume {out_dir}: it has no {STATE_FILE} (no finished epoch to continue from)")
+        if not has_state:
+            raise RunDirError(f"cannot resume {out_dir}: it has no {STATE_FILE} (it stopped before its first epoch "
+                              f"finished); start it again from scratch with: ponder train {out_dir / CONFIG_FILE} "
+                              f"--out {out_dir} --overwrite")
         return
     existing = [f for f in (STATE_FILE, WEIGHTS_FILE, METRICS_FILE) if (out_dir / f).exists()]
-    if existing:
-        raise RunDirError(f"run directory {out_dir} already holds a training run ({existing[0]}); "
-                          f"pass --resume {out_dir} to continue it or choose another --out")
+    if existing and not overwrite:
+        way = (f"pass --resume {out_dir} to continue it, --overwrite to start it again from scratch" if has_state else
+               "it has no finished epoch to resume; pass --overwrite to start it again from scratch")
+        raise RunDirError(f"run directory {out_dir} already holds a training run ({existing[0]}); {way}, "
+                          f"or choose another --out")
+
+
+def _prepare_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create the run directory (rank 0): with ``overwrite`` an earlier run's files go first;
+    temporary files that a killed write left behind are removed."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite and not resume:
+        for name in (STATE_FILE, WEIGHTS_FILE, METRICS_FILE, CONFIG_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)
+    remove_stale_temporaries(out_dir)
 
 
 def train(config: RunConfig | None, out_dir: str | Path | None, resume: str | Path | None = None,
-          data_dir: str | None = None, verbose: bool = True) -> Path:
+          data_dir: str | None = None, verbose: bool = True, overwrite: bool = False) -> Path:
     """Train ``config`` into the run directory ``out_dir`` and return its path.
 
     With ``resume=RUN_DIR`` training continues exactly from ``RUN_DIR/state.pt`` (``config``
     may be None to use ``RUN_DIR/config.yaml``; ``out_dir`` may be None or must equal it).
+    ``overwrite=True`` replaces a run already in ``out_dir``. The config, the data and the
+    model and method are all checked before the run directory is created or changed.
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process calls this; rank 0 writes files. The
     process group is joined here (and left at the end) unless the caller has already joined it.
     """
@@ -89,32 +148,37 @@ def train(config: RunConfig | None, out_dir: str | Path | None, resume: str | Pa
         raise ValueError("train needs a config and an output directory (or resume=RUN_DIR)")
     else:
         run_dir = Path(out_dir)
+    config = check_run_config(copy.deepcopy(config))
+    _check_run_dir(run_dir, resume is not None, overwrite)
 
     owns_group = not torch.distributed.is_initialized()
     info, device = init_distributed(config.train.device)
     try:
-        if info.is_main:
-            _prepare_run_dir(run_dir, resume is not None)
         seed = config.train.seed
         seed_everything(seed + info.rank)
+        if config.data.dataset == "imagefolder" and config.data.image_size is None:
+            config.data.image_size = model_image_size(config)
         data_cfg = data_config_for(config, data_dir)
         bundle = build_datasets(data_cfg, seed)
         config = resolve_config(config, bundle.num_classes, data_cfg.data_dir)
         if resume is not None:
             _check_resume_config(saved, config, run_dir)
-        if info.is_main:
-            config.save(run_dir / CONFIG_FILE)
         train_loader, val_loader, test_loader = build_loaders(bundle, data_cfg, seed, distributed=info.enabled)
-        model = create_model(config.model.name, **config.model.kwargs)
+        model = _built("model", config.model.name, lambda: create_model(config.model.name, **config.model.kwargs))
         if config.train.init_from and resume is None:
             missing, unexpected = load_init_weights(model, config.train.init_from)
             if info.is_main and (missing or unexpected):
                 warnings.warn(f"train.init_from {config.train.init_from}: {len(missing)} missing keys "
                               f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}", stacklevel=2)
         model = model.to(device)
-        method = create_method(config.method.name, model, **config.method.kwargs)
+        method = _built("method", config.method.name,
+                        lambda: create_method(config.method.name, model, **config.method.kwargs))
         trainer = Trainer(config, model, method, train_loader, test_loader=test_loader, val_loader=val_loader,
                           run_dir=run_dir, device=device, dist=info, verbose=verbose)
+        if info.is_main:
+            _prepare_run_dir(run_dir, resume is not None, overwrite)
+            save_config(config, run_dir / CONFIG_FILE)
+        barrier()
         if resume is not None:
             trainer.resume(run_dir)
         trainer.fit()
@@ -147,8 +211,7 @@ def evaluate_run(run_dir: str | Path, protocol: str = "standard", data_dir: str 
                       test_loader=test_loader, val_loader=val_loader, device=dev, options=dict(options or {}))
     with torch.no_grad():
         report = fn(ctx)
-    from ponder.evaluate.as_result import result_from_report
-    from ponder.results import save_result
+    from ponder.results import result_from_report, save_result
 
     save_result(ctx.out_dir, result_from_report(ctx, protocol, report))
     return report

@@ -10,48 +10,46 @@ Layout of a run directory::
                           types only, read with ``torch.load(weights_only=True)``)
 
 Every file is written atomically: to a temporary file in the same directory, then
-``os.replace``, so a crash mid-write leaves the previous version intact.
+``os.replace``, so a crash mid-write leaves the previous version intact (a temporary file that
+a kill left behind is removed when the run starts or resumes). Files get the permissions an
+ordinary new file gets (``0666`` less the umask), all of them alike.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 
 from ponder.config import ConfigError, RunConfig, load_config
+from ponder.files import atomic_write, atomic_write_text
 from ponder.weights import WEIGHTS_FILE, RunDirError, first_line, read_weights
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "state.pt"
+TENSORBOARD_DIR = "tensorboard"
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, STATE_FILE)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    If ``write`` raises, the temporary file is removed and ``path`` is left untouched.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Remove the temporary files (``.state.pt.*.tmp`` ...) that a kill mid-write left in a run
+    directory; returns them. Call only while no process writes to the run."""
+    stale = [p for name in RUN_FILES for p in Path(run_dir).glob(f".{name}.*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda p: p.write_text(text))
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:

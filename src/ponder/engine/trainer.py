@@ -6,14 +6,12 @@ builds model, method and data from a :class:`~ponder.config.RunConfig` and calls
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -22,8 +20,10 @@ import torch.nn as nn
 from ponder.config import RunConfig
 from ponder.engine import checkpoint as ckpt
 from ponder.dist import gather_objects
+from ponder.engine.context import TrainContext
 from ponder.engine.distributed import DistInfo, all_true, barrier, broadcast_buffers, wrap_ddp
 from ponder.engine.optim import LRSchedule, build_optimizer
+from ponder.engine.sync_batchnorm import convert_sync_batchnorm
 from ponder.evaluate.records import collect
 from ponder.methods.base import Method
 
@@ -31,7 +31,12 @@ STATE_FORMAT = 1
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+    """Training became NaN or infinite (the loss, or the weights after a step); the last
+    finite checkpoint is kept."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """A parameter or buffer (e.g. a BN running variance) became NaN or infinite; nothing non-finite is saved."""
 
 
 def seed_everything(seed: int) -> None:
@@ -98,6 +103,8 @@ class Trainer:
         self.model = model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if tc.sync_batchnorm and self.dist.enabled:
+            convert_sync_batchnorm(self.model)
         self.net = wrap_ddp(self.model, self.device, tc.find_unused_parameters) if self.dist.enabled else self.model
         self.optimizer = build_optimizer(method.param_groups(self.model), self.model, config.optim)
         self.steps_per_epoch = steps_per_epoch(train_loader, tc.max_steps_per_epoch)
@@ -105,9 +112,25 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.generators = _loader_generators(train_loader)
         self.epoch = 0          # finished epochs
-        self.step = 0           # finished optimizer steps (drives the LR schedule)
+        self.step = 0           # finished iterations (batches; drives the LR schedule)
+        self.batch_index = 0    # index of the current batch within its epoch
         self.history: list[dict[str, Any]] = []
-        self._tb = self._tensorboard() if tc.tensorboard and self.dist.is_main and self.run_dir else None
+        self._owned: dict[str, dict[str, Any]] = {"modules": {}, "optimizers": {}}
+        self._owned_lr: dict[str, Callable[[int], float]] = {}
+        self._tb_wanted = tc.tensorboard and self.dist.is_main and self.run_dir is not None
+        if self._tb_wanted:
+            self._tensorboard_class()  # fail now, not after the first epoch, when the package is missing
+        self._tb: Any = None
+        self.ctx = TrainContext(self)
+        method.setup(self.ctx)
+
+    def register_owned(self, kind: str, name: str, obj: Any, lr_factor: Callable[[int], float] | None = None) -> None:
+        """Keep a method-owned module or optimizer (``kind`` "modules" / "optimizers") in the training state."""
+        if name in self._owned[kind]:
+            raise ValueError(f"the method registers two {kind[:-1]}s named {name!r}; give each its own name")
+        self._owned[kind][name] = obj
+        if lr_factor is not None:
+            self._owned_lr[name] = lr_factor
 
     # ------------------------------------------------------------------ state
 
@@ -122,6 +145,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "method": self.method.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "owned": {kind: {k: v.state_dict() for k, v in objs.items()} for kind, objs in self._owned.items()},
             "rng": gather_objects(ckpt.rng_state(self.generators)),
         }
 
@@ -136,12 +160,26 @@ class Trainer:
             raise ckpt.RunDirError(f"the saved training state does not fit this model/optimizer ({ckpt.first_line(e)}); "
                                    f"resume with the run's own config.yaml") from None
         self.method.load_state_dict(state["method"])
+        self._load_owned(state.get("owned", {}))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         rngs = state["rng"]
         same_world = int(state.get("world_size", 1)) == self.dist.world_size
         ckpt.set_rng_state(rngs[self.dist.rank] if same_world else rngs[0], self.generators)
+
+    def _load_owned(self, saved: dict[str, dict[str, Any]]) -> None:
+        for kind, objs in self._owned.items():
+            have = saved.get(kind, {})
+            if set(have) != set(objs):
+                raise ckpt.RunDirError(f"the saved training state holds method-owned {kind} {sorted(have)} but the method "
+                                       f"owns {sorted(objs)}; resume with the run's own config.yaml")
+            try:
+                for name, obj in objs.items():
+                    obj.load_state_dict(have[name])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise ckpt.RunDirError(f"the saved state of the method's {kind[:-1]} does not fit it "
+                                       f"({ckpt.first_line(e)}); resume with the run's own config.yaml") from None
 
     def resume(self, run_dir: str | Path) -> None:
         """Continue from ``run_dir/state.pt`` (metrics of epochs the state does not cover are dropped)."""
@@ -152,7 +190,10 @@ class Trainer:
         self.history = ckpt.read_metrics(run_dir)
 
     def save_checkpoint(self) -> None:
-        """Write ``weights.safetensors`` and ``state.pt`` atomically (rank 0; all ranks join the RNG gather)."""
+        """Write ``weights.safetensors`` and ``state.pt`` atomically (rank 0; all ranks join the RNG gather).
+
+        :meth:`fit` calls :meth:`check_finite_state` first, so no NaN or infinite tensor is ever saved.
+        """
         state = self.state_dict()
         if self.dist.is_main and self.run_dir is not None:
             ckpt.save_weights(self.model, self.run_dir / ckpt.WEIGHTS_FILE)
@@ -168,15 +209,33 @@ class Trainer:
             while self.epoch < epochs:
                 start = time.perf_counter()
                 record = {"epoch": self.epoch + 1, **self.train_epoch(self.epoch)}
+                record.update(self.method.on_epoch_end(self.ctx) or {})
                 record.update(self.evaluate())
+                skipped = self._skipped_images()
+                if skipped:
+                    record["skipped_images"] = len(skipped)
                 record["time_s"] = round(time.perf_counter() - start, 3)
+                self.check_finite_state()
                 self.epoch += 1
                 self._log(record)  # before the checkpoint: a crash in between is undone by resume's truncation
                 self.save_checkpoint()
         finally:
             if self._tb is not None:
                 self._tb.close()
+        skipped = self._skipped_images()
+        if skipped and self.verbose:
+            noun = "image" if len(skipped) == 1 else "images"
+            print(f"skipped {len(skipped)} unreadable {noun} (data.skip_bad_images): {', '.join(sorted(skipped)[:3])}"
+                  f"{', ...' if len(skipped) > 3 else ''}", flush=True)
         return self.history
+
+    def _skipped_images(self) -> dict[str, str]:
+        """Unreadable images the loaders skipped so far, over every rank (path -> reason)."""
+        loaders = [x for x in (self.train_loader, self.val_loader, self.test_loader) if getattr(x, "skip_bad", False)]
+        if not loaders:
+            return {}
+        local = {path: why for loader in loaders for path, why in loader.skipped.items()}
+        return {path: why for part in gather_objects(local) for path, why in part.items()}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training loader; returns sample-weighted means of loss and method metrics."""
@@ -193,26 +252,20 @@ class Trainer:
         show = self.dist.is_main and sys.stdout.isatty()
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.config.train.epochs}",
                    leave=False, disable=not show)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
         for i, (images, targets) in enumerate(self.train_loader):
             if i >= self.steps_per_epoch:
                 break
-            self.schedule.apply(self.optimizer, self.step)
+            self.batch_index = i
+            self._apply_schedules()
             if i == 0:
                 lr = self.optimizer.param_groups[0]["lr"]
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                out = self.method.training_step(self.net, images, targets)
+            out = self.method.train_step(self.ctx, images, targets)
+            self.method.after_step(self.ctx)
             loss_value = float(out.loss.detach().float().item())
-            if not all_true(math.isfinite(loss_value), self.device):
-                raise NonFiniteLossError(self._non_finite_message(epoch, i, loss_value))
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(out.loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
             self.step += 1
             n = int(targets.shape[0])
             count += n
@@ -246,16 +299,41 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
 
-    def _non_finite_message(self, epoch: int, i: int, value: float) -> str:
+    def _apply_schedules(self) -> None:
+        """Learning rates of the run's optimizer and of method-owned ones for iteration ``self.step``."""
+        self.schedule.apply(self.optimizer, self.step)
+        for name, factor in self._owned_lr.items():
+            f = factor(self.step)
+            for group in self._owned["optimizers"][name].param_groups:
+                group["lr"] = group["base_lr"] * f
+
+    def _kept(self) -> str:
         if self.run_dir is None:
-            kept = "this trainer has no run directory, so nothing was saved"
-        elif self.epoch:
-            kept = f"the checkpoint of epoch {self.epoch} in {self.run_dir} is kept"
-        else:
-            kept = "no epoch had finished, so no checkpoint was written"
-        return (f"training loss became {value} at epoch {epoch + 1}, step {i + 1} "
-                f"(lr {self.optimizer.param_groups[0]['lr']:.4g}); {kept}; "
-                f"lower optim.lr or add warm-up (schedule.warmup_epochs) and train again")
+            return "this trainer has no run directory, so nothing was saved"
+        if self.epoch:
+            return f"the checkpoint of epoch {self.epoch} in {self.run_dir} is kept"
+        return "no epoch had finished, so no checkpoint was written"
+
+    def non_finite_error(self, value: float) -> NonFiniteLossError:
+        """The error for a NaN / infinite loss at the current batch (nothing has been changed yet)."""
+        return NonFiniteLossError(
+            f"training loss became {value} at epoch {self.epoch + 1}, step {self.batch_index + 1} "
+            f"(lr {self.optimizer.param_groups[0]['lr']:.4g}); {self._kept()}; "
+            f"lower optim.lr or add warm-up (schedule.warmup_epochs) and train again")
+
+    def check_finite_state(self) -> None:
+        """Raise :class:`NonFiniteWeightsError` (on every rank) when a float parameter or buffer of
+        the model or of a method-owned module is NaN or infinite; called before anything is saved."""
+        modules = {"": self.model, **{f"{name}.": m for name, m in self._owned["modules"].items()}}
+        bad = [prefix + k for prefix, m in modules.items() for k, v in m.state_dict().items()
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if all_true(not bad, self.device):
+            return
+        where = f"{len(bad)} tensors, e.g. {', '.join(bad[:3])}" if bad else "on another rank"
+        raise NonFiniteWeightsError(
+            f"training made weights NaN or infinite in epoch {self.epoch + 1} ({where}; "
+            f"lr {self.optimizer.param_groups[0]['lr']:.4g}); {self._kept()}; "
+            f"lower optim.lr or add warm-up (schedule.warmup_epochs) and train again")
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -263,6 +341,8 @@ class Trainer:
             return
         if self.run_dir is not None:
             ckpt.append_metrics(self.run_dir, record)
+        if self._tb_wanted and self._tb is None:
+            self._tb = self._tensorboard_class()(log_dir=str(self.run_dir / ckpt.TENSORBOARD_DIR))
         if self._tb is not None:
             for k, v in record.items():
                 if k != "epoch" and isinstance(v, (int, float)):
@@ -271,13 +351,14 @@ class Trainer:
         if self.verbose:
             print(format_record(record, self.config.train.epochs), flush=True)
 
-    def _tensorboard(self) -> Any:
+    @staticmethod
+    def _tensorboard_class() -> Any:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ImportError("train.tensorboard is true but the tensorboard package is not installed; "
                               "pip install 'ponder[tensorboard]' or set train.tensorboard=false") from None
-        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        return SummaryWriter
 
 
 def format_record(record: dict[str, Any], epochs: int) -> str:

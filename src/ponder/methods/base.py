@@ -2,19 +2,36 @@
 
 A method supplies its losses (``training_step``), which parameters the trainer optimises
 and how (``param_groups``), and any schedule of its own (``on_epoch_start``: curricula,
-temperature annealing, round-robin budgets...). A new paper = a model file + a method file.
+temperature annealing...). A new paper = a model file + a method file.
+
+Methods with steps of their own use the hooks, each given the trainer's
+:class:`~ponder.engine.context.TrainContext`:
+
+- ``setup(ctx)``: once, before training (and before a resume restores state): create
+  method-owned networks and optimizers with ``ctx.add_module`` / ``ctx.add_optimizer``
+  (EMA teachers, a weight-prediction network and its Adam), which are then saved and resumed.
+- ``train_step(ctx, images, targets)``: one batch; the default runs ``training_step`` under
+  ``ctx.autocast()`` and ``ctx.optimize(loss)``. Override it for several optimizer steps per
+  batch, virtual steps (:func:`ponder.engine.optim.virtual_sgd_step`) or a choice per
+  iteration (``ctx.iteration``).
+- ``after_step(ctx)``: after every batch's step(s) (EMA updates).
+- ``on_epoch_end(ctx)``: after every epoch, before evaluation and the checkpoint; may read the
+  held-out split (``ctx.collect()``) and returns metrics for the epoch's log line.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ponder.output import DynamicOutput
+
+if TYPE_CHECKING:
+    from ponder.engine.context import TrainContext
 
 
 @dataclass
@@ -50,7 +67,31 @@ class Method:
         self.epoch = epoch
 
     def training_step(self, model: nn.Module, images: Tensor, targets: Tensor) -> StepOutput:
+        """The loss of one batch for ``model`` (the trained net, DDP-wrapped under torchrun)."""
         raise NotImplementedError
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Hook: called once by the trainer, after it built its optimizer and before any resume;
+        create method-owned modules / optimizers here with ``ctx.add_module`` / ``ctx.add_optimizer``."""
+
+    def train_step(self, ctx: TrainContext, images: Tensor, targets: Tensor) -> StepOutput:
+        """Hook: train on one batch and return what to log (``loss`` is logged, not back-propagated).
+
+        Default: :meth:`training_step` on ``ctx.net`` under ``ctx.autocast()``, then one
+        ``ctx.optimize(loss)`` (non-finite check, zero grad, backward, optimizer step).
+        """
+        with ctx.autocast():
+            out = self.training_step(ctx.net, images, targets)
+        ctx.optimize(out.loss)
+        return out
+
+    def after_step(self, ctx: TrainContext) -> None:
+        """Hook: called after every :meth:`train_step` (e.g. an EMA teacher's update)."""
+
+    def on_epoch_end(self, ctx: TrainContext) -> dict[str, Any]:
+        """Hook: called after every epoch's training, before its evaluation and checkpoint;
+        returns metrics for the epoch's record (numbers, or lists of numbers)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Method state saved in checkpoints (baselines, running statistics...)."""
@@ -77,13 +118,18 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def create_method(name: str, model: nn.Module, **options: Any) -> Method:
-    """Build a registered method for ``model``."""
+def method_class(name: str) -> type[Method]:
+    """The Method subclass registered under ``name``."""
     import ponder.methods  # noqa: F401
 
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name](model, **options)
+    return _METHODS[name]
+
+
+def create_method(name: str, model: nn.Module, **options: Any) -> Method:
+    """Build a registered method for ``model``."""
+    return method_class(name)(model, **options)
 
 
 @register_method

@@ -125,7 +125,8 @@ def convert_official(path: str | Path, run_dir: str | Path, name: str | None = N
     ``config.yaml`` (model, options, data set and its normalisation), ``weights.safetensors`` and
     ``source.json`` (the file, its SHA-256, repository, notes and numbers). ``run_dir`` must not hold a run."""
     from ponder.config import DataConfig, ModelConfig, RunConfig
-    from ponder.engine.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write_text, save_weights
+    from ponder.engine.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_weights
+    from ponder.files import atomic_write_text
 
     run_dir = Path(run_dir)
     existing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if (run_dir / f).exists()]

@@ -27,7 +27,7 @@ def report_command(paths: Sequence[str], out: str | None = None, docs: Sequence[
     else; otherwise renders every result under ``paths`` and, with ``out``, writes ``out/report.md``,
     ``out/report.html`` and its plots as ``out/accuracy_vs_macs.svg`` / ``accuracy_vs_latency.svg``.
     """
-    from ponder.engine.checkpoint import atomic_write_text
+    from ponder.files import atomic_write_text
 
     if check and not docs:
         raise ReportError("--check compares documents: give --update-doc DOC.md with it")

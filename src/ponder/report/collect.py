@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ponder.results import FAMILIES, EvalResult, Latency, OperatingPoint, load_result
+from ponder.registry import FAMILIES
+from ponder.results import EvalResult, Latency, OperatingPoint, load_result
 
 FAMILY_TITLES = {"static": "static", "early_exit": "early exit", "skipping": "block skipping", "spatial": "spatial"}
 

@@ -91,7 +91,7 @@ def update_document(doc: str | Path, default_paths: Sequence[str] = (), check: b
                     batch: int | None = None) -> str:
     """Rewrite the generated blocks of ``doc`` (or, with ``check``, raise :class:`ReportError` when one
     differs from its results); returns a one-line account of what happened."""
-    from ponder.engine.checkpoint import atomic_write_text
+    from ponder.files import atomic_write_text
 
     _, new, changed = regenerate(doc, default_paths, batch)
     if check:

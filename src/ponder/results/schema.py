@@ -291,7 +291,7 @@ def results_dir(run_dir: str | Path) -> Path:
 
 def save_result(run_dir: str | Path, result: EvalResult) -> Path:
     """Write ``result`` to ``RUN_DIR/results/<kind>.json`` atomically (replacing an older one); returns the path."""
-    from ponder.engine.checkpoint import atomic_write_text
+    from ponder.files import atomic_write_text
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", result.kind):
         raise ValueError(f"result kind {result.kind!r} is not a plain file name; use letters, digits and ._=+-")
@@ -390,7 +390,7 @@ def machine_info(threads: int | None = None, device: Any = "cpu") -> Provenance:
     torch's current number), ``device`` (``cpu``, ``cuda:0``, ...) and the UTC timestamp."""
     import torch
 
-    from ponder import __version__
+    from ponder.version import __version__
 
     commit, dirty = _git_state()
     return Provenance(cpu=cpu_name(), cores=os.cpu_count() or 0, os=platform.platform(),

@@ -15,7 +15,7 @@ from typing import Any
 
 from ponder.cost import format_count
 from ponder.evaluate.protocols import EvalContext
-from ponder.results import EvalResult, OperatingPoint, new_result, result_kind
+from ponder.results.schema import EvalResult, OperatingPoint, new_result, result_kind
 
 
 def result_from_report(ctx: EvalContext, protocol: str, report: dict[str, Any]) -> EvalResult:

@@ -1,0 +1,193 @@
+"""Training hooks for methods with steps of their own (tests/engine_toys.py): a virtual step and a
+second optimizer, an EMA teacher, round-robin budgets, held-out reads at epoch end. Each resumes
+bit for bit after a kill, and two processes train what one process trains at the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine_toys
+from cifar_fixtures import write_fake_cifar
+from ponder.engine import RunDirError
+from ponder.engine.checkpoint import load_state, read_metrics, read_weights
+from ponder.engine.optim import virtual_sgd_step
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    return write_fake_cifar(tmp_path_factory.mktemp("data"), "cifar10", n_train=40, n_test=16, seed=0)
+
+
+@pytest.mark.parametrize("opts", [
+    {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
+    {"momentum": 0.9, "dampening": 0.3, "weight_decay": 5e-4},
+    {"momentum": 0.0, "weight_decay": 0.0, "maximize": True},
+])
+def test_virtual_sgd_step_is_the_real_step(opts):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3, generator=g)), torch.nn.Parameter(torch.randn(3, generator=g))]
+    opt = torch.optim.SGD([{"params": params[:1], "lr": 0.1}, {"params": params[1:], "lr": 0.02}], **opts)
+    for _ in range(3):  # the first step creates the momentum buffers, the later ones use them
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        before = [p.detach().clone() for p in params]
+        predicted = virtual_sgd_step(opt, params, grads)
+        assert all(torch.equal(p, b) for p, b in zip(params, before))  # nothing was changed
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        opt.step()
+        for want, got in zip(params, predicted):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_virtual_sgd_step_is_differentiable_in_the_gradient():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.SGD([p], lr=0.5, momentum=0.9, weight_decay=0.1)
+    opt.state[p]["momentum_buffer"] = torch.tensor([1.0, 1.0])
+    scale = torch.tensor(2.0, requires_grad=True)
+    (new,) = virtual_sgd_step(opt, [p], [scale * torch.tensor([1.0, 3.0])])
+    new.sum().backward()
+    # new = p - lr * (momentum * buf + (scale * g + wd * p)): d new.sum() / d scale = -lr * g.sum() = -2
+    assert scale.grad.item() == pytest.approx(-2.0)
+    assert p.grad.tolist() == pytest.approx([1 - 0.5 * 0.1] * 2)
+
+
+def test_virtual_sgd_step_needs_sgd():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="virtual step follows an SGD optimizer; this run uses Adam"):
+        virtual_sgd_step(torch.optim.Adam([p]), [p], [torch.ones(2)])
+
+
+def _state_equal(a, b, path="state"):
+    """Assert two nested training states are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _state_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _state_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def _strip_time(records):
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
+
+
+@pytest.mark.parametrize("kind", sorted(engine_toys.TOYS))
+def test_hooks_resume_bit_identical_after_a_kill(kind, cifar_dir, tmp_path):
+    torch.set_num_threads(1)
+    full = engine_toys.run_toy(kind, cifar_dir, tmp_path / "full", batch_size=8)
+    engine_toys.KILL["at_epoch"] = 1
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine_toys.run_toy(kind, cifar_dir, tmp_path / "killed", batch_size=8)
+    finally:
+        engine_toys.KILL["at_epoch"] = None
+    torch.manual_seed(1234)  # a fresh process would start from other RNG states
+    resumed = engine_toys.run_toy(kind, cifar_dir, tmp_path / "killed", batch_size=8, resume=True)
+
+    sa, sb = load_state(tmp_path / "full" / "state.pt"), load_state(tmp_path / "killed" / "state.pt")
+    assert sa["step"] == 12 and sa["epoch"] == 3
+    for key in ("model", "optimizer", "method", "owned", "step", "epoch"):
+        _state_equal(sa[key], sb[key], key)
+    wa, wb = read_weights(tmp_path / "full" / "weights.safetensors"), read_weights(tmp_path / "killed" / "weights.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _strip_time(read_metrics(tmp_path / "full")) == _strip_time(read_metrics(tmp_path / "killed"))
+    owned = {"toy_meta_step": ({"wnet"}, {"wnet"}), "toy_ema_teacher": ({"teacher"}, set())}.get(kind, (set(), set()))
+    assert (set(sa["owned"]["modules"]), set(sa["owned"]["optimizers"])) == owned
+    if kind == "toy_meta_step":  # the weight net was trained, and its Adam state is in the checkpoint
+        assert sa["owned"]["optimizers"]["wnet"]["state"][0]["step"].item() == 12
+        assert not torch.equal(sa["owned"]["modules"]["wnet"]["weight"], full.method.wnet.weight.new_zeros(1, 1))
+    if kind == "toy_ema_teacher":  # the teacher follows the student, but is not it
+        t, s = sa["owned"]["modules"]["teacher"], sa["model"]
+        assert not torch.equal(t["conv.weight"], s["conv.weight"])
+        assert (t["conv.weight"] - s["conv.weight"]).abs().max() < 0.5 * s["conv.weight"].abs().max()
+    if kind in ("toy_round_robin", "toy_held_out"):
+        # the model trained budget k mod 3 at iteration k, also after resuming (iterations 4..11)
+        assert full.model.seen == [k % 3 for k in range(12)]
+        assert resumed.model.seen == [k % 3 for k in range(4, 12)]
+    if kind == "toy_held_out":
+        records = read_metrics(tmp_path / "full")
+        assert all(len(r["held_out_acc"]) == 3 and len(r["loss_weights"]) == 3 for r in records)
+        assert sa["method"]["loss_weights"] == records[-1]["loss_weights"]
+
+
+def test_resume_refuses_a_state_without_the_methods_own_modules(cifar_dir, tmp_path):
+    engine_toys.run_toy("toy_round_robin", cifar_dir, tmp_path / "run", batch_size=8)
+    with pytest.raises(RunDirError, match=r"holds method-owned modules \[\] but the method owns \['teacher'\]"):
+        engine_toys.run_toy("toy_ema_teacher", cifar_dir, tmp_path / "run", batch_size=8, resume=True)
+
+
+def test_held_out_reads_need_a_held_out_split(cifar_dir, tmp_path, monkeypatch):
+    cfg = engine_toys.toy_config(cifar_dir, 8)
+    cfg.data.val_size = 0
+    monkeypatch.setattr(engine_toys, "toy_config", lambda *a: cfg)
+    with pytest.raises(ValueError, match="reads the held-out split during training; set data.val_size > 0"):
+        engine_toys.run_toy("toy_held_out", cifar_dir, tmp_path / "run", batch_size=8)
+
+
+SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[1])
+    import engine_toys
+    from ponder.engine.distributed import init_distributed, shutdown_distributed
+
+    info, _ = init_distributed("cpu")
+    for kind in sorted(engine_toys.TOYS):
+        trainer = engine_toys.run_toy(kind, sys.argv[2], f"{sys.argv[3]}/{kind}", batch_size=4, dist=info)
+        torch.save({"seen": trainer.model.seen}, f"{sys.argv[3]}/{kind}/seen{info.rank}.pt")
+    shutdown_distributed()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter finalization (gloo threads can abort it; see test_engine_ddp.py)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_what_one_process_trains(cifar_dir, tmp_path):
+    torch.set_num_threads(1)
+    script = tmp_path / "toys_ddp.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(TESTS), str(cifar_dir), str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for kind in sorted(engine_toys.TOYS):
+        one = engine_toys.run_toy(kind, cifar_dir, tmp_path / "one" / kind, batch_size=8)
+        two = tmp_path / "two" / kind
+        s1, s2 = load_state(tmp_path / "one" / kind / "state.pt"), load_state(two / "state.pt")
+        assert s2["world_size"] == 2 and s1["step"] == s2["step"] == 12
+        for k, v in s1["model"].items():
+            torch.testing.assert_close(s2["model"][k], v, rtol=1e-4, atol=1e-5, msg=f"{kind}: {k}")
+        for name, module in s1["owned"]["modules"].items():
+            for k, v in module.items():
+                torch.testing.assert_close(s2["owned"]["modules"][name][k], v, rtol=1e-4, atol=1e-5,
+                                           msg=f"{kind}: {name}.{k}")
+        m1, m2 = read_metrics(tmp_path / "one" / kind), read_metrics(two)
+        for r1, r2 in zip(m1, m2, strict=True):
+            for k, v in r1.items():
+                if k != "time_s":
+                    assert r2[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (kind, k)
+        seen = [torch.load(two / f"seen{r}.pt")["seen"] for r in (0, 1)]
+        assert seen[0] == seen[1] == one.model.seen  # every rank trained the budget one process trained
+    assert json.loads((tmp_path / "two" / "toy_held_out" / "metrics.jsonl").read_text().splitlines()[0])["loss_weights"]
