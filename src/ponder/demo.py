@@ -72,20 +72,14 @@ def demo_config(entry: DemoEntry, dataset: str, data_dir: str | None, epochs: in
     })
 
 
-def fit_exit_budget(model: torch.nn.Module, val_loader: Any, fraction: float) -> list[float]:
-    """Fit a multi-exit model's thresholds on held-out images for ``fraction`` x its full cost.
+def fit_exit_budget(model: torch.nn.Module, val_loader: Any, fraction: float) -> float:
+    """Set a multi-exit model's budget on held-out images to ``fraction`` x its full cost (the model's one
+    budget knob: :meth:`~ponder.models.base.DynamicModel.set_budget`); returns the held-out mean MACs.
+    The test set is never looked at."""
+    from ponder.evaluate.budget import calibrate_on
 
-    Returns the thresholds (also set on the model); the test set is never looked at.
-    """
-    from ponder.evaluate.early_exit import collect_exit_outputs
-    from ponder.nn.thresholds import thresholds_for_macs
-
-    conf = collect_exit_outputs(model, val_loader, torch.device("cpu")).conf
-    size = tuple(next(iter(val_loader))[0].shape[1:])
-    costs = torch.tensor(model.exit_costs(size), dtype=torch.float64)
-    thresholds = thresholds_for_macs(conf, costs, fraction * float(costs[-1]))
-    model.set_thresholds(thresholds)
-    return thresholds
+    calibrate_on(model, val_loader, limit=DEMO_VAL_SIZE)
+    return model.set_budget(fraction * model.exit_costs()[-1])
 
 
 def measure_ms_per_image(model: torch.nn.Module, images: torch.Tensor, batch: int = 64, repeats: int = 3) -> float:
