@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from ponder.evaluate.thresholds import (assign_exits, budget_curve, exit_proportions, expected_macs, fit_thresholds,
-                                        p_grid, thresholds_for_macs)
+from ponder.budget import exit_proportions
+from ponder.evaluate.thresholds import (assign_exits, budget_curve, expected_macs, fit_thresholds, p_grid,
+                                        thresholds_for_macs)
 
 
 @pytest.mark.parametrize("p,expected", [

@@ -2,6 +2,7 @@
 
 Tables are ``conf [K, N]``: the max-softmax of exit ``k`` for sample ``i``; ``costs [K]`` are the
 cumulative MACs of each exit. Thresholds are fitted on a held-out split and applied to the test set.
+The exit proportions ``P[k]`` themselves come from :mod:`ponder.budget`.
 """
 
 from __future__ import annotations
@@ -13,26 +14,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ponder.budget import exit_proportions
+
 
 def p_grid(points: int = 39, denominator: float = 20.0) -> list[float]:
     """The official grid of ratios ``q = p / 20`` for ``p = 1..points`` (IMTA uses 40 points)."""
     return [p / denominator for p in range(1, points + 1)]
-
-
-def exit_proportions(q: float, num_exits: int, official_float32: bool = False) -> Tensor:
-    """Target fractions ``P[k] = q^k / sum_j q^j`` (k = 1..K) as float64 ``[K]``.
-
-    ``official_float32`` computes ``exp(k log q)`` in float32 and normalises in float32, as the
-    official code does (``floor(N P_k)`` can then differ by one from exact arithmetic).
-    """
-    if q <= 0:
-        raise ValueError(f"the proportion ratio q must be > 0, got {q}")
-    k = torch.arange(1, num_exits + 1, dtype=torch.float64)
-    if official_float32:
-        p = torch.exp(k.float() * torch.log(torch.tensor(q, dtype=torch.float32)))
-        return (p / p.sum()).double()
-    p = torch.exp(k * math.log(q))
-    return p / p.sum()
 
 
 def fit_thresholds(conf: Tensor, proportions: Tensor) -> list[float]:
