@@ -25,7 +25,7 @@ class DataConfig:
     dataset: str = "cifar10"          # cifar10 | cifar100 | imagefolder | digits (offline demo)
     data_dir: str | None = None
     val_size: int = 0                 # held-out split carved from train (seeded)
-    long_tail_mu: float | None = None # long-tailed CIFAR: class c keeps N_c * mu**c
+    long_tail_ratio: float | None = None  # long-tailed CIFAR: class c keeps N_c * ratio**(-c/(K-1))
     batch_size: int = 128
     eval_batch_size: int = 256
     workers: int = 0
