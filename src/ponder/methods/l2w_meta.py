@@ -31,6 +31,7 @@ from torch.func import functional_call
 from ponder.budget import assign_by_proportions, exit_proportions
 from ponder.engine.distributed import unwrap
 from ponder.methods.virtual_sgd import virtual_sgd_step
+from ponder.models.base import PonderModel
 from ponder.nn.wpn import WeightPredictionNetwork
 from ponder.output import DynamicOutput
 
@@ -68,9 +69,12 @@ def meta_loss(exit_logits: Sequence[Tensor], targets: Tensor, proportions: Tenso
     return total
 
 
-def _functional_forward(net: nn.Module, params: dict[str, Tensor], images: Tensor) -> DynamicOutput:
+def functional_forward(net: nn.Module, params: dict[str, Tensor], images: Tensor) -> DynamicOutput:
     """``net(images)`` with ``params`` in place of its parameters and copies of its buffers (BN
-    statistics of ``net`` stay as they are)."""
+    statistics of ``net`` stay as they are). A ponder model's cost ledger (measured on first use,
+    without autograd) is measured beforehand with its own parameters."""
+    if isinstance(net, PonderModel):
+        net.ledger_for(images)
     buffers = {name: b.clone() for name, b in net.named_buffers()}
     return functional_call(net, {**params, **buffers}, (images,))
 
@@ -86,7 +90,7 @@ def virtual_parameters(model: nn.Module, optimizer: torch.optim.Optimizer, wpn: 
     net = unwrap(model)
     params = dict(net.named_parameters())
     theta = {n: p.detach().requires_grad_(p.requires_grad) for n, p in params.items()}
-    out = _functional_forward(net, theta, images)
+    out = functional_forward(net, theta, images)
     losses, conf = exit_losses(out.exit_logits, targets)
     weights = wpn(losses, conf)
     trainable = [n for n, t in theta.items() if t.requires_grad]
@@ -101,7 +105,7 @@ def meta_gradient(model: nn.Module, optimizer: torch.optim.Optimizer, wpn: Weigh
     """``(gradients, meta loss)``: the gradient of the meta loss on the meta half with respect to each
     of ``wpn.parameters()`` (in order), through a virtual step on the train half (see the module doc)."""
     theta_hat, _ = virtual_parameters(model, optimizer, wpn, train_images, train_targets)
-    out = _functional_forward(unwrap(model), theta_hat, meta_images)
+    out = functional_forward(unwrap(model), theta_hat, meta_images)
     loss = meta_loss(out.exit_logits, meta_targets, proportions)
     wpn_params = list(wpn.parameters())
     grads = torch.autograd.grad(loss, wpn_params, allow_unused=True)
