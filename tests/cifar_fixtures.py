@@ -6,6 +6,9 @@
 keys, ``data`` a ``uint8 [N, 3072]`` array, labels plain int lists, like the real files.
 Labels are balanced (``i % K``, shuffled); each image is noise around a per-class brightness,
 so a small model can learn them.
+
+``real_cifar10()`` finds the shared real CIFAR-10 subset (``shared/data/cifar-10-batches-py`` beside
+an ancestor of this checkout), or ``None`` when it is absent (tests then skip).
 """
 
 from __future__ import annotations
@@ -19,6 +22,15 @@ _LAYOUT = {
     "cifar10": ("cifar-10-batches-py", 10, b"labels", b"label_names", "batches.meta"),
     "cifar100": ("cifar-100-python", 100, b"fine_labels", b"fine_label_names", "meta"),
 }
+
+
+def real_cifar10() -> Path | None:
+    """The folder holding the shared real CIFAR-10 subset's ``cifar-10-batches-py``, or ``None``."""
+    for parent in Path(__file__).resolve().parents:
+        folder = parent / "shared" / "data" / "cifar-10-batches-py"
+        if folder.is_dir():
+            return folder.parent
+    return None
 
 
 def _dump(path: Path, obj: dict) -> None:

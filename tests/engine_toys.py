@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from ponder.config import config_from_dict
 from ponder.engine.distributed import DistInfo
-from ponder.engine.optim import virtual_sgd_step
+from ponder.methods.virtual_sgd import virtual_sgd_step
 from ponder.engine.trainer import Trainer, seed_everything
 from ponder.methods.base import CrossEntropy, StepOutput
 from ponder.output import DynamicOutput
@@ -80,8 +80,8 @@ class ToyMetaStep(Toy):
                                  reduction="none")
         inner = (self.sample_weights(losses.detach()) * losses).mean()
         grads = torch.autograd.grad(inner, params, create_graph=True)
-        stepped = virtual_sgd_step(ctx.optimizer, params, [ctx.all_reduce_mean(g) for g in grads])
-        after = functional_call(ctx.model, dict(zip(names, stepped)), (images[half:],)).logits
+        stepped = virtual_sgd_step(ctx.optimizer, dict(used), {n: ctx.all_reduce_mean(g) for n, g in zip(names, grads)})
+        after = functional_call(ctx.model, stepped, (images[half:],)).logits
         meta_loss = ctx.optimize(F.cross_entropy(after, targets[half:]), self.wopt)
 
         out = ctx.net(images)

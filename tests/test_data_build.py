@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_fixtures import write_fake_cifar
+from cifar_fixtures import real_cifar10, write_fake_cifar
 from ponder.config import DataConfig
 from ponder.data import DataError, EpochSampler, build_datasets, build_loaders
 
@@ -24,7 +24,7 @@ def cifar_root(tmp_path_factory):
 
 
 def test_cifar_bundle_with_val_long_tail_and_limit(cifar_root):
-    cfg = DataConfig(dataset="cifar10", data_dir=str(cifar_root), val_size=50, long_tail_mu=0.8)
+    cfg = DataConfig(dataset="cifar10", data_dir=str(cifar_root), val_size=50, long_tail_ratio=5)
     b = build_datasets(cfg, seed=0)
     assert (b.num_classes, b.input_size, len(b.val), len(b.test)) == (10, (3, 32, 32), 50, 60)
     per_class = b.train.targets.bincount(minlength=10)
@@ -186,3 +186,14 @@ def test_real_subset_bundle():
     assert (len(b.train), len(b.val), len(b.test)) == (4585, 500, 1017)
     x, _ = next(iter(build_loaders(b, cfg, 0)[2]))
     assert abs(float(x.mean())) < 0.2 and 0.8 < float(x.std()) < 1.2  # CIFAR-10 statistics fit the subset
+
+
+@pytest.mark.skipif(real_cifar10() is None, reason="the real CIFAR-10 subset (shared/data/cifar-10-batches-py) is not present")
+def test_real_subset_long_tail_counts_and_untouched_test_set():
+    root = real_cifar10()
+    plain = build_datasets(DataConfig(dataset="cifar10", data_dir=str(root)), seed=0)
+    lt = build_datasets(DataConfig(dataset="cifar10", data_dir=str(root), long_tail_ratio=100), seed=0)
+    assert plain.train.targets.bincount(minlength=10).tolist() == [517, 524, 490, 493, 537, 475, 503, 516, 529, 501]
+    # N_c * 100**(-c/9): 517, 314.13, 176.10, 106.21, 69.36, 36.78, 23.35, 14.36, 8.82, 5.01 (floored)
+    assert lt.train.targets.bincount(minlength=10).tolist() == [517, 314, 176, 106, 69, 36, 23, 14, 8, 5]
+    assert torch.equal(lt.test.images, plain.test.images) and torch.equal(lt.test.targets, plain.test.targets)

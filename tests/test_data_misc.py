@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from ponder.data import DataError, ImageFolder, long_tail_indices, mu_for_imbalance, train_val_split
+from ponder.data import DataError, ImageFolder, long_tail_indices, train_val_split
 from ponder.data.digits import digits_split, load_digits
 from ponder.data.transforms import (
     CenterCrop, Normalize, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, Resize, cifar_transforms, imagenet_transforms,
@@ -37,21 +36,26 @@ def test_train_val_split_rejects_bad_size(bad):
         train_val_split(1000, bad, seed=0)
 
 
-def test_long_tail_counts_follow_mu_and_keep_file_order():
+def test_long_tail_counts_follow_the_ratio_and_keep_file_order():
     labels = torch.arange(10).repeat_interleave(100)[torch.randperm(1000, generator=gen(0))]
-    keep = long_tail_indices(labels, mu=0.6, num_classes=10)
+    keep = long_tail_indices(labels, ratio=10, num_classes=10)
     counts = labels[keep].bincount(minlength=10).tolist()
-    assert counts == [math.floor(100 * 0.6**c) for c in range(10)]
+    # mu = 10**(-1/9): 100, 77.4, 59.9, 46.4, 35.9, 27.8, 21.5, 16.7, 12.9, 10 (floored)
+    assert counts == [100, 77, 59, 46, 35, 27, 21, 16, 12, 10]
     first_of_class_3 = (labels == 3).nonzero().flatten()[: counts[3]]
     assert set(first_of_class_3.tolist()) <= set(keep.tolist())
-    assert torch.equal(long_tail_indices(labels, 1.0), torch.arange(1000))
-    with pytest.raises(DataError, match="long_tail_mu"):
-        long_tail_indices(labels, 0.0)
+    assert torch.equal(long_tail_indices(labels, 1), torch.arange(1000))
+    with pytest.raises(DataError, match="long_tail_ratio"):
+        long_tail_indices(labels, 0.5)
 
 
-def test_mu_for_imbalance():
-    mu = mu_for_imbalance(100, 10)
-    assert 5000 * mu**9 == pytest.approx(50)
+@pytest.mark.parametrize("ratio,num_classes,n,last", [(100, 10, 5000, 50), (50, 10, 5000, 100), (10, 10, 5000, 500),
+                                                      (200, 10, 5000, 25), (50, 100, 500, 10), (10, 100, 500, 50)])
+def test_long_tail_last_class_is_exactly_one_over_ratio(ratio, num_classes, n, last):
+    # mu**(K-1) in floating point is just below 1/ratio for these ratios: floor would lose an image
+    labels = torch.arange(num_classes).repeat_interleave(n)
+    counts = labels[long_tail_indices(labels, ratio, num_classes)].bincount(minlength=num_classes)
+    assert counts[0] == n and counts[-1] == last
 
 
 # ---- transforms ------------------------------------------------------------------------------------

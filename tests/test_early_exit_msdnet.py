@@ -40,6 +40,12 @@ GOLDEN = {
     ("msdnet_imagenet_step7", 1000): [
         (8759240, 612030976, None), (20154896, 1430810112, None), (31730040, 2276388096, None),
         (41860288, 2959942016, None), (62314472, 3246180864, None)],
+    ("msdnet_imagenet_step6_base4", 1000): [
+        (4238504, 337214464, 339902824), (10775952, 919704064, 924194832), (17842936, 1511827456, 1517433848),
+        (24581408, 1985444096, 1991602432), (38678920, 2188148224, 2194420840)],
+    ("msdnet_imagenet_step7_base4", 1000): [
+        (4238504, 337214464, 339902824), (11889168, 1053431552, 1058266480), (20577208, 1805717120, 1811878152),
+        (29158384, 2415342528, 2422156808), (47544824, 2677496448, 2684443568)],
 }
 
 HEAD_WIDTHS = {  # classifier input widths c * grFactor[-1] (reference §1.3)
@@ -47,7 +53,14 @@ HEAD_WIDTHS = {  # classifier input widths c * grFactor[-1] (reference §1.3)
     "msdnet_imagenet_step4": [384, 384, 352, 304, 560],
     "msdnet_imagenet_step6": [512, 544, 496, 880, 792],
     "msdnet_imagenet_step7": [576, 640, 608, 528, 976],
+    "msdnet_imagenet_step6_base4": [384, 448, 448, 416, 800],
+    "msdnet_imagenet_step7_base4": [384, 480, 496, 472, 920],
 }
+
+# L2W (Han et al., ECCV 2022) ImageNet MSDNets k = 4 / 6 / 7, first exit after 4 layers in all three:
+# params (M) and Mul-Adds at the last exit (G, official op_counter) as the paper prints them.
+L2W_PAPER = {"msdnet_imagenet_step4": (23.96, 1.36), "msdnet_imagenet_step6_base4": (38.68, 2.19),
+             "msdnet_imagenet_step7_base4": (47.54, 2.68)}
 
 
 def _meta(name: str, num_classes: int) -> MSDNet:
@@ -70,6 +83,23 @@ def test_golden_per_exit_params_and_macs(name, num_classes):
 @pytest.mark.parametrize("name", sorted(HEAD_WIDTHS))
 def test_classifier_input_widths(name):
     assert _meta(name, 10).head_inputs == HEAD_WIDTHS[name]
+
+
+@pytest.mark.parametrize("name", sorted(L2W_PAPER))
+def test_l2w_imagenet_presets_match_the_paper(name):
+    model = _meta(name, 1000)
+    assert model.steps == [4] + [int(name.split("step")[1][0])] * 4
+    last = model.profile_exits(model.default_input_size)[-1]
+    assert (round(last["params"] / 1e6, 2), round(last["macs_official"] / 1e9, 2)) == L2W_PAPER[name]
+
+
+def test_ponder_flops_prints_the_l2w_k6_figures(capsys):
+    from ponder.cli import main
+
+    assert main(["flops", "msdnet_imagenet_step6_base4"]) == 0
+    text = capsys.readouterr().out
+    assert "official op_counter" in text
+    assert "     4         38,678,920    2,188,148,224         2,194,420,840" in text  # 38.68M, 2.19G as in the paper
 
 
 def test_cifar_budgeted_structure_and_transitions():

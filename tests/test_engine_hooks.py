@@ -17,7 +17,6 @@ import engine_toys
 from cifar_fixtures import write_fake_cifar
 from ponder.engine import RunDirError
 from ponder.engine.checkpoint import load_state, read_metrics, read_weights
-from ponder.engine.optim import virtual_sgd_step
 
 TESTS = Path(__file__).parent
 
@@ -25,45 +24,6 @@ TESTS = Path(__file__).parent
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory):
     return write_fake_cifar(tmp_path_factory.mktemp("data"), "cifar10", n_train=40, n_test=16, seed=0)
-
-
-@pytest.mark.parametrize("opts", [
-    {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-2},
-    {"momentum": 0.9, "dampening": 0.3, "weight_decay": 5e-4},
-    {"momentum": 0.0, "weight_decay": 0.0, "maximize": True},
-])
-def test_virtual_sgd_step_is_the_real_step(opts):
-    g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(4, 3, generator=g)), torch.nn.Parameter(torch.randn(3, generator=g))]
-    opt = torch.optim.SGD([{"params": params[:1], "lr": 0.1}, {"params": params[1:], "lr": 0.02}], **opts)
-    for _ in range(3):  # the first step creates the momentum buffers, the later ones use them
-        grads = [torch.randn(p.shape, generator=g) for p in params]
-        before = [p.detach().clone() for p in params]
-        predicted = virtual_sgd_step(opt, params, grads)
-        assert all(torch.equal(p, b) for p, b in zip(params, before))  # nothing was changed
-        for p, grad in zip(params, grads):
-            p.grad = grad.clone()
-        opt.step()
-        for want, got in zip(params, predicted):
-            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
-
-
-def test_virtual_sgd_step_is_differentiable_in_the_gradient():
-    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-    opt = torch.optim.SGD([p], lr=0.5, momentum=0.9, weight_decay=0.1)
-    opt.state[p]["momentum_buffer"] = torch.tensor([1.0, 1.0])
-    scale = torch.tensor(2.0, requires_grad=True)
-    (new,) = virtual_sgd_step(opt, [p], [scale * torch.tensor([1.0, 3.0])])
-    new.sum().backward()
-    # new = p - lr * (momentum * buf + (scale * g + wd * p)): d new.sum() / d scale = -lr * g.sum() = -2
-    assert scale.grad.item() == pytest.approx(-2.0)
-    assert p.grad.tolist() == pytest.approx([1 - 0.5 * 0.1] * 2)
-
-
-def test_virtual_sgd_step_needs_sgd():
-    p = torch.nn.Parameter(torch.zeros(2))
-    with pytest.raises(ValueError, match="virtual step follows an SGD optimizer; this run uses Adam"):
-        virtual_sgd_step(torch.optim.Adam([p]), [p], [torch.ones(2)])
 
 
 def _state_equal(a, b, path="state"):

@@ -92,9 +92,10 @@ def cmd_flops(args: argparse.Namespace) -> None:
     print(f"  params  {prof.params:>16,d}  ({format_count(prof.params)})")
     print(f"  MACs    {prof.macs:>16,d}  ({format_count(prof.macs)}; FLOPs = 2 x MACs = {format_count(prof.flops)})")
     if prof.exits:
-        print("  exit  cumulative params  cumulative MACs")
+        official = all("macs_official" in e for e in prof.exits)  # multi-exit models: the papers' convention too
+        print("  exit  cumulative params  cumulative MACs" + ("  official op_counter" if official else ""))
         for i, e in enumerate(prof.exits):
-            print(f"  {i:>4d}  {e['params']:>17,d}  {e['macs']:>15,d}")
+            print(f"  {i:>4d}  {e['params']:>17,d}  {e['macs']:>15,d}" + (f"  {e['macs_official']:>20,d}" if official else ""))
     if prof.blocks and args.blocks:
         print("  block  MACs")
         for b in prof.blocks:

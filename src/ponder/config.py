@@ -30,7 +30,7 @@ class DataConfig:
     dataset: str = "cifar10"          # cifar10 | cifar100 | imagefolder | digits (offline demo)
     data_dir: str | None = None
     val_size: int = 0                 # held-out split carved from train (seeded)
-    long_tail_mu: float | None = None # long-tailed CIFAR: class c keeps N_c * mu**c
+    long_tail_ratio: float | None = None  # long-tailed CIFAR: class c keeps N_c * ratio**(-c/(K-1))
     batch_size: int = 128
     eval_batch_size: int = 256
     workers: int = 0
@@ -210,7 +210,8 @@ def validate(config: RunConfig) -> None:
     _check(d.batch_size >= 1, "data.batch_size", "a positive integer", d.batch_size)
     _check(d.eval_batch_size >= 1, "data.eval_batch_size", "a positive integer", d.eval_batch_size)
     _check(d.workers >= 0, "data.workers", "0 or more", d.workers)
-    _check(d.long_tail_mu is None or 0 < d.long_tail_mu <= 1, "data.long_tail_mu", "in (0, 1] or null", d.long_tail_mu)
+    _check(d.long_tail_ratio is None or d.long_tail_ratio >= 1, "data.long_tail_ratio", "a number >= 1 or null",
+           d.long_tail_ratio)
     _check(d.limit_train is None or d.limit_train >= 1, "data.limit_train", "a positive integer or null", d.limit_train)
     _check(d.image_size is None or d.image_size >= 1, "data.image_size", "a positive integer or null", d.image_size)
     for name, value, rule, ok in (

@@ -12,11 +12,11 @@ from ponder.data.errors import DataError
 from ponder.data.imagefolder import IMG_EXTENSIONS, ImageFolder
 from ponder.data.loaders import EpochSampler, build_loaders
 from ponder.data.safe_pickle import safe_load
-from ponder.data.splits import long_tail_indices, mu_for_imbalance, train_val_split
+from ponder.data.splits import long_tail_indices, train_val_split
 from ponder.data.transforms import cifar_transforms, imagenet_transforms
 
 __all__ = [
     "DATASETS", "DataBundle", "DataError", "EpochSampler", "IMG_EXTENSIONS", "ImageFolder", "TensorImageDataset",
     "build_datasets", "build_loaders", "cifar_transforms", "download_cifar", "find_cifar_dir", "imagenet_transforms",
-    "load_cifar_split", "load_digits", "long_tail_indices", "mu_for_imbalance", "safe_load", "train_val_split",
+    "load_cifar_split", "load_digits", "long_tail_indices", "safe_load", "train_val_split",
 ]

@@ -117,8 +117,8 @@ def build_datasets(cfg: Any, seed: int) -> DataBundle:
     """Build train / held-out val / test datasets from a :class:`ponder.config.DataConfig`.
 
     Order: load the training set; carve ``cfg.val_size`` images for ``val`` (seeded by ``seed``,
-    eval transforms); long-tail the rest when ``cfg.long_tail_mu`` is set (class ``c`` keeps
-    ``floor(N_c * mu**c)``; val and test untouched); keep the first ``cfg.limit_train`` of it;
+    eval transforms); long-tail the rest when ``cfg.long_tail_ratio`` is set (class ``c`` keeps
+    ``floor(N_c * ratio**(-c/(K-1)))``; val and test untouched); keep the first ``cfg.limit_train`` of it;
     train transforms when ``cfg.augment`` else eval transforms.
     """
     full, test, train_tf, eval_tf, classes, input_size = _load(cfg)
@@ -127,8 +127,8 @@ def build_datasets(cfg: Any, seed: int) -> DataBundle:
         train_idx, val_idx = train_val_split(n, cfg.val_size, seed)
     else:
         train_idx, val_idx = torch.arange(n), None
-    if cfg.long_tail_mu is not None:
-        train_idx = train_idx[long_tail_indices(full.targets[train_idx], cfg.long_tail_mu, len(classes))]
+    if cfg.long_tail_ratio is not None:
+        train_idx = train_idx[long_tail_indices(full.targets[train_idx], cfg.long_tail_ratio, len(classes))]
     if cfg.limit_train is not None:
         if cfg.limit_train <= 0:
             raise DataError(f"data.limit_train={cfg.limit_train} must be a positive number of images (or null for all)")

@@ -20,22 +20,22 @@ def train_val_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, tor
     return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
-def long_tail_indices(labels: torch.Tensor, mu: float, num_classes: int | None = None) -> torch.Tensor:
-    """Long-tailed subset: class ``c`` keeps its first ``floor(N_c * mu**c)`` images (file order).
+def long_tail_indices(labels: torch.Tensor, ratio: float, num_classes: int | None = None) -> torch.Tensor:
+    """Long-tailed subset with imbalance ratio ``ratio``: class ``c`` keeps its first ``floor(N_c * mu**c)``
+    images (file order), ``mu = ratio ** (-1 / (K - 1))``, so the last class keeps ``1 / ratio`` of its images.
 
-    ``labels`` is ``int64 [N]``; returns the kept indices (sorted ``int64``). ``mu`` in ``(0, 1]``;
-    use :func:`mu_for_imbalance` to get ``mu`` from an imbalance ratio ``N_0 / N_{K-1}``.
+    ``labels`` is ``int64 [N]``; returns the kept indices (sorted ``int64``). ``ratio >= 1`` (1 keeps
+    everything). ``mu**c`` is computed as ``ratio ** (-c / (K - 1))`` so that the last class keeps
+    exactly ``N_{K-1} / ratio`` images when that is whole (``mu**9`` in floating point can lose one).
     """
-    if not 0.0 < mu <= 1.0:
-        raise DataError(f"data.long_tail_mu={mu} must be in (0, 1]; e.g. mu_for_imbalance(100, 10) = {mu_for_imbalance(100, 10):.4f}")
+    if not ratio >= 1.0:
+        raise DataError(f"data.long_tail_ratio={ratio} must be >= 1: the size of the first class over the last "
+                        f"(e.g. 100 keeps 1/100 of the last class)")
     k = int(num_classes if num_classes is not None else int(labels.max()) + 1)
+    if k < 2:
+        raise DataError(f"a long-tailed subset needs at least 2 classes, got {k}")
     keep = []
     for c in range(k):
         idx = (labels == c).nonzero().flatten()
-        keep.append(idx[: math.floor(len(idx) * mu**c)])
+        keep.append(idx[: math.floor(len(idx) * float(ratio) ** (-c / (k - 1)) + 1e-9)])
     return torch.cat(keep).sort().values
-
-
-def mu_for_imbalance(ratio: float, num_classes: int) -> float:
-    """The ``mu`` for which the largest class is ``ratio`` times the smallest: ``ratio ** (-1 / (K - 1))``."""
-    return float(ratio) ** (-1.0 / (num_classes - 1))

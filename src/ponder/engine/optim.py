@@ -8,7 +8,7 @@ so the schedule has no hidden state: the global step alone fixes the learning ra
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -130,36 +130,3 @@ class LRSchedule:
         for group in optimizer.param_groups:
             group["lr"] = group.get("base_lr", group["lr"]) * f
         return f
-
-
-def virtual_sgd_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-                     grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """What ``optimizer.step()`` would make of ``params`` for ``grads``, as new tensors; changes nothing.
-
-    ``optimizer`` is an SGD optimizer holding ``params``; each parameter's group gives ``lr``,
-    ``weight_decay``, ``momentum``, ``dampening``, ``nesterov`` and ``maximize``, and its state the
-    momentum buffer, exactly as ``torch.optim.SGD`` uses them. The results are differentiable in
-    ``grads`` (computed with ``create_graph=True``, they carry a meta-gradient, as in L2W's meta
-    step) and in ``params``; use them with ``torch.func.functional_call``. Shapes follow ``params``.
-    """
-    if not isinstance(optimizer, torch.optim.SGD):
-        raise ValueError(f"a virtual step follows an SGD optimizer; this run uses {type(optimizer).__name__} "
-                         f"(set optim.name=sgd)")
-    if len(params) != len(grads):
-        raise ValueError(f"virtual_sgd_step got {len(params)} parameters but {len(grads)} gradients")
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    out = []
-    for p, grad in zip(params, grads):
-        group = group_of.get(id(p))
-        if group is None:
-            raise ValueError(f"a parameter of shape {tuple(p.shape)} is not optimised by this optimizer")
-        d = -grad if group["maximize"] else grad
-        if group["weight_decay"]:
-            d = d + group["weight_decay"] * p
-        momentum = group["momentum"]
-        if momentum:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            new_buf = d if buf is None else momentum * buf + (1 - group["dampening"]) * d
-            d = d + momentum * new_buf if group["nesterov"] else new_buf
-        out.append(p - group["lr"] * d)
-    return out

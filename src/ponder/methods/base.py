@@ -12,7 +12,7 @@ Methods with steps of their own use the hooks, each given the trainer's
   (EMA teachers, a weight-prediction network and its Adam), which are then saved and resumed.
 - ``train_step(ctx, images, targets)``: one batch; the default runs ``training_step`` under
   ``ctx.autocast()`` and ``ctx.optimize(loss)``. Override it for several optimizer steps per
-  batch, virtual steps (:func:`ponder.engine.optim.virtual_sgd_step`) or a choice per
+  batch, virtual steps (:func:`ponder.methods.virtual_sgd.virtual_sgd_step`) or a choice per
   iteration (``ctx.iteration``).
 - ``after_step(ctx)``: after every batch's step(s) (EMA updates).
 - ``on_epoch_end(ctx)``: after every epoch, before evaluation and the checkpoint; may read the

@@ -244,6 +244,8 @@ def _positive(value: Any) -> float:
 
 
 def example_input(model: nn.Module, input_size: tuple[int, int, int]) -> Tensor:
-    """A zero batch-1 input on the model's device."""
+    """A zero batch-1 input on the model's device, in its floating-point type (float64 models included)."""
     p = next(model.parameters(), None)
-    return torch.zeros(1, *input_size, device=p.device if p is not None else "cpu")
+    if p is None:
+        return torch.zeros(1, *input_size)
+    return torch.zeros(1, *input_size, device=p.device, dtype=p.dtype if p.is_floating_point() else None)

@@ -258,16 +258,25 @@ def msdnet_cifar_anytime(num_classes: int = 10, **kw) -> MSDNet:
     return MSDNet(num_classes=num_classes, **{**cfg, **kw})
 
 
-def _imagenet(k: int):
+def _imagenet(k: int, base: int | None = None):
+    base = k if base is None else base
+
     def factory(num_classes: int = 1000, **kw) -> MSDNet:
-        cfg = dict(_IMAGENET, n_blocks=5, stepmode="even", step=k, base=k)
+        cfg = dict(_IMAGENET, n_blocks=5, stepmode="even", step=k, base=base)
         return MSDNet(num_classes=num_classes, **{**cfg, **kw})
 
-    factory.__name__ = f"msdnet_imagenet_step{k}"
-    factory.__doc__ = f"MSDNet ImageNet, 5 exits, step = base = {k}, 4 scales (exit i after {k}*i layers)."
+    if base == k:
+        factory.__name__ = f"msdnet_imagenet_step{k}"
+        factory.__doc__ = f"MSDNet ImageNet, 5 exits, step = base = {k}, 4 scales (exit i after {k}*i layers)."
+    else:
+        factory.__name__ = f"msdnet_imagenet_step{k}_base{base}"
+        factory.__doc__ = (f"MSDNet ImageNet, 5 exits, step {k}, base {base}, 4 scales (exit i after {base} + {k}*(i-1) "
+                           f"layers): L2W's k = {k} network (Han et al., ECCV 2022).")
     return register_model(factory)
 
 
-msdnet_imagenet_step4 = _imagenet(4)
+msdnet_imagenet_step4 = _imagenet(4)  # also L2W's k = 4 network (base 4)
 msdnet_imagenet_step6 = _imagenet(6)
 msdnet_imagenet_step7 = _imagenet(7)
+msdnet_imagenet_step6_base4 = _imagenet(6, base=4)
+msdnet_imagenet_step7_base4 = _imagenet(7, base=4)

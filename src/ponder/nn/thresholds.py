@@ -1,6 +1,7 @@
 """Exit thresholds for budgeted batch classification (the official MSDNet procedure, vectorized).
 
-Used by the early-exit models' budget knob and by the ``budgeted`` protocol.
+Used by the early-exit models' budget knob, the ``budgeted`` protocol and L2W's meta loss
+(:func:`assign_by_proportions`: each exit's most confident share of a half-batch, by exact counts).
 
 Tables are ``conf [K, N]``: the max-softmax of exit ``k`` for sample ``i``; ``costs [K]`` are the
 cumulative MACs of each exit. Thresholds are fitted on a held-out split and applied to the test set.
@@ -14,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
 
 
 def p_grid(points: int = 39, denominator: float = 20.0) -> list[float]:
@@ -155,3 +157,25 @@ def budget_curve(val_conf: Tensor, test_conf: Tensor, test_correct: Tensor, cost
 def json_float(v: float) -> float | str:
     """JSON-safe threshold: ``"inf"`` / ``"-inf"`` for infinities."""
     return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+
+
+def assign_by_proportions(conf: Tensor, proportions: Tensor) -> Tensor:
+    """Exit index ``[N]`` (0-based) for confidences ``conf [K, N]`` and target fractions ``proportions [K]``.
+
+    Exit ``k < K-1`` (in order) takes the ``floor(N * proportions[k])`` samples with the highest
+    ``conf[k]`` among those no earlier exit took (ties broken by ``torch.topk``); the last exit takes
+    the rest. Exact counts, no thresholds; runs on ``conf``'s device without host synchronisation.
+    """
+    num_exits, n = conf.shape
+    if proportions.shape != (num_exits,):
+        raise ValueError(f"proportions has shape {list(proportions.shape)} for {num_exits} exits")
+    exit_index = torch.full((n,), num_exits - 1, dtype=torch.long, device=conf.device)
+    free = torch.ones(n, dtype=torch.bool, device=conf.device)
+    for k in range(num_exits - 1):
+        count = math.floor(n * float(proportions[k]))
+        if count == 0:
+            continue
+        chosen = conf[k].masked_fill(~free, -math.inf).topk(count).indices
+        exit_index[chosen] = k
+        free[chosen] = False
+    return exit_index
