@@ -120,3 +120,58 @@ def test_set_budget_reaches_a_reachable_target_on_held_out_images(name):
     with torch.no_grad():
         measured = torch.cat([model(c).macs for c in held_out.split(16)]).mean().item()
     assert measured == pytest.approx(reached, rel=1e-9)  # the knob stays where the budget put it
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_measuring_the_ledger_never_leaks_into_a_users_counter_or_hooks(name):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size, _ = _setting(name)
+    model = _build(name)  # fresh: no ledger measured yet
+    calls = []
+    for m in model.modules():
+        m.register_forward_hook(lambda mod, *_: calls.append(type(mod).__name__))
+    x = torch.randn(1, *size, generator=torch.Generator().manual_seed(6))
+    counts = []
+    for _ in range(2):  # the first forward measures the ledger, the second reads it
+        calls.clear()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+        counts.append((counter.get_total_flops(), sorted(calls)))
+    assert counts[0] == counts[1], f"{name}: measuring its ledger was seen by the user's counter or hooks"
+
+
+@pytest.mark.parametrize("name", ["resnet20_cifar", "msdnet_cifar_budgeted", "skipnet_resnet38_cifar",
+                                  "blockdrop_resnet32_cifar", "sact_resnet32_cifar", "act_resnet32_cifar"])
+@pytest.mark.parametrize("executor", ["masked", "sparse"])
+def test_a_non_finite_input_is_one_clear_error_in_every_executor(name, executor):
+    model = _build(name)
+    if isinstance(model, DynamicModel):
+        set_executor(model, executor)
+    x = torch.randn(3, 3, 32, 32)
+    x[1, 0, 4, 4] = float("nan")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"non-finite pixels .* samples \[1\]"):
+        model(x)
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if model_info(n).family != "static"])
+def test_forced_decisions_are_a_pure_function_of_seed_and_sample(name):
+    size, _ = _setting(name)
+    model = _build(name)
+    set_executor(model, "sparse")
+    model.force_keep_rate(0.5, seed=7)
+    x = torch.randn(4, *size, generator=torch.Generator().manual_seed(8))
+    order = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        first, again, shuffled = model(x), model(x), model(x[order])
+        set_executor(model, "masked")
+        masked = model(x)
+    for field in ("exit_index", "gates"):
+        if getattr(first, field) is not None:
+            assert torch.equal(getattr(first, field), getattr(again, field))  # nothing advances between calls
+            assert torch.equal(getattr(first, field)[order], getattr(shuffled, field))  # per sample, any batch
+            assert torch.equal(getattr(first, field), getattr(masked, field))  # and any executor
+    if first.masks is not None:
+        for a, b, c in zip(first.masks, shuffled.masks, masked.masks):
+            assert torch.equal(a[order], b) and torch.equal(a, c)
+    assert torch.equal(first.macs[order], shuffled.macs)

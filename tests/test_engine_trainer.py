@@ -161,7 +161,7 @@ def test_evaluate_run_standard_protocol(cifar_dir, tmp_path):
     report = evaluate_run(run, "standard", device="cpu")
     assert report["n"] == 20 and report["accuracy"] == pytest.approx(last["test_acc"])
     assert report["macs_mean"] == 40_551_040 and report["macs_std"] == 0
-    assert json.loads((run / "eval_standard.json").read_text())["accuracy"] == report["accuracy"]
+    assert json.loads((run / "eval" / "eval_standard.json").read_text())["accuracy"] == report["accuracy"]
 
 
 def _loaders(n=16):

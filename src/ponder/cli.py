@@ -150,8 +150,8 @@ def _summary_text(result: dict) -> str:
             lines.append(f"{k:24s} {v:.4f}")
         elif isinstance(v, (int, str)):
             lines.append(f"{k:24s} {v}")
-        else:
-            lines.append(f"{k:24s} {json.dumps(v)[:200]}")
+        else:  # lists and tables whole (per-exit and per-budget results), one line each
+            lines.append(f"{k:24s} {json.dumps(v)}")
     return "\n".join(lines)
 
 
@@ -321,7 +321,8 @@ def cmd_ponder_map(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from ponder.demo import run_demo
 
-    run_demo(data_dir=args.data_dir, out_dir=args.out, epochs=args.epochs, quick=args.quick)
+    out = args.out or ("runs/demo-cifar10" if args.data_dir else "runs/demo")  # one demo never overwrites the other
+    run_demo(data_dir=args.data_dir, out_dir=out, epochs=args.epochs, quick=args.quick)
 
 
 def cmd_kernels(args: argparse.Namespace) -> None:
@@ -342,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ponder", description="Dynamic inference networks: build, train, measure.")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
+    p.commands = sub.choices  # type: ignore[attr-defined]  (name -> subparser: errors show its usage)
 
     s = sub.add_parser("models", help="list registered models (family, paper; --macs: params and MACs)")
     s.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'resnet*_cifar'")
@@ -437,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="train and compare small models offline (about 3 minutes on 2 CPU cores)")
     s.add_argument("--data-dir", help="use CIFAR-10 from this folder instead of the built-in digits")
-    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--out", help="where the demo's runs go (default: runs/demo, with --data-dir runs/demo-cifar10)")
     s.add_argument("--epochs", type=int)
     s.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     s.set_defaults(fn=cmd_demo)
@@ -474,7 +476,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's usage, not the top-level one
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "bench" and not (args.name or args.checkpoint):
         parser.error("bench needs a model NAME or --checkpoint RUN_DIR")
     fn: Callable[[argparse.Namespace], None] = args.fn

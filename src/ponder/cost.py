@@ -8,7 +8,9 @@ as ``2 x MACs`` for comparison with papers that use that convention.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -117,17 +119,47 @@ class CostLedger:
         return cum[last]
 
 
-class LedgerCache:
-    """Caches one :class:`CostLedger` per input size for a model (costs scale with resolution)."""
+@contextmanager
+def unobserved(model: nn.Module) -> Iterator[None]:
+    """Run a block that the model's user must not see: no enclosing dispatch mode (a user's
+    ``FlopCounterMode``) counts it and no forward hook (the model's modules', or global ones) fires.
 
-    def __init__(self, measure: Callable[[tuple[int, int, int]], CostLedger]):
-        self._measure = measure
+    The hooks are set aside and restored afterwards; hooks registered inside the block (e.g. by
+    :func:`unit_macs`) work as usual and are gone with it.
+    """
+    from torch.nn.modules import module as module_mod
+
+    saved = [(m, m._forward_pre_hooks, m._forward_hooks) for m in model.modules()]
+    global_pre, global_post = module_mod._global_forward_pre_hooks, module_mod._global_forward_hooks
+    try:
+        for m, _, _ in saved:
+            m._forward_pre_hooks, m._forward_hooks = OrderedDict(), OrderedDict()
+        module_mod._global_forward_pre_hooks, module_mod._global_forward_hooks = OrderedDict(), OrderedDict()
+        with _disable_current_modes():
+            yield
+    finally:
+        for m, pre, post in saved:
+            m._forward_pre_hooks, m._forward_hooks = pre, post
+        module_mod._global_forward_pre_hooks, module_mod._global_forward_hooks = global_pre, global_post
+
+
+class LedgerCache:
+    """Caches one :class:`CostLedger` per input size for a model (costs scale with resolution).
+
+    A ledger is measured :func:`unobserved`: the first forward pass of a fresh model inside a user's
+    ``FlopCounterMode`` counts that forward pass only, and the user's hooks see only it.
+    """
+
+    def __init__(self, model: nn.Module, measure: Callable[[tuple[int, int, int]], CostLedger]):
+        self._model, self._measure = weakref.ref(model), measure
         self._cache: dict[tuple[int, int, int], CostLedger] = {}
 
     def get(self, input_size: tuple[int, int, int]) -> CostLedger:
         key = tuple(int(s) for s in input_size)
         if key not in self._cache:
-            self._cache[key] = self._measure(key)  # type: ignore[arg-type]
+            model = self._model()
+            with unobserved(model) if model is not None else nullcontext():
+                self._cache[key] = self._measure(key)  # type: ignore[arg-type]
         return self._cache[key]
 
     def clear(self) -> None:

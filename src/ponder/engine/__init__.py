@@ -191,11 +191,11 @@ def train(config: RunConfig | None, out_dir: str | Path | None, resume: str | Pa
 def evaluate_run(run_dir: str | Path, protocol: str = "standard", data_dir: str | None = None,
                  out_dir: str | Path | None = None, options: dict[str, Any] | None = None,
                  device: str = "auto") -> dict:
-    """Load a run's model and evaluate it with a registered protocol (results also written to ``out_dir``).
+    """Load a run's model and evaluate it with a registered protocol (its files written to ``out_dir``).
 
     Data come from the run's data config (eval transforms for test and the held-out val split);
-    ``data_dir`` overrides its folder; ``out_dir`` defaults to the run dir. Besides the protocol's own
-    files, the result is saved as data in ``out_dir/results/<protocol>.json`` (:mod:`ponder.results`).
+    ``data_dir`` overrides its folder; ``out_dir`` defaults to ``run_dir/eval``. Besides the protocol's own
+    files, the result is saved as data in ``run_dir/results/<protocol>.json`` (:mod:`ponder.results`).
     """
     from ponder.data import build_datasets, build_loaders
     from ponder.evaluate.protocols import EvalContext, get_protocol
@@ -207,12 +207,12 @@ def evaluate_run(run_dir: str | Path, protocol: str = "standard", data_dir: str 
     data_cfg = data_config_for(config, data_dir)
     bundle = build_datasets(data_cfg, config.train.seed)
     _, val_loader, test_loader = build_loaders(bundle, data_cfg, config.train.seed, distributed=False)
-    ctx = EvalContext(model=model, config=config, run_dir=run_dir, out_dir=Path(out_dir) if out_dir else run_dir,
+    ctx = EvalContext(model=model, config=config, run_dir=run_dir, out_dir=Path(out_dir) if out_dir else run_dir / "eval",
                       test_loader=test_loader, val_loader=val_loader, device=dev, options=dict(options or {}))
     with torch.no_grad():
         report = fn(ctx)
     from ponder.results import result_from_report, save_result
 
-    save_result(ctx.out_dir, result_from_report(ctx, protocol, report))
+    save_result(run_dir, result_from_report(ctx, protocol, report))  # results belong to the run, whatever out_dir
     return report
 

@@ -7,7 +7,7 @@ import json
 import torch
 
 from ponder.evaluate.protocols import EvalContext, register_protocol
-from ponder.evaluate.records import Records, collect
+from ponder.evaluate.records import Records, collect, save_records
 
 
 def standard_report(records: Records) -> dict:
@@ -29,9 +29,11 @@ def standard_report(records: Records) -> dict:
 
 @register_protocol("standard")
 def standard(ctx: EvalContext) -> dict:
-    """Evaluate on the test loader; writes ``eval_standard.json`` in ``ctx.out_dir``."""
+    """Evaluate on the test loader; writes ``eval_standard.json`` and the per-sample records
+    (``records_standard.safetensors``: prediction, MACs and decisions of every test image) in ``ctx.out_dir``."""
     records = collect(ctx.model, ctx.test_loader, ctx.device, desc="test")
     report = {"protocol": "standard", "model": ctx.config.model.name, **standard_report(records)}
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     (ctx.out_dir / "eval_standard.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_records(records, ctx.out_dir / "records_standard.safetensors")
     return report

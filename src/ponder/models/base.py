@@ -48,7 +48,7 @@ class PonderModel(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._ledgers = LedgerCache(self.measure_ledger)
+        self._ledgers = LedgerCache(self, self.measure_ledger)
 
     @property
     def is_dynamic(self) -> bool:
@@ -66,13 +66,18 @@ class PonderModel(nn.Module):
         return self.ledger(tuple(x.shape[1:]))  # type: ignore[arg-type]
 
     def check_input(self, x: Tensor) -> None:
-        """One clear error for inputs of the wrong rank or channel count."""
+        """One clear error for inputs of the wrong rank or channel count, and for non-finite inputs
+        (NaN or infinite pixels would make decisions and costs meaningless, and differ by executor)."""
         c = self.default_input_size[0]
         if x.dim() != 4 or x.shape[1] != c:
             raise ValueError(
                 f"{type(self).__name__} expects input of shape [batch, {c}, H, W], got {list(x.shape)}; "
                 f"pass images with {c} channels (e.g. --input-size {' '.join(map(str, self.default_input_size))})."
             )
+        if not torch.isfinite(x.sum()) and not bool(torch.isfinite(x).all()):  # (one reduction when finite)
+            bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"{type(self).__name__} got non-finite pixels (NaN or inf) in samples {bad[:8]} of the "
+                             f"batch; clean or drop those images before the forward pass")
 
     def forward(self, x: Tensor) -> DynamicOutput:  # pragma: no cover - abstract
         raise NotImplementedError
