@@ -79,7 +79,8 @@ def fit_exit_budget(model: torch.nn.Module, val_loader: Any, fraction: float) ->
     from ponder.evaluate.budget import calibrate_on
 
     calibrate_on(model, val_loader, limit=DEMO_VAL_SIZE)
-    return model.set_budget(fraction * model.exit_costs()[-1])
+    size = tuple(next(iter(val_loader))[0].shape[1:])
+    return model.set_budget(fraction * model.exit_costs(size)[-1])
 
 
 def measure_ms_per_image(model: torch.nn.Module, images: torch.Tensor, batch: int = 64, repeats: int = 3) -> float:

@@ -159,7 +159,7 @@ def budgeted(ctx: EvalContext) -> dict:
         direct.append({"target_macs": float(target), "thresholds": [json_float(v) for v in t],
                        "expected_macs": expected_macs(idx, costs),
                        "accuracy": test_correct.gather(0, idx.view(1, -1))[0].double().mean().item() * 100})
-    model.calibrate_confidences(val_conf)
+    model.calibrate_confidences(val_conf, _input_size(ctx, model))
     result = {"protocol": "budgeted", "calibration": calibration,
               "calibration_note": "held-out split, evaluation transforms" if calibration == "val"
               else "OFFICIAL QUIRK: thresholds tuned on the test set",

@@ -151,13 +151,15 @@ class MultiExitModel(DynamicModel):
             self.train(was_training)
             set_executor(self, executor)
             self.forced = forced
-        self.calibrate_confidences(torch.cat(conf, 1))
+        self.calibrate_confidences(torch.cat(conf, 1), tuple(images.shape[1:]))
 
-    def calibrate_confidences(self, confidences: Tensor) -> None:
-        """Keep held-out max-softmax confidences ``[num_exits, N]`` (e.g. from a protocol's cached outputs)."""
+    def calibrate_confidences(self, confidences: Tensor, input_size: tuple[int, int, int] | None = None) -> None:
+        """Keep held-out max-softmax confidences ``[num_exits, N]`` (e.g. from a protocol's cached outputs)
+        of images of ``input_size`` (default: the model's), whose exit costs the budget is counted in."""
         if confidences.dim() != 2 or confidences.shape[0] != self.num_exits:
             raise ValueError(f"calibrate expects confidences [num_exits={self.num_exits}, N], got {list(confidences.shape)}")
         self._calibration = confidences.detach().cpu()
+        self._calibration_size = tuple(input_size or self.default_input_size)
 
     def held_out_macs(self, knob: Any | None = None) -> float:
         """Mean MACs per image of the held-out confidences under thresholds ``knob`` (the current ones if ``None``)."""
@@ -165,19 +167,19 @@ class MultiExitModel(DynamicModel):
 
         conf = self._require_calibration()
         t = self.thresholds if knob is None else knob
-        costs = torch.tensor(self.exit_costs(self.default_input_size), dtype=torch.float64)
+        costs = torch.tensor(self.exit_costs(self._calibration_size), dtype=torch.float64)
         if t is None:
             return float(costs[-1])
         return expected_macs(assign_exits(conf, t), costs)
 
     def set_budget(self, macs: float) -> float:
         """Thresholds whose mean MACs per image on the held-out confidences come nearest ``macs`` (at the
-        default input size); returns that held-out mean."""
+        held-out images' size); returns that held-out mean."""
         from ponder.models.base import _positive
 
         target = _positive(macs)
         conf = self._require_calibration()
-        costs = torch.tensor(self.exit_costs(self.default_input_size), dtype=torch.float64)
+        costs = torch.tensor(self.exit_costs(self._calibration_size), dtype=torch.float64)
         self.set_thresholds(thresholds_for_macs(conf, costs, target, closest=True))
         return self.held_out_macs()
 
