@@ -66,6 +66,9 @@ def cmd_models(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
+    if args.markdown:
+        print(models_markdown(rows))
+        return
     if args.macs:
         print(f"{'model':32s} {'family':11s} {'input':>11s} {'params':>9s} {'MACs':>9s}")
         for r in rows:
@@ -77,6 +80,18 @@ def cmd_models(args: argparse.Namespace) -> None:
     for r in rows:
         print(f"{r['name']:32s} {r['family']:11s} {r['paper']}")
     print(f"({len(rows)} models; `ponder models --macs` adds params and MACs, `ponder flops NAME` the details)")
+
+
+def models_markdown(rows: list[dict[str, Any]]) -> str:
+    """The model table of the README: one row per family and paper, with the registered names."""
+    order = {"static": 0, "early_exit": 1, "skipping": 2, "spatial": 3}
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        groups.setdefault((r["family"], r["paper"]), []).append(r["name"])
+    lines = ["| family | paper | models |", "|:---|:---|:---|"]
+    for (family, paper), names in sorted(groups.items(), key=lambda g: (order.get(g[0][0], 9), g[0][1])):
+        lines.append(f"| {family.replace('_', ' ')} | {paper} | {', '.join(f'`{n}`' for n in names)} |")
+    return "\n".join(lines)
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
@@ -144,15 +159,28 @@ def _parse_options(items: Sequence[str]) -> list[tuple[str, Any]]:
 
 
 def _summary_text(result: dict) -> str:
+    """A protocol's result for the terminal: one line per field; lists of records (exits, thresholds,
+    budgets) in full, one record per line."""
     lines = []
     for k, v in result.items():
         if isinstance(v, float):
             lines.append(f"{k:24s} {v:.4f}")
-        elif isinstance(v, (int, str)):
+        elif isinstance(v, (int, str)) or v is None:
             lines.append(f"{k:24s} {v}")
-        else:  # lists and tables whole (per-exit and per-budget results), one line each
+        elif isinstance(v, list) and v and all(isinstance(r, dict) for r in v):
+            lines.append(f"{k}:")
+            lines += ["  " + "  ".join(f"{f} {_short(x)}" for f, x in r.items()) for r in v]
+        else:
             lines.append(f"{k:24s} {json.dumps(v)}")
     return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(x) for x in value) + "]"
+    return str(value)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -166,13 +194,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise CLIError("--save needs --checkpoint RUN_DIR: a saved result belongs to a run")
     bench.keep_freed_memory()
     if args.checkpoint:
-        from ponder.data import build_datasets, build_loaders
-        from ponder.engine import data_config_for, load_run
+        from ponder.data import build_loaders
+        from ponder.engine import data_config_for, load_run_with_data
         from ponder.evaluate.budget import calibrate_on
 
-        model, config = load_run(args.checkpoint)
+        model, config, bundle = load_run_with_data(args.checkpoint, args.data_dir)
         data_cfg = data_config_for(config, args.data_dir)
-        bundle = build_datasets(data_cfg, seed=config.train.seed)
         test = bundle.test
         if args.budget is not None:
             if not isinstance(model, DynamicModel):
@@ -348,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", help="list registered models (family, paper; --macs: params and MACs)")
     s.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'resnet*_cifar'")
     s.add_argument("--macs", action="store_true", help="build each model and add its params and MACs (slower)")
+    s.add_argument("--markdown", action="store_true", help="a markdown table by family and paper (the README's)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_models)
 

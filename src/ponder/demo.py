@@ -43,7 +43,8 @@ def demo_entries(dataset: str) -> list[DemoEntry]:
     scales = {"gr_factor": [1, 2], "bn_factor": [1, 2]} if digits else {}
     return [
         DemoEntry("ResNet-20", "static", "resnet20_cifar", dict(chans), epochs=10),
-        DemoEntry("ResNet-32", "static", "resnet32_cifar", dict(chans), epochs=10),
+        # BlockDrop's shortcut, so that BlockDrop-32 below starts from this network
+        DemoEntry("ResNet-32", "static", "resnet32_cifar", {**chans, "shortcut": "avgpool"}, epochs=10),
         DemoEntry("MSDNet (5 exits)", "early exit", "msdnet_cifar_budgeted", {**chans, **scales},
                   method="multi_exit", epochs=10, budget_fraction=0.5),
         DemoEntry("BlockDrop-32", "block skip", "blockdrop_resnet32_cifar", {**chans, "init_keep_prob": 0.6},
@@ -79,8 +80,7 @@ def fit_exit_budget(model: torch.nn.Module, val_loader: Any, fraction: float) ->
     from ponder.evaluate.budget import calibrate_on
 
     calibrate_on(model, val_loader, limit=DEMO_VAL_SIZE)
-    size = tuple(next(iter(val_loader))[0].shape[1:])
-    return model.set_budget(fraction * model.exit_costs(size)[-1])
+    return model.set_budget(fraction * model.exit_costs()[-1])
 
 
 def measure_ms_per_image(model: torch.nn.Module, images: torch.Tensor, batch: int = 64, repeats: int = 3) -> float:
@@ -99,8 +99,8 @@ def measure_ms_per_image(model: torch.nn.Module, images: torch.Tensor, batch: in
 def run_demo(data_dir: str | None = None, out_dir: str | Path = "runs/demo", epochs: int | None = None,
              quick: bool = False) -> list[dict[str, Any]]:
     """Train every demo entry, evaluate it on the test split, print the table; returns its rows."""
-    from ponder.data import build_datasets, build_loaders
-    from ponder.engine import load_run, train
+    from ponder.data import build_loaders
+    from ponder.engine import load_run_with_data, train
     from ponder.evaluate.records import collect
 
     dataset = "cifar10" if data_dir else "digits"
@@ -118,8 +118,7 @@ def run_demo(data_dir: str | None = None, out_dir: str | Path = "runs/demo", epo
         print(f"[demo] training {entry.label} ({entry.model}, {entry.method}, {n_epochs} epochs) -> {run_dir}", flush=True)
         train(cfg, run_dir)
         runs[entry.label] = run_dir
-        model, cfg = load_run(run_dir)
-        bundle = build_datasets(cfg.data, seed=cfg.train.seed)
+        model, cfg, bundle = load_run_with_data(run_dir)
         _, val_loader, test_loader = build_loaders(bundle, cfg.data, seed=cfg.train.seed)
         model.eval()
         if entry.budget_fraction is not None:
@@ -127,13 +126,27 @@ def run_demo(data_dir: str | None = None, out_dir: str | Path = "runs/demo", epo
         rec = collect(model, test_loader, torch.device("cpu"))
         summary = rec.summary()
         images = torch.cat([x for x, _ in test_loader])
+        ms = measure_ms_per_image(model, images)
         rows.append({"model": entry.label, "name": entry.model, "family": entry.family,
                      "accuracy": 100.0 * summary["accuracy"], "macs_mean": summary["macs_mean"],
-                     "macs_std": summary["macs_std"], "ms_per_image": measure_ms_per_image(model, images)})
+                     "macs_std": summary["macs_std"], "ms_per_image": ms})
+        _save_result(run_dir, cfg, model, rec, ms)
     print_table(rows, dataset, time.perf_counter() - t_start)
     (out_dir / "demo.json").write_text(json.dumps(rows, indent=1))
     _plot(rows, out_dir, dataset)
     return rows
+
+
+def _save_result(run_dir: Path, cfg: RunConfig, model: torch.nn.Module, rec: Any, ms: float) -> None:
+    """The entry's test result as data (``RUN/results/demo.json``), for ``ponder report runs/demo``."""
+    from ponder.results import Latency, new_result, save_result
+
+    s = rec.summary()
+    latency = Latency(mode="demo", executor="sparse" if model.is_dynamic else "dense", baseline=None, device="cpu",
+                      batch=64, threads=torch.get_num_threads(), ms_per_batch=ms * 64, ms_per_image=ms)
+    save_result(run_dir, new_result(run_dir, cfg, model, kind="demo", protocol="standard", images=len(rec),
+                                    accuracy=s["accuracy"], macs_mean=s["macs_mean"], macs_std=s["macs_std"],
+                                    latency=latency))
 
 
 def _clear_previous_demo_run(run_dir: Path) -> None:

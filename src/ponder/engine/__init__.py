@@ -24,7 +24,8 @@ from ponder.engine.trainer import NonFiniteLossError, NonFiniteWeightsError, Tra
 from ponder.weights import WEIGHTS_FILE, RunDirError, first_line, load_init_weights
 
 __all__ = ["DistInfo", "NonFiniteLossError", "NonFiniteWeightsError", "RunDirError", "TrainContext", "Trainer",
-           "check_run_config", "evaluate_run", "load_run", "resolve_config", "seed_everything", "train"]
+           "check_run_config", "evaluate_run", "load_run", "load_run_with_data", "resolve_config", "seed_everything",
+           "train"]
 
 # fields that may differ between a run's saved config and the one it is resumed with
 _RESUMABLE_CHANGES = {"train.epochs", "train.device", "train.tensorboard", "data.data_dir", "data.workers",
@@ -188,6 +189,18 @@ def train(config: RunConfig | None, out_dir: str | Path | None, resume: str | Pa
     return run_dir
 
 
+def load_run_with_data(run_dir: str | Path, data_dir: str | Path | None = None,
+                       device: str | torch.device = "cpu") -> tuple[torch.nn.Module, RunConfig, Any]:
+    """A run's model (eval mode), config and data bundle; the model's ``default_input_size`` becomes the size
+    of the run's images (e.g. 16 px digits), so its costs and budgets are counted at what it sees."""
+    from ponder.data import build_datasets
+
+    model, config = load_run(run_dir, device=device)
+    bundle = build_datasets(data_config_for(config, data_dir), config.train.seed)
+    model.default_input_size = tuple(bundle.input_size)
+    return model, config, bundle
+
+
 def evaluate_run(run_dir: str | Path, protocol: str = "standard", data_dir: str | None = None,
                  out_dir: str | Path | None = None, options: dict[str, Any] | None = None,
                  device: str = "auto") -> dict:
@@ -203,9 +216,8 @@ def evaluate_run(run_dir: str | Path, protocol: str = "standard", data_dir: str 
     fn = get_protocol(protocol)
     run_dir = Path(run_dir)
     dev = resolve_device(device)
-    model, config = load_run(run_dir, device=dev)
+    model, config, bundle = load_run_with_data(run_dir, data_dir, device=dev)
     data_cfg = data_config_for(config, data_dir)
-    bundle = build_datasets(data_cfg, config.train.seed)
     _, val_loader, test_loader = build_loaders(bundle, data_cfg, config.train.seed, distributed=False)
     ctx = EvalContext(model=model, config=config, run_dir=run_dir, out_dir=Path(out_dir) if out_dir else run_dir / "eval",
                       test_loader=test_loader, val_loader=val_loader, device=dev, options=dict(options or {}))

@@ -42,7 +42,7 @@ class PonderModel(nn.Module):
     """
 
     family: ClassVar[str] = "static"
-    paper: ClassVar[str] = "He et al., CVPR 2016 (ResNet)"
+    paper: ClassVar[str] = ""
     default_input_size: tuple[int, int, int] = (3, 32, 32)
     num_classes: int
 

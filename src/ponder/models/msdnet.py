@@ -156,6 +156,8 @@ class MSDNet(MultiExitModel):
     Ledger units ``block.k`` (block 0 includes the first layer) and ``exit.k``.
     """
 
+    paper = "Huang et al., ICLR 2018 (MSDNet)"
+
     def __init__(self, n_blocks: int = 5, stepmode: str = "lin_grow", step: int = 1, base: int = 1,
                  n_channels: int = 16, growth_rate: int = 6, gr_factor: Sequence[int] = (1, 2, 4),
                  bn_factor: Sequence[int] = (1, 2, 4), prune: str = "max", reduction: float = 0.5,

@@ -156,6 +156,8 @@ class RANet(MultiExitModel):
         collaboration: add IMTA collaboration heads (stage 2 of ``method: multi_exit``).
     """
 
+    paper = "Yang et al., CVPR 2020 (RANet)"
+
     def __init__(self, scale_list: IntList = (1, 2, 3), gr_factor: IntList = (4, 2, 1),
                  bn_factor: IntList = (4, 2, 1), n_blocks: int = 2, block_step: int = 2, step: int = 4,
                  stepmode: Literal["even", "lg"] = "even", n_channels: int = 16, growth_rate: int = 6,

@@ -138,6 +138,7 @@ class ResNet(PonderModel):
     residual block in execution order (what block-skipping models decide over).
     """
 
+    paper = "He et al., CVPR 2016 (ResNet)"
     blocks: list[ResidualBlock]
 
     def _collect_blocks(self, stages: list[nn.Sequential]) -> None:

@@ -4,7 +4,7 @@ Reads the keys the protocols return today: ``accuracy`` / ``macs_mean`` / ``macs
 (``standard``, ``skip``, ``spatial``), ``dense_macs`` and ``input_size`` where given, ``sweep``
 (``skip``: one point per keep threshold), ``exits`` (``anytime``: one point per exit, the headline
 is the last exit) and ``points`` / ``target_macs`` (``budgeted``: one point per ratio ``q`` of
-the p-grid and per target budget; no headline). A protocol that builds its result itself
+the p-grid and per target budget; no headline; ``budget``: one point per held-out budget). A protocol that builds its result itself
 (:func:`ponder.results.result_from_records`) needs none of this.
 """
 
@@ -35,6 +35,13 @@ def result_from_report(ctx: EvalContext, protocol: str, report: dict[str, Any]) 
         head = {"accuracy": last.accuracy, "macs_mean": last.macs_mean, "macs_std": 0.0}
     costs = report.get("exit_macs")
     for p in report.get("points") or []:
+        if protocol == "budget":  # one point per held-out budget, whatever the family's knob
+            knob = p.get("knob")
+            points.append(OperatingPoint(label=f"budget {format_count(p['target_macs'])}", macs_mean=p["macs_mean"],
+                                         accuracy=p["accuracy"], macs_std=p["macs_std"], knob=report.get("knob"),
+                                         value=knob if isinstance(knob, (int, float)) else None,
+                                         budget=p["target_macs"]))
+            continue
         points.append(OperatingPoint(label=f"q={p['q']:g}", macs_mean=p["expected_macs"], accuracy=p["accuracy"] / 100,
                                      macs_std=_std_of_counts(p.get("exit_counts"), costs), knob="q", value=p["q"]))
     for t in report.get("target_macs") or []:
