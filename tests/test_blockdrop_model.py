@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ponder.cost import count_macs, profile
+from ponder.cost import count_macs
+from ponder.models.base import profile
 from ponder.models.resnet import AvgPoolShortcut, CifarResNet
 from ponder.nn.executor import set_executor
 from ponder.registry import create_model, list_models

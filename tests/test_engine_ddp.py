@@ -111,12 +111,15 @@ def test_find_unused_parameters_auto_choice():
     from ponder.engine.distributed import is_static_model
     from ponder.models.resnet import CifarResNet
 
-    class Dynamic(CifarResNet):
-        def forward(self, x):  # a model deciding per input what to run
-            return super().forward(x)
+    class Dynamic(CifarResNet):  # a model that declares it decides per input what to run
+        @property
+        def is_dynamic(self):
+            return True
 
     assert is_static_model(create_model("resnet20_cifar"))
     assert not is_static_model(Dynamic(20))
+    assert not is_static_model(create_model("skipnet_resnet38_cifar"))
+    assert not is_static_model(torch.nn.Linear(2, 2))  # not a ponder model: DDP looks for unused parameters
     assert not is_static_model(torch.nn.Linear(2, 2))
 
 

@@ -128,7 +128,7 @@ def test_hrl_sharpens_once_even_across_resume():
 
 
 def test_methods_reject_ungated_models_and_bad_options():
-    with pytest.raises(ValueError, match="gated model"):
+    with pytest.raises(ValueError, match="needs a SkipNet model"):
         create_method("skipnet_sp", CifarResNet(14))
     with pytest.raises(TypeError, match="beta"):
         create_method("skipnet_hrl", tiny(), beta=1.0)

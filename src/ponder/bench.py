@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ponder.cost import count_macs
-from ponder.models.base import DynamicModel
+from ponder.models.base import DynamicModel, PonderModel
 from ponder.nn.executor import set_executor
 
 
@@ -136,7 +136,7 @@ def bench_static(model: nn.Module, name: str, batch: int, input_size: Sequence[i
         rounds = time_rounds({"model": lambda: model(x)}, repeats, warmup, device)["model"]
         used = torch.get_num_threads()
     ms = statistics.median(rounds)
-    macs = model.ledger(tuple(input_size)).total if hasattr(model, "ledger") else count_macs(model, x[:1])
+    macs = model.ledger(tuple(input_size)).total if isinstance(model, PonderModel) else count_macs(model, x[:1])
     return StaticBench(name, batch, used, ms, batch / ms * 1e3, macs, (min(rounds), max(rounds)))
 
 

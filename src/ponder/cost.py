@@ -200,37 +200,6 @@ class Profile:
         return d
 
 
-def profile(model: nn.Module, input_size: tuple[int, int, int], name: str | None = None) -> Profile:
-    """Params and dense MACs of ``model`` for one ``(C, H, W)`` input, via ``FlopCounterMode``.
-
-    Models that have exits or skippable blocks add them through ``profile_exits(input_size)``
-    (list of ``{"params", "macs"}`` cumulative up to each exit) and
-    ``profile_blocks(input_size)`` (list of ``{"name", "macs"}``).
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        if hasattr(model, "ledger"):  # ponder models: dense total from their ledger
-            macs = model.ledger(tuple(input_size)).total
-        else:
-            macs = count_macs(model, torch.zeros(1, *input_size, device=_device_of(model)))
-        prof = Profile(name=name or type(model).__name__, input_size=tuple(input_size),
-                       params=count_params(model), macs=macs)
-        if hasattr(model, "profile_exits"):
-            prof.exits = model.profile_exits(tuple(input_size))
-        if hasattr(model, "profile_blocks"):
-            prof.blocks = model.profile_blocks(tuple(input_size))
-    finally:
-        model.train(was_training)
-    return prof
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def format_count(n: float) -> str:
     """Human-readable count: 40.55M, 4.09G."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):

@@ -210,7 +210,7 @@ def evaluate_run(run_dir: str | Path, protocol: str = "standard", data_dir: str 
     ``data_dir`` overrides its folder; ``out_dir`` defaults to ``run_dir/eval``. Besides the protocol's own
     files, the result is saved as data in ``run_dir/results/<protocol>.json`` (:mod:`ponder.results`).
     """
-    from ponder.data import build_datasets, build_loaders
+    from ponder.data import build_loaders
     from ponder.evaluate.protocols import EvalContext, get_protocol
 
     fn = get_protocol(protocol)

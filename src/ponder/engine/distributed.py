@@ -84,11 +84,10 @@ def shutdown_distributed() -> None:
 
 
 def is_static_model(model: nn.Module) -> bool:
-    """True for plain ponder ResNets, whose every parameter gets a gradient in every step."""
-    from ponder.models.resnet import ResNet
+    """True for static ponder models, whose every parameter gets a gradient in every step."""
+    from ponder.models.base import PonderModel
 
-    return (isinstance(model, ResNet) and type(model).forward is ResNet.forward
-            and not any(hasattr(m, "executor") for m in model.modules()))
+    return isinstance(model, PonderModel) and not model.is_dynamic
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool | None = None) -> nn.Module:

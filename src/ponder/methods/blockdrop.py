@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ponder.dist import unwrap
 from ponder.methods.base import Method, StepOutput, register_method
+from ponder.models.blockdrop import BlockDropModel
 from ponder.nn.policy import PROB_EPS, bound_probs
 
 STAGES = ("curriculum", "finetune", "both")
@@ -74,7 +75,7 @@ class BlockDrop(Method):
         if (stage == "both") != (curriculum_epochs is not None):
             raise ValueError("curriculum_epochs is needed with (and only with) stage='both'")
         net = unwrap(model)
-        if not hasattr(net, "set_curriculum") or not hasattr(net, "backbone"):
+        if not isinstance(net, BlockDropModel):
             raise ValueError(f"method 'blockdrop' needs a BlockDrop model (blockdrop_*), got {type(net).__name__}")
         self.stage, self.curriculum_epochs = stage, curriculum_epochs
         self.penalty, self.beta, self.pg_reduction = penalty, beta, pg_reduction

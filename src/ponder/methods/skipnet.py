@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ponder.methods.base import Method, StepOutput, register_method
+from ponder.models.skipnet import SkipNet
 from ponder.output import DynamicOutput
 
 
@@ -83,9 +84,9 @@ def _gate_metrics(out: DynamicOutput, targets: Tensor) -> dict[str, float]:
 
 
 def _require_gates(model: nn.Module, method: str) -> None:
-    if not (hasattr(model, "decision_mode") and hasattr(model, "gate_bank")):
-        raise ValueError(f"method {method!r} needs a gated model with `decision_mode` and `gate_bank` "
-                         f"(e.g. skipnet_resnet38_cifar), got {type(model).__name__}")
+    if not isinstance(model, SkipNet):
+        raise ValueError(f"method {method!r} needs a SkipNet model (e.g. skipnet_resnet38_cifar), "
+                         f"got {type(model).__name__}")
 
 
 @register_method

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ponder.cost import CostLedger, LedgerCache
+from ponder.cost import CostLedger, LedgerCache, Profile, count_macs, count_params
 from ponder.nn.executor import set_executor
 from ponder.output import DynamicOutput
 
@@ -81,6 +81,33 @@ class PonderModel(nn.Module):
 
     def forward(self, x: Tensor) -> DynamicOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def profile_exits(self, input_size: tuple[int, int, int]) -> list[dict[str, int]] | None:
+        """Per exit, cumulative ``{"params", "macs", ...}`` (multi-exit models); ``None`` otherwise."""
+        return None
+
+    def profile_blocks(self, input_size: tuple[int, int, int]) -> list[dict] | None:
+        """Per residual block ``{"name", "macs", ...}`` (ResNets and their skipping models); ``None`` otherwise."""
+        return None
+
+
+def profile(model: nn.Module, input_size: tuple[int, int, int], name: str | None = None) -> Profile:
+    """Params and dense MACs of ``model`` for one ``(C, H, W)`` input: a ponder model's from its ledger,
+    with its per-exit / per-block figures; any other module's counted by ``FlopCounterMode``."""
+    was_training = model.training
+    model.eval()
+    size = tuple(int(s) for s in input_size)
+    try:
+        if isinstance(model, PonderModel):
+            prof = Profile(name=name or type(model).__name__, input_size=size, params=count_params(model),
+                           macs=model.ledger(size).total, exits=model.profile_exits(size),
+                           blocks=model.profile_blocks(size))
+        else:
+            prof = Profile(name=name or type(model).__name__, input_size=size, params=count_params(model),
+                           macs=count_macs(model, example_input(model, size)))
+    finally:
+        model.train(was_training)
+    return prof
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from ponder.registry import register_model
 from ponder.weights import load_init_weights
 
 
-class _BlockDropBase(SkippingModel):
+class BlockDropModel(SkippingModel):
     """What both variants share beyond the skipping family: the curriculum state and the output."""
 
     paper = "Wu et al., CVPR 2018 (BlockDrop)"
@@ -70,7 +70,7 @@ class _BlockDropBase(SkippingModel):
                              extras={"probs": dec.probs, "sample_probs": dec.sample_probs, "log_prob": dec.log_prob})
 
 
-class BlockDropResNet(_BlockDropBase):
+class BlockDropResNet(BlockDropModel):
     """BlockDrop: ``policy(x) -> probs [B, blocks]`` once, then the backbone runs the kept blocks."""
 
     def __init__(self, backbone: ResNet, policy: ResNetPolicy, threshold: float = 0.5):
@@ -103,7 +103,7 @@ class BlockDropResNet(_BlockDropBase):
         return self._output(x, self.backbone.head(h), dec)
 
 
-class BlockDropSeqResNet(_BlockDropBase):
+class BlockDropSeqResNet(BlockDropModel):
     """BlockDrop-seq: before block ``i``, ``Linear(C_i -> 2)`` on its pooled input decides whether it runs."""
 
     def __init__(self, backbone: ResNet, threshold: float = 0.5):
