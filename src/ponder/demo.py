@@ -159,7 +159,7 @@ def print_table(rows: list[dict[str, Any]], dataset: str, seconds: float) -> Non
     from ponder.cost import format_count
 
     print(f"\n{dataset} test set, {seconds:.0f} s in all (MACs: conv + linear multiply-accumulates; "
-          f"ms measured at batch 64 on {torch.get_num_threads()} threads)")
+          f"ms measured at batch 64 on {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})")
     print(f"{'model':22s} {'family':12s} {'acc %':>6s} {'MACs/image (mean ± std)':>24s} {'ms/image':>9s}")
     for r in rows:
         macs = f"{format_count(r['macs_mean'])} ± {format_count(r['macs_std'])}"
