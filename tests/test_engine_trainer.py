@@ -221,3 +221,15 @@ def test_non_finite_weights_are_never_saved(cifar_dir, tmp_path, steps, epochs_k
     assert state["epoch"] == epochs_kept
     assert all(bool(torch.isfinite(v).all()) for v in list(weights.values()) + list(state["model"].values())
                if v.is_floating_point())
+
+
+def test_resume_with_the_recipe_reads_the_data_folder_from_the_run(tmp_path):
+    from ponder.config import load_config
+
+    data = write_fake_cifar(tmp_path / "data", "cifar10", n_train=32, n_test=16, seed=0)
+    recipe = tmp_path / "r.yaml"  # as the shipped recipes: no data folder (it comes from --data-dir)
+    recipe.write_text("model: {name: resnet20_cifar}\ndata: {dataset: cifar10, batch_size: 16}\n"
+                      "train: {epochs: 1, device: cpu}\n")
+    run = train(load_config(recipe), tmp_path / "run", data_dir=str(data), verbose=False)
+    train(load_config(recipe, ["train.epochs=2"]), None, resume=run, verbose=False)  # no --data-dir again
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]

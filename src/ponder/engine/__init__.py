@@ -145,6 +145,9 @@ def train(config: RunConfig | None, out_dir: str | Path | None, resume: str | Pa
         saved = load_run_config(run_dir)
         if config is None:
             config = saved
+        elif config.data.data_dir is None and data_dir is None:  # the recipe names no folder: the run's own
+            config = copy.deepcopy(config)
+            config.data.data_dir = saved.data.data_dir
     elif out_dir is None or config is None:
         raise ValueError("train needs a config and an output directory (or resume=RUN_DIR)")
     else:
