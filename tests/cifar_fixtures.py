@@ -7,8 +7,8 @@ keys, ``data`` a ``uint8 [N, 3072]`` array, labels plain int lists, like the rea
 Labels are balanced (``i % K``, shuffled); each image is noise around a per-class brightness,
 so a small model can learn them.
 
-``real_cifar10()`` finds the shared real CIFAR-10 subset (``shared/data/cifar-10-batches-py`` beside
-an ancestor of this checkout), or ``None`` when it is absent (tests then skip).
+``real_cifar10()`` finds the shared real CIFAR-10 subset (``shared/data/cifar-10-batches-py``, located
+by :mod:`shared_dir`), or ``None`` when it is absent (tests then skip).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shared_dir import SHARED
+
 _LAYOUT = {
     "cifar10": ("cifar-10-batches-py", 10, b"labels", b"label_names", "batches.meta"),
     "cifar100": ("cifar-100-python", 100, b"fine_labels", b"fine_label_names", "meta"),
@@ -26,11 +28,8 @@ _LAYOUT = {
 
 def real_cifar10() -> Path | None:
     """The folder holding the shared real CIFAR-10 subset's ``cifar-10-batches-py``, or ``None``."""
-    for parent in Path(__file__).resolve().parents:
-        folder = parent / "shared" / "data" / "cifar-10-batches-py"
-        if folder.is_dir():
-            return folder.parent
-    return None
+    folder = SHARED / "data" / "cifar-10-batches-py" if SHARED else None
+    return folder.parent if folder is not None and folder.is_dir() else None
 
 
 def _dump(path: Path, obj: dict) -> None:

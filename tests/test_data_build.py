@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from cifar_fixtures import real_cifar10, write_fake_cifar
+from shared_dir import SHARED
 from ponder.config import DataConfig
 from ponder.data import DataError, EpochSampler, build_datasets, build_loaders
 
-REAL = Path(__file__).resolve().parents[2] / "shared/data/cifar-10-batches-py"
+REAL = (SHARED / "data/cifar-10-batches-py") if SHARED else Path("/nonexistent")
 
 
 @pytest.fixture(scope="module")
