@@ -12,6 +12,7 @@ import torch
 from ponder.config import config_from_dict
 from ponder.engine import train
 from ponder.evaluate.records import load_records
+from ponder.fast import enabled as fast_enabled
 
 
 def test_two_processes_evaluate_one_checkpoint_to_identical_records(tmp_path):
@@ -34,4 +35,5 @@ def test_two_processes_evaluate_one_checkpoint_to_identical_records(tmp_path):
     assert len(first) == 400 and first.active is not None  # every digits test image, with its masks
     for name, value in first.tensors().items():
         assert torch.equal(value, second.tensors()[name]), name
-    assert (tmp_path / "routes.json").is_file()  # the first process stored the routes the second read
+    if fast_enabled():  # with PONDER_FAST=0 nothing is timed, so nothing is stored
+        assert (tmp_path / "routes.json").is_file()  # the first process stored the routes the second read
