@@ -24,6 +24,14 @@ def test_plan_is_the_product_of_the_axes_times_the_seeds(tmp_path):
     assert point_name([]) == "default" and len(plan_sweep([], 3, tmp_path)) == 3
 
 
+def test_one_axis_at_a_time_keeps_the_others_at_the_recipe():
+    grid = ["method.kwargs.alpha=0.6,0.8,1.0,1.2", "method.kwargs.beta=0.1,0.3,0.5,0.7",
+            "method.kwargs.gamma=1e-5,1e-4,1e-3,1e-2"]
+    runs = plan_sweep(grid, 5, "out", vary="one")
+    assert len(runs) == 12 * 5 and runs[0].overrides == ("method.kwargs.alpha=0.6", "train.seed=0")
+    assert sorted({r.point for r in runs})[:2] == ["alpha0.6", "alpha0.8"]
+
+
 @pytest.mark.parametrize("grid, seeds, message", [
     (["optim.lr"], 1, "must look like"),
     (["optim.lr=0.1,0.1"], 1, "repeats a value"),

@@ -302,11 +302,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from ponder.report import report_command
 
     if args.dry_run:
-        print(describe(plan_sweep(args.grid, args.seeds, args.out)), end="")
+        print(describe(plan_sweep(args.grid, args.seeds, args.out, args.vary)), end="")
         return
     options = dict(_parse_options(args.option))
     run_sweep(args.recipe, args.grid, args.seeds, args.out, overrides=args.set, protocols=args.protocol or ["standard"],
-              options=options, data_dir=args.data_dir, log=lambda line: print(line, file=sys.stderr, flush=True))
+              options=options, data_dir=args.data_dir, vary=args.vary, log=lambda line: print(line, file=sys.stderr, flush=True))
     markdown, notices = report_command([args.out], out=args.out)
     print(markdown, end="")
     for line in notices:
@@ -437,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe", help="YAML recipe")
     s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="one axis of the grid (repeat for more axes), e.g. method.kwargs.alpha=0.6,0.8")
+    s.add_argument("--vary", choices=("all", "one"), default="all",
+                   help="all: every combination of the axes; one: each axis on its own (the rest as the recipe)")
     s.add_argument("--seeds", type=int, default=1, help="train every point with seeds 0 .. N-1")
     s.add_argument("--out", required=True, metavar="DIR", help="runs go to DIR/<point>/s<seed>; the report to DIR")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field (every run)")

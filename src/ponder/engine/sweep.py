@@ -1,7 +1,8 @@
 """Recipe sweeps: train every point of a grid of recipe overrides, for several seeds, and evaluate each run.
 
-``ponder sweep RECIPE --grid KEY=V1,V2,... [--grid ...] --seeds N --out DIR`` (what :func:`run_sweep`
-does): the grid's points are the cartesian product of the axes; each point trains once per seed
+``ponder sweep RECIPE --grid KEY=V1,V2,... [--grid ...] [--vary all|one] --seeds N --out DIR`` (what
+:func:`run_sweep` does): the grid's points are the cartesian product of the axes (``--vary one``: each
+axis on its own, the rest at the recipe's values); each point trains once per seed
 (``train.seed`` = 0 .. N-1) into ``DIR/<point>/s<seed>``, where ``<point>`` names the axes' values
 (``alpha0.6_beta0.1``); every run is then evaluated with the given protocols (``RUN/results/<protocol>.json``),
 and the command ends with ``ponder report DIR --out DIR`` (the points as groups, mean +- std over seeds).
@@ -55,8 +56,14 @@ def point_name(assignment: Sequence[tuple[str, str]]) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9.+-]", "-", p) for p in parts)
 
 
-def plan_sweep(grid: Sequence[str], seeds: int, out: str | Path) -> list[SweepRun]:
-    """Every run of the sweep, point by point, seed by seed (``grid``: ``KEY=V1,V2`` axes)."""
+def plan_sweep(grid: Sequence[str], seeds: int, out: str | Path, vary: str = "all") -> list[SweepRun]:
+    """Every run of the sweep, point by point, seed by seed (``grid``: ``KEY=V1,V2`` axes).
+
+    ``vary="all"``: the cartesian product of the axes; ``"one"``: each axis on its own, the other fields
+    at the recipe's values (a sensitivity study: 4 + 4 + 4 points for three axes of four values).
+    """
+    if vary not in ("all", "one"):
+        raise ConfigError(f"vary must be 'all' (every combination) or 'one' (one axis at a time), got {vary!r}")
     if seeds < 1:
         raise ConfigError(f"a sweep needs --seeds 1 or more, got {seeds}")
     axes = [parse_axis(a) for a in grid]
@@ -65,9 +72,12 @@ def plan_sweep(grid: Sequence[str], seeds: int, out: str | Path) -> list[SweepRu
         raise ConfigError(f"a grid axis is given twice: {', '.join(sorted({k for k in keys if keys.count(k) > 1}))}")
     if "train.seed" in keys:
         raise ConfigError("train.seed is the sweep's own axis; use --seeds N instead of a grid over it")
+    if vary == "all":
+        assignments = [list(zip(keys, values)) for values in itertools.product(*(v for _, v in axes))]
+    else:
+        assignments = [[(key, value)] for key, values in axes for value in values]
     runs = []
-    for values in itertools.product(*(v for _, v in axes)):
-        assignment = list(zip(keys, values))
+    for assignment in assignments:
         name = point_name(assignment)
         for seed in range(seeds):
             overrides = tuple(f"{k}={v}" for k, v in assignment) + (f"train.seed={seed}",)
@@ -88,7 +98,7 @@ def _finished(run_dir: Path, epochs: int) -> bool:
 
 def run_sweep(recipe: str | Path, grid: Sequence[str], seeds: int, out: str | Path, overrides: Sequence[str] = (),
               protocols: Sequence[str] = ("standard",), options: dict[str, Any] | None = None,
-              data_dir: str | None = None, log: Callable[[str], None] = print) -> list[SweepRun]:
+              data_dir: str | None = None, vary: str = "all", log: Callable[[str], None] = print) -> list[SweepRun]:
     """Train and evaluate every run of the sweep (module docstring); returns the runs.
 
     ``overrides`` (``KEY=VALUE``) apply to every run before the grid's; ``options`` go to every protocol.
@@ -97,7 +107,7 @@ def run_sweep(recipe: str | Path, grid: Sequence[str], seeds: int, out: str | Pa
     from ponder.engine import train
     from ponder.engine.checkpoint import STATE_FILE
 
-    runs = plan_sweep(grid, seeds, out)
+    runs = plan_sweep(grid, seeds, out, vary)
     configs = [load_config(recipe, list(overrides) + list(r.overrides)) for r in runs]
     from ponder.engine import evaluate_run
 

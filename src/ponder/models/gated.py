@@ -29,13 +29,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ponder.cost import count_macs
 from ponder.models.base import example_input
 from ponder.models.resnet import ResNet
 from ponder.models.skipping import SkippingModel
-from ponder.nn.routers import ROUTE_MODES, RouteMode, RouterBank, option_work, route
+from ponder.nn import skip_kernels
+from ponder.nn.dense_units import stem_on_kernels
+from ponder.nn.routers import ROUTE_MODES, RouteMode, RouterBank, eval_option, option_work, route
 from ponder.nn.skip import SkippedOutput, SoftMix
 from ponder.output import DynamicOutput
 
@@ -62,6 +65,7 @@ class GatedResNet(SkippingModel):
             raise ValueError(f"routers choose between 2 (skip, run) or 3 (skip, first conv, run) options, "
                              f"got {routers.num_options}")
         super().__init__(backbone, skipped=skipped, mix=mix, threshold=threshold)
+        self.skipper.nonnegative = True  # every block input is a ReLU output (stem, block, relu(shortcut), skip path)
         self.routers = routers
         self.skip_paths = nn.ModuleDict({str(i): m for i, m in (skip_paths or {}).items()})
         self.train_decisions: RouteMode = "gumbel"
@@ -99,6 +103,9 @@ class GatedResNet(SkippingModel):
         self.check_input(x)
         if self.train_decisions not in ROUTE_MODES:
             raise ValueError(f"train_decisions must be one of {ROUTE_MODES}, got {self.train_decisions!r}")
+        if (not self.training and not features and not self.noisy_eval and self.skipper.executor == "sparse"
+                and skip_kernels.applies(self.backbone.blocks[0], x)):
+            return self._infer(x)
         k = self.num_options
         forced = self.forced_keep(x)
         h = self.backbone.stem(x)
@@ -118,21 +125,52 @@ class GatedResNet(SkippingModel):
             options.append(r.option)
             if features:
                 outs.append(h)
-        out_logits = self.backbone.head(h)
-        option_t = torch.stack(options, 1)
-        mask_t = torch.stack(masks, 1)
-        logit_t = torch.stack(logits, 1)
-        full = option_t == k - 1
-        half = option_t == 1 if k == 3 else None
-        extras: dict[str, Any] = {
-            "router_logits": logit_t, "router_probs": torch.softmax(logit_t, 2), "router_masks": mask_t,
-            "options": option_t, "usage": mask_t @ option_work(k, x.device).to(mask_t.dtype),
-        }
+        extras: dict[str, Any] = {}
         if features:
             extras["block_features"] = outs
             extras["stage_features"] = [outs[e] for e in self.stage_ends]
-        return DynamicOutput(logits=out_logits, macs=self.charge(x, full, half), gates=(option_t > 0).to(x.dtype),
-                             extras=extras)
+        return self._output(x, self.backbone.head(h), logits, options, torch.stack(masks, 1), extras)
+
+    def _infer(self, x: Tensor) -> DynamicOutput:
+        """Inference on the sparse executor's kernels (:mod:`ponder.nn.skip_kernels`): channels-last maps,
+        BN folded, each router's decision read once per block (one host sync), nothing else per block."""
+        k, n = self.num_options, x.shape[0]
+        forced = self.forced_keep(x)
+        if forced is not None:
+            forced_options = (forced > 0.5).long() * (k - 1)
+            forced_counts = (forced > 0.5).sum(0).tolist()
+        h = stem_on_kernels(self.backbone, x)
+        state = self.routers.init_state(h)
+        logits, options = [], []
+        paths = self.skip_paths
+        for i, block in enumerate(self.backbone.blocks):
+            logit, state = self.routers.step(i, h, state)
+            if forced is not None:
+                option = forced_options[:, i]
+                counts = [n - forced_counts[i]] + [0] * (k - 2) + [forced_counts[i]]
+            else:
+                option = eval_option(logit, self.threshold)
+                if n == 1:
+                    counts = [0] * k
+                    counts[int(option)] = 1
+                else:
+                    counts = torch.bincount(option, minlength=k).tolist()
+            path = paths[str(i)] if str(i) in paths else None
+            h = self.skipper.run_option(block, h, option, counts, skip_path=path, own=True)
+            logits.append(logit)
+            options.append(option)
+        masks = F.one_hot(torch.stack(options, 1), k).to(x.dtype)
+        return self._output(x, self.backbone.head(h), logits, options, masks, {})
+
+    def _output(self, x: Tensor, out_logits: Tensor, logits: list[Tensor], options: list[Tensor], masks: Tensor,
+                extras: dict[str, Any]) -> DynamicOutput:
+        k = self.num_options
+        option_t = torch.stack(options, 1)
+        logit_t = torch.stack(logits, 1)
+        extras.update(router_logits=logit_t, router_probs=torch.softmax(logit_t, 2), router_masks=masks,
+                      options=option_t, usage=masks @ option_work(k, x.device).to(masks.dtype))
+        macs = self.charge(x, option_t == k - 1, option_t == 1 if k == 3 else None)
+        return DynamicOutput(logits=out_logits, macs=macs, gates=(option_t > 0).to(x.dtype), extras=extras)
 
     # cost ------------------------------------------------------------------------------------
     def measure_decision_units(self, input_size: tuple[int, int, int]) -> dict[str, int]:

@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ponder.cost import CostLedger
+from ponder.models.act import DenseResNetKernels
 from ponder.models.base import DynamicModel, Knob
 from ponder.models.resnet import ResNet
 from ponder.nn.forced import keep_matrix, sample_keys
@@ -79,6 +80,11 @@ class SkippingModel(DynamicModel):
     def dense_baseline(self) -> ResNet:
         """The backbone ResNet: every block, no decision network."""
         return self.backbone
+
+    def dense_baseline_kernels(self) -> nn.Module:
+        """The backbone on the sparse executor's inference kernels (BN folded, channels-last;
+        :mod:`ponder.nn.skip_kernels`): ``ponder bench``'s ``dense*``, the speed-up owed to skipping alone."""
+        return DenseResNetKernels(self.backbone)
 
     def forced_keep(self, x: Tensor, first: int = 0) -> Tensor | None:
         """Forced keep decisions ``[B, num_blocks - first]`` (float 0/1) for blocks ``first..``, or ``None``

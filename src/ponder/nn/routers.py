@@ -125,9 +125,12 @@ class PooledRouter(nn.Module):
 
     def hidden(self, x: Tensor) -> Tensor:
         """``[B, hidden]``: the features before the last layer."""
-        h = self.fc1(x.mean((2, 3)))
-        if self.bn is not None:
-            h = self.bn(h)
+        if self.bn is not None and not self.training and not torch.is_grad_enabled():
+            h = F.linear(x.mean((2, 3)), *self._folded())  # inference: BN folded into fc1
+        else:
+            h = self.fc1(x.mean((2, 3)))
+            if self.bn is not None:
+                h = self.bn(h)
         if self.act:
             h = F.relu(h)
         if self.dropout and self.training:
@@ -136,6 +139,20 @@ class PooledRouter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.hidden(x))
+
+    def _folded(self) -> tuple[Tensor, Tensor]:
+        """``fc1`` with the eval-mode BN folded in: ``(weight, bias)``, cached until any of them changes."""
+        bn = self.bn
+        assert bn is not None
+        parts = (self.fc1.weight, self.fc1.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple((id(t), -1 if t.is_inference() else t._version) for t in parts)
+        cached = self.__dict__.get("_folded_cache")
+        if cached is None or cached[0] != key:
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            weight = (self.fc1.weight * scale[:, None]).detach()
+            bias = ((self.fc1.bias - bn.running_mean) * scale + bn.bias).detach()
+            cached = self.__dict__["_folded_cache"] = (key, weight, bias)
+        return cached[1], cached[2]
 
 
 class RouterBank(nn.Module):

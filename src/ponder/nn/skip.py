@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ponder.cost import count_macs, eval_unit_macs
+from ponder.nn import skip_kernels
 from ponder.nn.protocols import ResidualBlock, ResNet
 
 
@@ -63,7 +64,7 @@ class BlockSkipper(nn.Module):
     """
 
     def __init__(self, skipped: SkippedOutput = "shortcut", mix: SoftMix | None = None,
-                 executor: str = "masked"):
+                 executor: str = "masked", nonnegative: bool = False):
         super().__init__()
         if skipped not in SKIPPED_OUTPUTS:
             raise ValueError(f"skipped must be one of {SKIPPED_OUTPUTS}, got {skipped!r}")
@@ -74,6 +75,7 @@ class BlockSkipper(nn.Module):
             raise ValueError("mix='inside' (relu(sc + k * f)) only fits skipped='relu_shortcut'; "
                              "use mix='outside' with skipped='shortcut'")
         self.skipped, self.mix, self.executor = skipped, mix, executor
+        self.nonnegative = nonnegative  # every block input is a ReLU output (lets inference skip relu(x) = x)
 
     def extra_repr(self) -> str:
         return f"skipped={self.skipped!r}, mix={self.mix!r}, executor={self.executor!r}"
@@ -110,11 +112,24 @@ class BlockSkipper(nn.Module):
         if self.executor == "masked":
             return self._masked(block, x, keep, half, skip_path)
         if self.executor == "sparse":
+            if skip_kernels.applies(block, x):
+                option = (keep > 0.5).long() if half is None else (keep > 0.5).long() * 2 + (half > 0.5).long()
+                k = 2 if half is None else 3
+                return self.run_option(block, x, option, torch.bincount(option, minlength=k).tolist(), skip_path)
             if half is None and skip_path is None:
                 hard = keep > 0.5
                 return self._sparse(block, x, hard, int(hard.sum()))
             return self._sparse_options(block, x, keep > 0.5, None if half is None else half > 0.5, skip_path)
         raise ValueError(f"executor must be 'masked' or 'sparse', got {self.executor!r}")
+
+    def run_option(self, block: ResidualBlock, x: Tensor, option: Tensor, counts: list[int],
+                   skip_path: nn.Module | None = None, own: bool = False) -> Tensor:
+        """Sparse inference (:mod:`ponder.nn.skip_kernels`): ``block`` on ``x`` under hard options ``option [B]``
+        (long: 0 skip, ``K - 1`` whole block, 1 first conv only when ``K = 3``) with ``counts[k]`` samples
+        taking option ``k``; returns a channels-last map. ``own``: ``x`` is the executor's own intermediate."""
+        x = x.contiguous(memory_format=torch.channels_last)
+        return skip_kernels.run_options(block, x, option, counts, relu=self.skipped == "relu_shortcut",
+                                        nonnegative=self.nonnegative, own=own, skip_path=skip_path)
 
     def _masked(self, block: ResidualBlock, x: Tensor, keep: Tensor, half: Tensor | None = None,
                 skip_path: nn.Module | None = None) -> Tensor:
@@ -209,8 +224,12 @@ class BlockSkipper(nn.Module):
         hard = keep > 0.5
         counts = hard.sum(0).tolist()  # one host sync for the whole network
         given = x
+        n = x.shape[0]
         for i, block in enumerate(blocks):
-            x = self._sparse(block, x, hard[:, i], counts[i], own=x is not given)
+            if skip_kernels.applies(block, x):
+                x = self.run_option(block, x, hard[:, i].long(), [n - counts[i], counts[i]], own=x is not given)
+            else:
+                x = self._sparse(block, x, hard[:, i], counts[i], own=x is not given)
         return x
 
 
