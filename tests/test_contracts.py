@@ -35,7 +35,7 @@ def _build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model(name, num_classes=10)
     for m in model.modules():  # decisions that vary per sample: untrained halting branches start constant
-        if type(m).__name__ in ("HaltingBranch", "SpatialHaltingBranch"):
+        if type(m).__name__ in ("HaltingBranch", "SpatialHaltingBranch", "PooledRouter"):
             for p in m.parameters():
                 torch.nn.init.normal_(p, std=0.3)
     return model.eval()

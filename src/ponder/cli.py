@@ -324,6 +324,22 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(line, file=sys.stderr)
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from ponder.engine.sweep import describe, plan_sweep, run_sweep
+    from ponder.report import report_command
+
+    if args.dry_run:
+        print(describe(plan_sweep(args.grid, args.seeds, args.out, args.vary)), end="")
+        return
+    options = dict(_parse_options(args.option))
+    run_sweep(args.recipe, args.grid, args.seeds, args.out, overrides=args.set, protocols=args.protocol or ["standard"],
+              options=options, data_dir=args.data_dir, vary=args.vary, log=lambda line: print(line, file=sys.stderr, flush=True))
+    markdown, notices = report_command([args.out], out=args.out)
+    print(markdown, end="")
+    for line in notices:
+        print(line, file=sys.stderr)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from ponder.official import convert_official
 
@@ -447,6 +463,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --update-doc: change nothing, fail when a generated table differs from the results")
     s.set_defaults(fn=cmd_report)
 
+    s = sub.add_parser("sweep", help="train a recipe over a grid of overrides and seeds, evaluate and report every run")
+    s.add_argument("recipe", help="YAML recipe")
+    s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="one axis of the grid (repeat for more axes), e.g. method.kwargs.alpha=0.6,0.8")
+    s.add_argument("--vary", choices=("all", "one"), default="all",
+                   help="all: every combination of the axes; one: each axis on its own (the rest as the recipe)")
+    s.add_argument("--seeds", type=int, default=1, help="train every point with seeds 0 .. N-1")
+    s.add_argument("--out", required=True, metavar="DIR", help="runs go to DIR/<point>/s<seed>; the report to DIR")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field (every run)")
+    s.add_argument("--protocol", action="append", metavar="P", help="evaluate each run with P (repeat; default standard)")
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="protocol option")
+    s.add_argument("--data-dir")
+    s.add_argument("--dry-run", action="store_true", help="print the runs the sweep would make, and stop")
+    s.set_defaults(fn=cmd_sweep)
+
     s = sub.add_parser("convert", help="turn an official MSDNet / RANet / BlockDrop / SkipNet checkpoint into a run "
                                        "directory")
     s.add_argument("path", help="the checkpoint file (read with weights_only=True: no code runs)")
@@ -510,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench" and not (args.name or args.checkpoint):
         parser.error("bench needs a model NAME or --checkpoint RUN_DIR")
     fn: Callable[[argparse.Namespace], None] = args.fn
-    if args.command in ("train", "eval", "demo"):
+    if args.command in ("train", "eval", "demo", "sweep"):
         from ponder.threads import use_free_cores
 
         use_free_cores()  # fewer threads when other processes keep cores busy (see ponder.threads)

@@ -140,10 +140,12 @@ class ResNet(PonderModel):
 
     paper = "He et al., CVPR 2016 (ResNet)"
     blocks: list[ResidualBlock]
+    stage_sizes: list[int]  # blocks per stage, in order
 
     def _collect_blocks(self, stages: list[nn.Sequential]) -> None:
         # a plain list (not a ModuleList) so state_dict keys stay torchvision's
         self.__dict__["blocks"] = [b for stage in stages for b in stage]
+        self.__dict__["stage_sizes"] = [len(stage) for stage in stages]
 
     def stem(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -7,9 +7,11 @@ decisions for benchmarks, the cost ledger and its one charge, the dense baseline
 loading a plain ResNet checkpoint into the backbone.
 
 Ledger units: the backbone's ``stem``, ``blocks.i`` and ``head``; ``blocks.i.skip`` (what skipping block
-``i`` costs: its projection shortcut, 0 for identity / parameter-free shortcuts); and the decision
-networks' units (:meth:`SkippingModel.measure_decision_units`: ``policy``, ``gates.j`` ...). A sample pays
-``stem + head + decisions + sum_i (blocks.i if kept else blocks.i.skip)``.
+``i`` costs: its projection shortcut, 0 for identity / parameter-free shortcuts, or the model's own skip
+path: :meth:`SkippingModel.skip_paths_by_block`); ``blocks.i.half`` for models whose blocks can run their
+first conv only (:attr:`SkippingModel.has_half_option`); and the decision networks' units
+(:meth:`SkippingModel.measure_decision_units`: ``policy``, ``gates.j``, ``routers.j`` ...). A sample pays
+``stem + head + decisions + sum_i (blocks.i if kept, blocks.i.half if half, else blocks.i.skip)``.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from __future__ import annotations
 from typing import Any, ClassVar, Mapping
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 from ponder.cost import CostLedger
+from ponder.models.act import DenseResNetKernels
 from ponder.models.base import DynamicModel, Knob
 from ponder.models.resnet import ResNet
 from ponder.nn.forced import keep_matrix, sample_keys
-from ponder.nn.skip import BlockSkipper, SkippedOutput, SoftMix, skip_units
+from ponder.nn.skip import BlockSkipper, SkippedOutput, SoftMix, half_units, skip_units
 
 
 class SkippingModel(DynamicModel):
@@ -53,6 +57,16 @@ class SkippingModel(DynamicModel):
     def num_blocks(self) -> int:
         return len(self.backbone.blocks)
 
+    @property
+    def has_half_option(self) -> bool:
+        """Whether a block can run its first conv only (RDI-Net): the ledger then has ``blocks.i.half``."""
+        return False
+
+    def skip_paths_by_block(self) -> dict[int, nn.Module]:
+        """The model's own skip modules by block index (CoDiNet's projections); a skipped block without one
+        outputs the skipper's rule (:mod:`ponder.nn.skip`)."""
+        return {}
+
     # ---- knob, baseline, forced decisions --------------------------------------------------
     def get_knob(self) -> float:
         """The keep threshold: a block runs iff its keep probability is ``>= threshold``."""
@@ -66,6 +80,11 @@ class SkippingModel(DynamicModel):
     def dense_baseline(self) -> ResNet:
         """The backbone ResNet: every block, no decision network."""
         return self.backbone
+
+    def dense_baseline_kernels(self) -> nn.Module:
+        """The backbone on the sparse executor's inference kernels (BN folded, channels-last;
+        :mod:`ponder.nn.skip_kernels`): ``ponder bench``'s ``dense*``, the speed-up owed to skipping alone."""
+        return DenseResNetKernels(self.backbone)
 
     def forced_keep(self, x: Tensor, first: int = 0) -> Tensor | None:
         """Forced keep decisions ``[B, num_blocks - first]`` (float 0/1) for blocks ``first..``, or ``None``
@@ -84,7 +103,9 @@ class SkippingModel(DynamicModel):
     def measure_ledger(self, input_size: tuple[int, int, int]) -> CostLedger:
         base = self.backbone.ledger(input_size)
         units = dict(base.units)
-        units.update(skip_units(self.backbone, input_size))
+        units.update(skip_units(self.backbone, input_size, self.skip_paths_by_block()))
+        if self.has_half_option:
+            units.update(half_units(self.backbone, input_size))
         modes = {m: m.training for m in self.modules()}  # restored one by one: parts may differ (frozen backbone)
         self.eval()
         try:
@@ -96,29 +117,42 @@ class SkippingModel(DynamicModel):
         units.update(decisions)
         return CostLedger(input_size=input_size, units=units, total=base.total + sum(decisions.values()))
 
-    def charge(self, x: Tensor, keep: Tensor) -> Tensor:
-        """Per-sample MACs ``[B]`` (float64) of inputs like ``x`` under hard decisions ``keep [B, blocks]``:
-        stem, head and every decision unit, plus per block the block or its skip path."""
+    def charge(self, x: Tensor, keep: Tensor, half: Tensor | None = None) -> Tensor:
+        """Per-sample MACs ``[B]`` (float64) of inputs like ``x`` under hard decisions ``keep [B, blocks]``
+        (and ``half [B, blocks]``: first conv only, for models with that option): stem, head and every
+        decision unit, plus per block the block, its first conv or its skip path."""
         led = self.ledger_for(x)
         names = self._charge_names(led)
-        hard = (keep > 0.5).to(torch.float64)
-        fixed = torch.ones(keep.shape[0], len(names) - 2 * self.num_blocks, dtype=torch.float64, device=keep.device)
-        return led.charge(names, torch.cat([hard, 1.0 - hard, fixed], 1))
+        full = (keep > 0.5).to(torch.float64)
+        parts = [full]
+        if self.has_half_option:
+            first = torch.zeros_like(full) if half is None else (half > 0.5).to(torch.float64)
+            parts += [1.0 - full - first, first]
+        else:
+            parts.append(1.0 - full)
+        fixed = len(names) - sum(p.shape[1] for p in parts)
+        parts.append(torch.ones(keep.shape[0], fixed, dtype=torch.float64, device=keep.device))
+        return led.charge(names, torch.cat(parts, 1))
 
     def _charge_names(self, led: CostLedger) -> tuple[str, ...]:
         cached = getattr(self, "_names", None)
         if cached is None or cached[0] is not led:
-            run = [f"blocks.{i}" for i in range(self.num_blocks)]
-            skip = [f"blocks.{i}.skip" for i in range(self.num_blocks)]
-            fixed = [n for n in led.units if n not in run and n not in skip]
-            cached = self._names = (led, tuple(run + skip + fixed))
+            per_block = [[f"blocks.{i}{suffix}" for i in range(self.num_blocks)]
+                         for suffix in ("", ".skip") + ((".half",) if self.has_half_option else ())]
+            taken = {n for names in per_block for n in names}
+            fixed = [n for n in led.units if n not in taken]
+            cached = self._names = (led, tuple(n for names in per_block for n in names) + tuple(fixed))
         return cached[1]
 
     def profile_blocks(self, input_size: tuple[int, int, int]) -> list[dict]:
-        """Per block: ``macs`` when run and ``skip_macs`` when skipped."""
+        """Per block: ``macs`` when run, ``skip_macs`` when skipped (and ``half_macs``: first conv only)."""
         led = self.ledger(input_size)
-        return [{"name": f"blocks.{i}", "macs": led[f"blocks.{i}"], "skip_macs": led[f"blocks.{i}.skip"]}
+        rows = [{"name": f"blocks.{i}", "macs": led[f"blocks.{i}"], "skip_macs": led[f"blocks.{i}.skip"]}
                 for i in range(self.num_blocks)]
+        if self.has_half_option:
+            for i, row in enumerate(rows):
+                row["half_macs"] = led[f"blocks.{i}.half"]
+        return rows
 
     # ---- weights ---------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):

@@ -81,6 +81,7 @@ class Group:
 
     rows: list[Row]
     label: str = ""
+    detail: str = ""                  # what sets it apart from groups of the same model, method and kind
 
     @property
     def first(self) -> EvalResult:
@@ -242,9 +243,52 @@ def group_rows(rows: Sequence[Row]) -> list[Group]:
     out.sort(key=lambda g: (order.get(g.family, len(order)), g.first.run.model, g.first.run.method, g.kind,
                             g.first.run.config_hash))
     base = [f"{g.first.run.model} · {g.first.run.method} · {g.kind}" for g in out]
-    for g, label in zip(out, base):
-        g.label = label if base.count(label) == 1 else f"{label} · {g.first.run.config_hash[:6]}"
+    for label in set(base):
+        same = [g for g, b in zip(out, base) if b == label]
+        if len(same) == 1:
+            same[0].label = label
+            continue
+        settings = differing_settings([run_settings(g.rows[0].source) for g in same])
+        for g, differ in zip(same, settings):
+            g.detail = differ or g.first.run.config_hash[:6]
+            g.label = f"{label} · {g.detail}"
     return out
+
+
+def run_settings(source: Path) -> dict[str, object] | None:
+    """The dotted settings (``method.kwargs.alpha``: 0.6, ...) of the run whose results are in ``source``
+    (its ``config.yaml`` beside the ``results`` folder), or None when it cannot be read."""
+    import yaml
+
+    path = (source.parent if source.name == "results" else source) / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    flat: dict[str, object] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(config, "")
+    return flat
+
+
+def differing_settings(settings: Sequence[dict[str, object] | None]) -> list[str]:
+    """For groups whose labels collide: each one's values of the settings that differ between them
+    (``method.alpha=0.6, method.beta=0.1``; ``kwargs`` left out of the names, seeds and machine-local fields
+    ignored); empty strings when a config is missing."""
+    from ponder.results.schema import NOT_HASHED
+
+    if any(s is None for s in settings):
+        return [""] * len(settings)
+    keys = sorted({k for s in settings for k in s} - set(NOT_HASHED))  # type: ignore[union-attr]
+    differ = [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]  # type: ignore[union-attr]
+    return [", ".join(f"{k.replace('.kwargs.', '.')}={s.get(k)}" for k in differ) for s in settings]  # type: ignore[union-attr]
 
 
 def collect_groups(paths: Sequence[str | Path], batch: int | None = None) -> list[Group]:

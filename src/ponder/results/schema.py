@@ -48,7 +48,7 @@ RESULTS_DIR = "results"
 
 # config fields that do not change what a run computes (where it ran, where its data lie) plus the
 # seed: runs whose configs differ only in these share a config hash and are grouped over seeds
-_NOT_HASHED = ("train.seed", "train.device", "train.tensorboard", "data.data_dir", "data.workers",
+NOT_HASHED = ("train.seed", "train.device", "train.tensorboard", "data.data_dir", "data.workers",
                "data.eval_batch_size")
 
 
@@ -338,7 +338,7 @@ def config_hash(config: "RunConfig") -> str:
     """12 hex digits of SHA-256 over the resolved config without the seed and machine-local fields."""
     from ponder.config import flat_config  # the dotted-key view the resume check compares too
 
-    kept = {k: v for k, v in flat_config(config.to_dict()).items() if k not in _NOT_HASHED}
+    kept = {k: v for k, v in flat_config(config.to_dict()).items() if k not in NOT_HASHED}
     raw = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
