@@ -114,13 +114,13 @@ class Processes:
         return t[..., self.rank :: self.world_size]
 
 
-def _flat(tensors: Sequence[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def _unflat(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+def _sum_all(procs: Processes, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Each of ``tensors`` summed over processes, in one collective (a flat buffer)."""
+    if procs.world_size == 1:
+        return list(tensors)
+    flat = procs.sum(torch.cat([t.reshape(-1) for t in tensors]))
     out, i = [], 0
-    for t in like:
+    for t in tensors:
         out.append(flat[i : i + t.numel()].view_as(t))
         i += t.numel()
     return out
@@ -200,8 +200,9 @@ def meta_surrogate(model: nn.Module, optimizer: torch.optim.Optimizer, wpn: Weig
                                 allow_unused=True)
     used = [n for n, g in zip(names, grads) if g is not None]
     local = [g for g in grads if g is not None]
-    total = _unflat(procs.sum(_flat(local)) / loss_scale, local)
-    g_leaf = {n: g.detach().requires_grad_() for n, g in zip(used, total)}
+    total = _sum_all(procs, local)
+    g_leaf = {n: (g.detach() / loss_scale if loss_scale != 1 else g.detach()).requires_grad_()
+              for n, g in zip(used, total)}
 
     theta = {n: p.detach() for n, p in params.items()}
     stepped = virtual_sgd_step(optimizer, {n: params[n] for n in used}, g_leaf, start=theta)
@@ -209,7 +210,7 @@ def meta_surrogate(model: nn.Module, optimizer: torch.optim.Optimizer, wpn: Weig
     share = _meta_loss(out.exit_logits, meta_targets, proportions, procs)
     u_local = torch.autograd.grad(share, list(g_leaf.values()), allow_unused=True)
     u_local = [torch.zeros_like(g) if u is None else u for g, u in zip(g_leaf.values(), u_local)]
-    u = dict(zip(used, _unflat(procs.sum(_flat(u_local)), u_local)))
+    u = dict(zip(used, _sum_all(procs, u_local)))
 
     d_weights = loss_jvp(net, theta, u, train_images, train_targets, losses_of) / n_all  # dL_M / dw [n, K]
     coeff = wpn.delta * centre(d_weights.to(v.dtype), wpn.normalisation, batch_mean)
