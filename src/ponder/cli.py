@@ -1,4 +1,4 @@
-"""The ``ponder`` command: models, flops, train, eval, bench, report, convert, kernels, ponder-map, demo."""
+"""The ``ponder`` command: models, flops, train, eval, sweep, bench, report, convert, kernels, ponder-map, demo."""
 
 from __future__ import annotations
 
@@ -127,6 +127,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate_run(args.run_dir, protocol=args.protocol, data_dir=args.data_dir,
                           out_dir=args.out, options=options)
     print(json.dumps(result, indent=1) if args.json else _summary_text(result))
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    import yaml
+
+    from ponder.engine.sweep import sweep, sweep_table
+
+    values = [yaml.safe_load(v) for item in args.values for v in item.split(",") if v]
+    rows = sweep(args.recipe, args.key, values, args.out, args.set, args.seeds, args.data_dir)
+    print(sweep_table(rows, args.key))
+    print(f"curves: ponder report {args.out}")
 
 
 def _parse_options(items: Sequence[str]) -> list[tuple[str, Any]]:
@@ -380,6 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_eval)
 
+    s = sub.add_parser("sweep", help="train a recipe at several values of one setting (e.g. L2W's q) and compare "
+                                     "their budgeted curves on the held-out split (never the test set)")
+    s.add_argument("recipe", help="YAML recipe of an early-exit model with a held-out split (data.val_size > 0)")
+    s.add_argument("--key", required=True, help="the dotted recipe field to sweep, e.g. method.kwargs.q")
+    s.add_argument("--values", required=True, nargs="+", help="its values (space or comma separated)")
+    s.add_argument("--seeds", type=int, nargs="+", help="train every value with each of these seeds")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    s.add_argument("--data-dir")
+    s.add_argument("--out", required=True, help="folder of the runs, one per value (and seed)")
+    s.set_defaults(fn=cmd_sweep)
+
     s = sub.add_parser("bench", help="measured latency: static, or dense vs dynamic executors")
     s.add_argument("name", nargs="?", help="model name (omit with --checkpoint)")
     s.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
@@ -478,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench" and not (args.name or args.checkpoint):
         parser.error("bench needs a model NAME or --checkpoint RUN_DIR")
     fn: Callable[[argparse.Namespace], None] = args.fn
-    if args.command in ("train", "eval", "demo"):
+    if args.command in ("train", "eval", "sweep", "demo"):
         from ponder.threads import use_free_cores
 
         use_free_cores()  # fewer threads when other processes keep cores busy (see ponder.threads)

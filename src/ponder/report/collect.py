@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -243,8 +244,20 @@ def group_rows(rows: Sequence[Row]) -> list[Group]:
                             g.first.run.config_hash))
     base = [f"{g.first.run.model} · {g.first.run.method} · {g.kind}" for g in out]
     for g, label in zip(out, base):
-        g.label = label if base.count(label) == 1 else f"{label} · {g.first.run.config_hash[:6]}"
+        g.label = label if base.count(label) == 1 else f"{label} · {_run_stem(g)}"
+    labels = [g.label for g in out]
+    for g in out:
+        if labels.count(g.label) > 1:
+            g.label += f" · {g.first.run.config_hash[:6]}"
     return out
+
+
+def _run_stem(group: Group) -> str:
+    """What tells apart groups of the same model, method and kind: their runs' directory name without
+    a seed suffix (``q=0.5`` for ``q=0.5_s1``, ``l2w_lt`` for ``l2w_lt_s2``) when the runs share one,
+    else the config hash's first 6 digits (added to both when two groups still share a label)."""
+    stems = {re.sub(rf"[_-]?s(eed)?[_-]?{r.result.run.seed}$", "", r.result.run.name) for r in group.rows}
+    return stems.pop() if len(stems) == 1 and "" not in stems else group.first.run.config_hash[:6]
 
 
 def collect_groups(paths: Sequence[str | Path], batch: int | None = None) -> list[Group]:
