@@ -9,12 +9,14 @@ same steps as plain training at half the batch), interleaved round by round:
 - per iteration: plain (two SGD steps on the halves), L2W with a meta step (I = 1) and L2W without
   one (the iterations between meta steps);
 - per cycle of ``--cycle`` iterations (an epoch's worth at I = 100): ``--cycle`` plain iterations
-  against ``--cycle`` L2W iterations with ``meta_interval = --cycle`` (one meta step per cycle);
+  against ``--cycle`` L2W iterations with ``meta_interval = --cycle`` (one meta step per cycle),
+  interleaved iteration by iteration and summed;
 - the parts of one order of a meta iteration: the shared forward pass, the virtual step's backward
   pass, the meta forward pass through the virtual parameters, the meta backward pass to the virtual
   gradient, the Jacobian-vector product, the WPN's update, and the real step's backward pass.
 
-Prints medians in ms with the spread (lowest-highest) and the ratios to plain.
+Prints medians in ms with the spread (lowest-highest) and the ratios to plain, in wall-clock time and
+in this process's CPU time (which other processes on a shared machine disturb less; use one thread).
 """
 
 from __future__ import annotations
@@ -42,10 +44,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _fmt(ts: list[float], base: float | None = None) -> str:
+def _fmt(ts: list[float], base: float) -> str:
     m = statistics.median(ts)
-    ratio = f"  x{m / base:.2f} ({min(ts) / base:.2f}-{max(ts) / base:.2f})" if base else ""
-    return f"{1e3 * m:10.1f} ms  [{1e3 * min(ts):.0f}-{1e3 * max(ts):.0f}]{ratio}"
+    return f"{1e3 * m:9.0f} ms [{1e3 * min(ts):.0f}-{1e3 * max(ts):.0f}] x{m / base:.2f}"
+
+
+class Clock:
+    """Wall-clock and CPU time of a stretch of code, accumulated per name."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.wall: dict[str, list[float]] = {}
+        self.cpu: dict[str, list[float]] = {}
+
+    def time(self, name: str, fn: Callable[[], None], add: bool = False) -> None:
+        _sync(self.device)
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        _sync(self.device)
+        w, c = time.perf_counter() - w, time.process_time() - c
+        for store, v in ((self.wall, w), (self.cpu, c)):
+            runs = store.setdefault(name, [])
+            if add and runs:
+                runs[-1] += v
+            else:
+                runs.append(v)
+
+    def line(self, name: str, base: str) -> str:
+        return (f"{_fmt(self.wall[name], statistics.median(self.wall[base]))} | "
+                f"{_fmt(self.cpu[name], statistics.median(self.cpu[base]))}")
 
 
 def main() -> None:
@@ -87,11 +114,11 @@ def main() -> None:
 
     def meta_parts() -> None:
         """One order of a meta iteration, piece by piece (what l2w_iteration runs, one process)."""
-        ts = [time.perf_counter()]
+        ts = [time.process_time()]
 
         def mark() -> None:
             _sync(device)
-            ts.append(time.perf_counter())
+            ts.append(time.process_time())
 
         params = dict(model.named_parameters())
         out = model(x[:half])
@@ -125,7 +152,7 @@ def main() -> None:
 
     runs: dict[str, Callable[[], None]] = {"plain (2 steps of B/2)": plain, "L2W, meta step (I = 1)": lambda: l2w(0, 1),
                                            "L2W, no meta step": lambda: l2w(1, 2)}
-    times: dict[str, list[float]] = {k: [] for k in runs}
+    clock = Clock(device)
     for fn in runs.values():  # warm-up (ledger, allocator)
         fn()
     meta_parts()
@@ -133,38 +160,29 @@ def main() -> None:
         v.clear()
     for _ in range(args.repeats):
         for name, fn in runs.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t)
+            clock.time(name, fn)
         meta_parts()
-
-    cycles: dict[str, list[float]] = {f"plain, {args.cycle} iterations": [], f"L2W I = {args.cycle}, {args.cycle} iterations": []}
+    plain_cycle, l2w_cycle = f"plain, {args.cycle} iterations", f"L2W I = {args.cycle}, {args.cycle} iterations"
     for _ in range(args.cycle_repeats if args.cycle else 0):
-        for name in cycles:
-            _sync(device)
-            t = time.perf_counter()
-            for i in range(args.cycle):
-                plain() if name.startswith("plain") else l2w(i, args.cycle)
-            _sync(device)
-            cycles[name].append(time.perf_counter() - t)
+        for i in range(args.cycle):
+            clock.time(plain_cycle, plain, add=i > 0)
+            clock.time(l2w_cycle, lambda: l2w(i, args.cycle), add=i > 0)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{args.model}, batch {args.batch} (halves of {half}), {device}, threads {torch.get_num_threads()}, "
-          f"median [lowest-highest] of {args.repeats} interleaved rounds; load average {load:.2f}")
-    base = statistics.median(times["plain (2 steps of B/2)"])
-    for name, ts in times.items():
-        print(f"  {name:34s} {_fmt(ts, base)}")
+    print(f"{args.model}, batch {args.batch} (halves of {half}), {device}, threads {torch.get_num_threads()}; "
+          f"load average {load:.2f}")
+    print(f"  median [lowest-highest] of {args.repeats} interleaved rounds: wall-clock | CPU time")
+    for name in runs:
+        print(f"  {name:30s} {clock.line(name, 'plain (2 steps of B/2)')}")
     if args.cycle:
-        print(f"  per cycle, median of {args.cycle_repeats}:")
-        cbase = statistics.median(cycles[f"plain, {args.cycle} iterations"])
-        for name, ts in cycles.items():
-            print(f"    {name:32s} {_fmt(ts, cbase)}")
-    print(f"  one order of a meta iteration (plain step on a half: {1e3 * base / 2:.1f} ms):")
+        print(f"  per cycle, median of {args.cycle_repeats} (interleaved iteration by iteration):")
+        for name in (plain_cycle, l2w_cycle):
+            print(f"  {name:30s} {clock.line(name, plain_cycle)}")
+    base = statistics.median(clock.cpu["plain (2 steps of B/2)"])
+    print(f"  one order of a meta iteration, CPU time (a plain step on a half: {1e3 * base / 2:.0f} ms):")
     for name, ts in parts.items():
         m = statistics.median(ts)
-        print(f"    {name:32s} {1e3 * m:10.1f} ms  x{m / (base / 2):.2f} of a plain step")
+        print(f"    {name:30s} {1e3 * m:7.0f} ms  x{m / (base / 2):.2f} of a plain step")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ class L2W(MultiExit):
         if not isinstance(ctx.optimizer, torch.optim.SGD):
             raise ValueError(f"l2w's virtual step follows an SGD optimizer, got {type(ctx.optimizer).__name__}; "
                              f"set optim.name: sgd in the recipe")
+        if ctx.config.train.sync_batchnorm and ctx.dist.enabled:
+            raise ValueError("l2w's meta-gradient takes a forward-mode derivative, which synced BatchNorm does not "
+                             "have; set train.sync_batchnorm: false")
         self.wpn = ctx.add_module("wpn", self.wpn)
         self.wpn_optimizer = ctx.add_optimizer(
             "wpn", build_wpn_optimizer(self.wpn, self.wpn_lr, self.wpn_weight_decay), lr_factor=ctx.schedule.factor)
