@@ -75,17 +75,6 @@ def weighted_exit_loss(losses: Tensor, weights: Tensor) -> Tensor:
     return (weights * losses).mean(dim=0).sum()
 
 
-def meta_loss(exit_logits: Sequence[Tensor], targets: Tensor, proportions: Tensor) -> Tensor:
-    """Cross-entropy of each sample at the exit the budgeted test would give it, summed over exits.
-
-    ``exit_logits`` ``K x [N, classes]``, ``targets [N]``, ``proportions [K]`` (CPU, e.g.
-    :func:`ponder.nn.thresholds.exit_proportions`). Samples are assigned by the exits' max-softmax
-    (no gradient through the assignment); exit ``k`` contributes the mean cross-entropy over its
-    samples, 0 when it has none (official L2W).
-    """
-    return _meta_loss(exit_logits, targets, proportions, Processes())
-
-
 class Processes:
     """How a step sees the other processes of a run; this default is one process (every sum is the identity).
 
@@ -135,6 +124,17 @@ def _meta_loss(exit_logits: Sequence[Tensor], targets: Tensor, proportions: Tens
     counts = procs.sum(mine.sum(dim=0)).clamp(min=1)
     ce = torch.stack([F.cross_entropy(z, targets, reduction="none") for z in exit_logits], dim=1)
     return ((ce * mine).sum(dim=0) / counts).sum()
+
+
+def meta_loss(exit_logits: Sequence[Tensor], targets: Tensor, proportions: Tensor) -> Tensor:
+    """Cross-entropy of each sample at the exit the budgeted test would give it, summed over exits.
+
+    ``exit_logits`` ``K x [N, classes]``, ``targets [N]``, ``proportions [K]`` (CPU, e.g.
+    :func:`ponder.nn.thresholds.exit_proportions`). Samples are assigned by the exits' max-softmax
+    (no gradient through the assignment); exit ``k`` contributes the mean cross-entropy over its
+    samples, 0 when it has none (official L2W).
+    """
+    return _meta_loss(exit_logits, targets, proportions, Processes())
 
 
 def functional_forward(net: nn.Module, params: dict[str, Tensor], images: Tensor) -> DynamicOutput:
