@@ -82,6 +82,7 @@ class Group:
 
     rows: list[Row]
     label: str = ""
+    variant: str = ""                 # what tells it apart from groups of the same model, method and kind
 
     @property
     def first(self) -> EvalResult:
@@ -227,7 +228,7 @@ def build_rows(found: Sequence[tuple[Path, EvalResult]], batch: int | None = Non
 
 
 def group_rows(rows: Sequence[Row]) -> list[Group]:
-    """Rows grouped by (config hash, kind), ordered by family, model, method, kind; labels made unique."""
+    """Rows grouped by (config hash, kind), ordered by family, model, method, kind, run name; labels made unique."""
     groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
     seen: dict[tuple[str, str, int], Path] = {}
     for row in rows:
@@ -241,14 +242,16 @@ def group_rows(rows: Sequence[Row]) -> list[Group]:
     out = [Group(sorted(g, key=lambda r: (r.result.run.seed, r.result.run.name))) for g in groups.values()]
     order = {f: i for i, f in enumerate(FAMILIES)}
     out.sort(key=lambda g: (order.get(g.family, len(order)), g.first.run.model, g.first.run.method, g.kind,
-                            g.first.run.config_hash))
+                            g.first.run.name, g.first.run.config_hash))
     base = [f"{g.first.run.model} · {g.first.run.method} · {g.kind}" for g in out]
     for g, label in zip(out, base):
-        g.label = label if base.count(label) == 1 else f"{label} · {_run_stem(g)}"
-    labels = [g.label for g in out]
-    for g in out:
-        if labels.count(g.label) > 1:
-            g.label += f" · {g.first.run.config_hash[:6]}"
+        g.variant = "" if base.count(label) == 1 else _run_stem(g)
+    variants = [(b, g.variant) for b, g in zip(base, out)]
+    for g, key in zip(out, variants):
+        if variants.count(key) > 1:
+            g.variant = " · ".join(v for v in (g.variant, g.first.run.config_hash[:6]) if v)
+    for g, label in zip(out, base):
+        g.label = f"{label} · {g.variant}" if g.variant else label
     return out
 
 
