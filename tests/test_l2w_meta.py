@@ -13,8 +13,9 @@ from ponder.nn.thresholds import assign_by_proportions, exit_proportions
 from ponder.config import OptimConfig
 from ponder.engine.optim import build_optimizer
 from ponder.methods import create_method
+from l2w_reference import virtual_parameters
 from ponder.methods.l2w_meta import (build_wpn_optimizer, exit_losses, l2w_iteration, meta_gradient, meta_loss,
-                                     virtual_parameters, weighted_exit_loss)
+                                     weighted_exit_loss)
 from ponder.methods.virtual_sgd import virtual_sgd_step
 from ponder.models.multi_exit import MultiExitModel
 from ponder.nn.wpn import WeightPredictionNetwork
@@ -228,8 +229,12 @@ def test_iteration_updates_the_wpn_only_on_meta_iterations():
     metrics = l2w_iteration(model, opt, wpn, wpn_opt, x, y, iteration=2, meta_interval=2)
     assert "meta_loss" in metrics and not all(torch.equal(a, b) for a, b in zip(before, wpn.parameters()))
     assert metrics["weight_exit1"] != 1.0
-    with pytest.raises(ValueError, match="at least 2 samples"):
-        l2w_iteration(model, opt, wpn, wpn_opt, x[:1], y[:1], iteration=0)
+    # a batch of one cannot be split: one backbone step with the current weights, no meta step
+    wpn_before = [p.detach().clone() for p in wpn.parameters()]
+    backbone_before = [p.detach().clone() for p in model.parameters()]
+    metrics = l2w_iteration(model, opt, wpn, wpn_opt, x[:1], y[:1], iteration=0, orders="both")
+    assert "meta_loss" not in metrics and all(torch.equal(a, b) for a, b in zip(wpn_before, wpn.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(backbone_before, model.parameters()))
     with pytest.raises(ValueError, match="orders must be one of alternate, both"):
         l2w_iteration(model, opt, wpn, wpn_opt, x, y, iteration=0, orders="swap")
 

@@ -1,4 +1,4 @@
-"""The ``ponder`` command: models, flops, train, eval, bench, report, convert, kernels, ponder-map, demo."""
+"""The ``ponder`` command: models, flops, train, eval, sweep, bench, report, convert, kernels, ponder-map, demo."""
 
 from __future__ import annotations
 

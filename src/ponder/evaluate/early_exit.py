@@ -7,7 +7,9 @@ never reused for another checkpoint or another split.
 Options (``ctx.options``):
 
 - ``budgeted``: ``calibration`` = ``"val"`` (default: the held-out split, evaluation transforms)
-  or ``"test"`` (official quirk 2, flagged in the JSON); ``grid_points`` (39; IMTA 40);
+  or ``"test"`` (official quirk 2, flagged in the JSON); ``score`` = ``"test"`` (default) or
+  ``"val"``: the curve scored on the held-out split itself, the test set never read (for choosing
+  training settings such as L2W's ``q``; ``ponder sweep``); ``grid_points`` (39; IMTA 40);
   ``official_float32`` (bit-exact official exit proportions); ``target_macs`` (list of mean-MACs
   targets for the direct "target MACs -> thresholds" mode).
 - both: ``no_cache`` to recompute.
@@ -134,6 +136,12 @@ def budgeted(ctx: EvalContext) -> dict:
     """
     model = _multi_exit(ctx)
     calibration = str(ctx.options.get("calibration", "val"))
+    score = str(ctx.options.get("score", "test"))
+    if score not in ("test", "val"):
+        raise ValueError(f"score must be 'test' or 'val' (the held-out split, for tuning), got {score!r}")
+    if score == "val" and calibration != "val":
+        raise ValueError("score=val scores the curve on the held-out split, so its thresholds come from there too; "
+                         "drop calibration=test")
     if calibration == "val":
         if ctx.val_loader is None:
             raise ValueError("the budgeted protocol fits thresholds on the held-out split but this run has none; "
@@ -144,7 +152,7 @@ def budgeted(ctx: EvalContext) -> dict:
         val = cached_exit_outputs(ctx, "test", ctx.test_loader)
     else:
         raise ValueError(f"calibration must be 'val' or 'test' (official quirk), got {calibration!r}")
-    test = cached_exit_outputs(ctx, "test", ctx.test_loader)
+    test = val if score == "val" else cached_exit_outputs(ctx, "test", ctx.test_loader)
     costs = torch.tensor([p["macs"] for p in model.profile_exits(_input_size(ctx, model))], dtype=torch.float64)
     grid = p_grid(int(ctx.options.get("grid_points", 39)))
     official = str(ctx.options.get("official_float32", False)).lower() in ("1", "true", "yes")
@@ -166,8 +174,10 @@ def budgeted(ctx: EvalContext) -> dict:
               "num_val": len(val), "num_test": len(test),
               "exit_macs": costs.tolist(), "macs_unit": "conv+linear MACs", "points": points,
               "target_macs": direct}
-    _write(ctx, "budgeted.json", result)
-    _plot_budgeted(ctx, points, costs, test)
+    if score == "val":  # accuracy and MACs of every point are the held-out split's; no test image was read
+        result.update(split="val", num_test=0, n=len(val))
+    _write(ctx, "budgeted-val.json" if score == "val" else "budgeted.json", result)
+    _plot_budgeted(ctx, points, costs, test, split="held-out" if score == "val" else "test")
     return result
 
 
@@ -199,7 +209,7 @@ def _plot_anytime(ctx: EvalContext, exits: list[dict]) -> None:
     save_figure(fig, Path(ctx.out_dir) / "anytime.png")
 
 
-def _plot_budgeted(ctx: EvalContext, points: list[dict], costs: Tensor, test: Records) -> None:
+def _plot_budgeted(ctx: EvalContext, points: list[dict], costs: Tensor, test: Records, split: str = "test") -> None:
     plt = _pyplot()
     if plt is None:
         return
@@ -207,11 +217,12 @@ def _plot_budgeted(ctx: EvalContext, points: list[dict], costs: Tensor, test: Re
     ax.plot([p["expected_macs"] / 1e6 for p in points], [p["accuracy"] for p in points], ".-", label="budgeted (p-grid)")
     ax.plot((costs / 1e6).tolist(), (test.exit_correct.double().mean(0) * 100).tolist(), "s", label="single exit")
     ax.set_xlabel("mean MACs per image (M)")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel(f"{split} top-1 (%)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    save_figure(fig, Path(ctx.out_dir) / "budgeted.png")
+    name = "budgeted" if split == "test" else "budgeted-val"
+    save_figure(fig, Path(ctx.out_dir) / f"{name}.png")
     picks = [points[i] for i in sorted({0, len(points) // 4, len(points) // 2, len(points) - 1})]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     width = 0.8 / len(picks)
@@ -220,7 +231,7 @@ def _plot_budgeted(ctx: EvalContext, points: list[dict], costs: Tensor, test: Re
         ax.bar([i + 1 + (j - len(picks) / 2 + 0.5) * width for i in range(k)], p["exit_counts"], width,
                label=f"q={p['q']:.2f} ({p['expected_macs'] / 1e6:.1f}M)")
     ax.set_xlabel("exit")
-    ax.set_ylabel("test samples")
+    ax.set_ylabel(f"{split} samples")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, Path(ctx.out_dir) / "exit_histogram.png")
+    save_figure(fig, Path(ctx.out_dir) / ("exit_histogram.png" if split == "test" else "exit_histogram-val.png"))

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ponder.methods.base import Method, StepOutput, register_method
 from ponder.models.multi_exit import MultiExitModel
+from ponder.output import DynamicOutput
 
 
 def kd_loss(student: Tensor, teacher: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
@@ -39,12 +40,18 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float, reduction: str
     ``reduction``: ``"batchmean"`` (sum over classes, mean over batch) or ``"mean"`` (official IMTA:
     mean over batch *and* classes).
     """
+    return kd_per_sample(student, teacher, temperature, reduction).mean()
+
+
+def kd_per_sample(student: Tensor, teacher: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
+    """The per-sample terms ``[B]`` whose mean is :func:`kd_loss`: ``T^2 KL`` of each sample, divided by
+    the number of classes for ``reduction="mean"`` (official IMTA)."""
     if reduction not in ("batchmean", "mean"):
         raise ValueError(f"kd_reduction must be 'batchmean' or 'mean' (official IMTA), got {reduction!r}")
     log_p = F.log_softmax(student / temperature, dim=1)
     q = F.softmax(teacher.detach() / temperature, dim=1)
-    total = F.kl_div(log_p, q, reduction="sum")  # explicit: torch plans to redefine reduction="mean"
-    return total / (q.numel() if reduction == "mean" else q.shape[0]) * temperature ** 2
+    per_sample = F.kl_div(log_p, q, reduction="none").sum(dim=1)
+    return per_sample / (q.shape[1] if reduction == "mean" else 1) * temperature ** 2
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -89,10 +96,26 @@ class MultiExit(Method):
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not name.startswith("collab."):
                 m.eval()
 
-    def training_step(self, model: nn.Module, images: Tensor, targets: Tensor) -> StepOutput:
-        net = _unwrap(model)
+    def exit_losses(self, out: DynamicOutput, targets: Tensor) -> Tensor:
+        """The per-sample loss of each exit ``[B, K]`` (without the exit weights): cross-entropy, and with
+        IMTA's KD (``kd_gamma``) ``(1-gamma) CE + gamma T^2 KL`` at every exit but the last. Its mean over
+        the batch, weighted by ``weights`` and summed over exits, is the loss of :meth:`training_step`."""
+        exits = out.exit_logits
+        ce = torch.stack([F.cross_entropy(z, targets, reduction="none", label_smoothing=self.label_smoothing)
+                          for z in exits], dim=1)
+        if not self.kd_gamma:
+            return ce
+        teacher = out.extras["teacher_logits"]
+        kd = torch.stack([kd_per_sample(z, teacher, self.kd_temperature, self.kd_reduction) for z in exits[:-1]], dim=1)
+        return torch.cat([(1 - self.kd_gamma) * ce[:, :-1] + self.kd_gamma * kd, ce[:, -1:]], dim=1)
+
+    def prepare(self, model: nn.Module) -> None:
+        """Before a training forward pass: with ``freeze_bn`` (IMTA stage 2), the frozen backbone's BN layers in eval mode."""
         if self.collaboration and self.freeze_bn:
-            self._freeze_backbone_bn(net)
+            self._freeze_backbone_bn(_unwrap(model))
+
+    def training_step(self, model: nn.Module, images: Tensor, targets: Tensor) -> StepOutput:
+        self.prepare(model)
         out = model(images)
         exits = out.exit_logits
         n = len(exits)

@@ -28,16 +28,25 @@ from ponder.layout import is_channels_last
 
 
 class _GradRescale(torch.autograd.Function):
-    """Identity in the forward pass; multiplies the gradient by ``scale`` in the backward pass."""
+    """Identity in the forward pass; multiplies the gradient by ``scale`` in the backward pass.
+
+    In forward-mode AD the tangent is multiplied by ``scale`` too (``jvp``), so a Jacobian-vector
+    product is the transpose of what the backward pass applies (L2W's meta-gradient uses it).
+    The forward returns a copy, since forward AD needs a view's tangent to be a view.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
         ctx.scale = scale
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad * ctx.scale, None
+
+    @staticmethod
+    def jvp(ctx: Any, tangent: Tensor, _: Any) -> Tensor:
+        return tangent * ctx.scale
 
 
 def gradient_rescale(x: Tensor, scale: float) -> Tensor:

@@ -8,6 +8,8 @@ taken per sample over the exits (``"col"``), per exit over the batch (``"row"``)
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -16,21 +18,32 @@ WPN_INPUTS = ("loss", "conf", "both")
 NORMALISATIONS = ("col", "row", "mat")
 
 
-def normalise_weights(v: Tensor, delta: float, normalisation: str) -> Tensor:
+BatchMean = Callable[[Tensor], Tensor]
+
+
+def centre(t: Tensor, normalisation: str, batch_mean: BatchMean | None = None) -> Tensor:
+    """``t [B, K]`` minus its mean: per sample over exits (``"col"``), per exit over samples (``"row"``)
+    or over all entries (``"mat"``).
+
+    ``batch_mean(t) -> [1, K]`` is the per-exit mean over the whole batch, for a batch split over
+    processes (default ``t.mean(0, keepdim=True)``); ``"col"`` never needs it. The centring is a
+    symmetric projection: ``sum(a * centre(v)) == sum(centre(a) * v)`` over the whole batch.
+    """
+    if normalisation == "col":
+        return t - t.mean(dim=1, keepdim=True)
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
+    mean = batch_mean(t) if batch_mean is not None else t.mean(dim=0, keepdim=True)
+    return t - (mean if normalisation == "row" else mean.mean())
+
+
+def normalise_weights(v: Tensor, delta: float, normalisation: str, batch_mean: BatchMean | None = None) -> Tensor:
     """Weights ``[B, K] = 1 + delta * (v - mean(v))`` from WPN outputs ``v [B, K]``.
 
     ``normalisation``: ``"col"`` (mean per sample over exits), ``"row"`` (per exit over samples)
-    or ``"mat"`` (over all entries).
+    or ``"mat"`` (over all entries); ``batch_mean`` as in :func:`centre`.
     """
-    if normalisation == "col":
-        mean = v.mean(dim=1, keepdim=True)
-    elif normalisation == "row":
-        mean = v.mean(dim=0, keepdim=True)
-    elif normalisation == "mat":
-        mean = v.mean()
-    else:
-        raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
-    return 1.0 + delta * (v - mean)
+    return 1.0 + delta * centre(v, normalisation, batch_mean)
 
 
 class WeightPredictionNetwork(nn.Module):
@@ -73,10 +86,14 @@ class WeightPredictionNetwork(nn.Module):
         parts = {"loss": [losses], "conf": [confidences], "both": [losses, confidences]}[self.inputs]
         return torch.cat([p.detach() for p in parts], dim=1)  # type: ignore[union-attr]
 
-    def forward(self, losses: Tensor, confidences: Tensor | None = None) -> Tensor:
-        """Loss weights ``[B, K]`` from per-sample, per-exit ``losses [B, K]`` (and ``confidences [B, K]``,
-        the max-softmax of each exit, for ``inputs`` ``"conf"`` / ``"both"``). No gradient reaches the inputs."""
+    def outputs(self, losses: Tensor, confidences: Tensor | None = None) -> Tensor:
+        """The MLP's tanh outputs ``v [B, K]`` before normalisation (arguments as :meth:`forward`)."""
         if losses.dim() != 2 or losses.shape[1] != self.num_exits:
             raise ValueError(f"WPN expects per-exit losses [B, {self.num_exits}], got {list(losses.shape)}")
-        v = self.mlp(self.features(losses, confidences))
-        return normalise_weights(v, self.delta, self.normalisation)
+        return self.mlp(self.features(losses, confidences))
+
+    def forward(self, losses: Tensor, confidences: Tensor | None = None, batch_mean: BatchMean | None = None) -> Tensor:
+        """Loss weights ``[B, K]`` from per-sample, per-exit ``losses [B, K]`` (and ``confidences [B, K]``,
+        the max-softmax of each exit, for ``inputs`` ``"conf"`` / ``"both"``). No gradient reaches the inputs.
+        ``batch_mean``: the per-exit mean over a batch split across processes (see :func:`centre`)."""
+        return normalise_weights(self.outputs(losses, confidences), self.delta, self.normalisation, batch_mean)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ class Group:
 
     rows: list[Row]
     label: str = ""
-    detail: str = ""                  # what sets it apart from groups of the same model, method and kind
+    variant: str = ""                 # what tells it apart from groups of the same model, method and kind
 
     @property
     def first(self) -> EvalResult:
@@ -227,7 +228,7 @@ def build_rows(found: Sequence[tuple[Path, EvalResult]], batch: int | None = Non
 
 
 def group_rows(rows: Sequence[Row]) -> list[Group]:
-    """Rows grouped by (config hash, kind), ordered by family, model, method, kind; labels made unique."""
+    """Rows grouped by (config hash, kind), ordered by family, model, method, kind, run name; labels made unique."""
     groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
     seen: dict[tuple[str, str, int], Path] = {}
     for row in rows:
@@ -241,7 +242,7 @@ def group_rows(rows: Sequence[Row]) -> list[Group]:
     out = [Group(sorted(g, key=lambda r: (r.result.run.seed, r.result.run.name))) for g in groups.values()]
     order = {f: i for i, f in enumerate(FAMILIES)}
     out.sort(key=lambda g: (order.get(g.family, len(order)), g.first.run.model, g.first.run.method, g.kind,
-                            g.first.run.config_hash))
+                            g.first.run.name, g.first.run.config_hash))
     base = [f"{g.first.run.model} · {g.first.run.method} · {g.kind}" for g in out]
     for label in set(base):
         same = [g for g, b in zip(out, base) if b == label]
@@ -250,8 +251,12 @@ def group_rows(rows: Sequence[Row]) -> list[Group]:
             continue
         settings = differing_settings([run_settings(g.rows[0].source) for g in same])
         for g, differ in zip(same, settings):
-            g.detail = differ or g.first.run.config_hash[:6]
-            g.label = f"{label} · {g.detail}"
+            g.variant = differ or _run_stem(g)
+        variants = [g.variant for g in same]
+        for g in same:
+            if variants.count(g.variant) > 1:
+                g.variant = " · ".join(v for v in (g.variant, g.first.run.config_hash[:6]) if v)
+            g.label = f"{label} · {g.variant}"
     return out
 
 
@@ -289,6 +294,14 @@ def differing_settings(settings: Sequence[dict[str, object] | None]) -> list[str
     keys = sorted({k for s in settings for k in s} - set(NOT_HASHED))  # type: ignore[union-attr]
     differ = [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]  # type: ignore[union-attr]
     return [", ".join(f"{k.replace('.kwargs.', '.')}={s.get(k)}" for k in differ) for s in settings]  # type: ignore[union-attr]
+
+
+def _run_stem(group: Group) -> str:
+    """What tells apart groups whose configs cannot be read: their runs' directory name without a seed
+    suffix (``q=0.5`` for ``q=0.5_s1``, ``l2w_lt`` for ``l2w_lt_s2``) when the runs share one, else the
+    config hash's first 6 digits."""
+    stems = {re.sub(rf"[_-]?s(eed)?[_-]?{r.result.run.seed}$", "", r.result.run.name) for r in group.rows}
+    return stems.pop() if len(stems) == 1 and "" not in stems else group.first.run.config_hash[:6]
 
 
 def collect_groups(paths: Sequence[str | Path], batch: int | None = None) -> list[Group]:

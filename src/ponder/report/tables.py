@@ -49,7 +49,7 @@ SUMMARY_HEADER = ["model", "method", "evaluation", "top-1 (%)", "MACs / image", 
 def summary_row(g: Group, with_family: bool) -> list[str]:
     run = g.first.run
     speed = g.latency("speedup")
-    cells = [run.model, run.method + (f" ({g.detail})" if g.detail else ""), g.kind, _pm(g.accuracy, scale=100), _macs(g.macs, g.macs_std),
+    cells = [run.model, run.method, f"{g.kind} · {g.variant}" if g.variant else g.kind, _pm(g.accuracy, scale=100), _macs(g.macs, g.macs_std),
              _count(g.dense_macs), _pm(g.latency("ms_per_image"), None),
              DASH if speed is None else _pm(speed) + "×", _pm(g.latency("efficiency")),
              str(len(g.first.points)) if g.first.points else DASH, str(len(g.rows))]

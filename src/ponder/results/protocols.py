@@ -4,7 +4,8 @@ Reads the keys the protocols return today: ``accuracy`` / ``macs_mean`` / ``macs
 (``standard``, ``skip``, ``spatial``), ``dense_macs`` and ``input_size`` where given, ``sweep``
 (``skip``: one point per keep threshold), ``exits`` (``anytime``: one point per exit, the headline
 is the last exit) and ``points`` / ``target_macs`` (``budgeted``: one point per ratio ``q`` of
-the p-grid and per target budget; no headline; ``budget``: one point per held-out budget). A protocol that builds its result itself
+the p-grid and per target budget; no headline; ``budget``: one point per held-out budget); ``split`` when
+the numbers are not the test set's. A protocol that builds its result itself
 (:func:`ponder.results.result_from_records`) needs none of this.
 """
 
@@ -50,7 +51,7 @@ def result_from_report(ctx: EvalContext, protocol: str, report: dict[str, Any]) 
     size = report.get("input_size")
     return new_result(ctx.run_dir, ctx.config, ctx.model, kind=result_kind(protocol, ctx.options), protocol=protocol,
                       images=images, points=points, dense_macs=report.get("dense_macs"), input_size=size,
-                      options=ctx.options, device=ctx.device, **head)
+                      split=report.get("split", "test"), options=ctx.options, device=ctx.device, **head)
 
 
 def _std_of_counts(counts: list[int] | None, costs: list[float] | None) -> float | None:
