@@ -51,38 +51,19 @@ from ponder.models.resnet import (
     Shortcut,
     _MethodUnit,
 )
-from ponder.models.spatial import SpatialModel
-from ponder.nn.dense_units import dense_unit_channels_last, resnet_on_kernels, stem_on_kernels
+from ponder.models.spatial import DenseResNetKernels, DenseResNetView, SpatialModel
+from ponder.nn.dense_units import dense_unit_channels_last, stem_on_kernels
 from ponder.nn.forced import sample_keys
 from ponder.nn.halting import HALT_EPS, ACTAccumulator, HaltingBranch, SpatialHaltingBranch
-from ponder.nn.sparse_cost import position_macs, shortcut_macs, unit_masks_and_macs
+from ponder.nn.sparse_cost import position_units, unit_masks_and_macs
 from ponder.nn.sparse_residual import sparse_residual
-from ponder.nn.sparse_units import branch_convs, masked_residual
+from ponder.nn.sparse_units import masked_residual
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
 
 
 def _out_channels(block: ResidualBlock) -> int:
     return block.conv3.out_channels if isinstance(block, Bottleneck) else block.conv2.out_channels
-
-
-class DenseResNetView(nn.Module):
-    """The plain ResNet inside an ACT/SACT model (same weights, every unit dense, no halting)."""
-
-    def __init__(self, model: "ACTResNetMixin") -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.forward_logits(x)
-
-
-class DenseResNetKernels(DenseResNetView):
-    """The plain ResNet on the sparse executor's kernels (inference): :func:`ponder.nn.dense_units.resnet_on_kernels`.
-    ``[B, 3, H, W]`` -> logits ``[B, classes]``; equal to :class:`DenseResNetView` up to rounding."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return resnet_on_kernels(self.model, x)
 
 
 class ACTResNetMixin(SpatialModel):
@@ -250,7 +231,7 @@ class ACTResNetMixin(SpatialModel):
 
         SACT units after the first of a stage are charged per active position: ``blocks.i.skip`` (the
         shortcut, dense), ``blocks.i.first`` per position of the first conv's (dilated) mask and
-        ``blocks.i.rest`` per active position (:func:`_position_units`)."""
+        ``blocks.i.rest`` per active position (:func:`~ponder.nn.sparse_cost.position_units`)."""
         x = example_input(self, input_size)
         units: dict[str, nn.Module] = {"stem": _MethodUnit(self.stem), "head": _MethodUnit(self.head)}
         i = 0
@@ -278,7 +259,7 @@ class ACTResNetMixin(SpatialModel):
                 for stage in self.stages():
                     for l, block in enumerate(stage):
                         if l > 0:
-                            costs.update(_position_units(f"blocks.{i}", block, tuple(h.shape[1:])))
+                            costs.update(position_units(f"blocks.{i}", block, tuple(h.shape[1:])))
                         h = block(h)
                         i += 1
         return CostLedger(input_size=tuple(input_size), units=costs, total=total)
@@ -291,15 +272,6 @@ class ACTResNetMixin(SpatialModel):
     def dense_baseline_kernels(self) -> nn.Module:
         """The plain ResNet run on the sparse executor's kernels (``ponder bench`` times it as ``dense*``)."""
         return DenseResNetKernels(self)
-
-
-def _position_units(name: str, block: ResidualBlock, in_size: tuple[int, int, int]) -> dict[str, int]:
-    """A unit's per-position ledger units: the shortcut on a ``(C, H, W)`` input, and the MACs per position
-    of its first conv and of its other convs together (``FlopCounterMode`` on 1x1-output equivalents)."""
-    convs = branch_convs(block)
-    return {f"{name}.skip": shortcut_macs(block, in_size),
-            f"{name}.first": sum(position_macs(getattr(block, c)) for c, on_first in convs if on_first),
-            f"{name}.rest": sum(position_macs(getattr(block, c)) for c, on_first in convs if not on_first)}
 
 
 class ACTCifarResNet(ACTResNetMixin, CifarResNet):

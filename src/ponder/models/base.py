@@ -89,7 +89,9 @@ class ForcedRate:
 @dataclass(frozen=True)
 class Knob:
     """A family's native inference knob, when it is one number: its name, range, default, and whether
-    mean MACs rise with it (so :meth:`DynamicModel.set_budget` can search it)."""
+    mean MACs rise with it (so :meth:`DynamicModel.set_budget` can search it). A discrete knob lists its
+    only values in ``choices`` (e.g. the budgets of a multi-target model); :meth:`DynamicModel.set_budget`
+    then measures each and keeps the nearest."""
 
     name: str
     low: float
@@ -97,6 +99,7 @@ class Knob:
     default: float
     macs_rise: bool
     doc: str
+    choices: tuple[float, ...] | None = None
 
 
 class DynamicModel(PonderModel):
@@ -204,11 +207,17 @@ class DynamicModel(PonderModel):
         """Set the native knob so that the mean MACs per image on the held-out images of :meth:`calibrate`
         come as close to ``macs`` as the knob allows; returns the held-out mean reached.
 
-        Bisection over the knob's range (its MACs are monotone in it), keeping the closest point seen.
+        Bisection over the knob's range (its MACs are monotone in it), keeping the closest point seen; a
+        discrete knob (``knob.choices``) takes the choice whose held-out MACs are nearest.
         """
         target = _positive(macs)
         self._require_calibration()
         k = self.knob
+        if k.choices is not None:
+            options = [(self.held_out_macs(c), c) for c in k.choices]
+            reached, choice = min(options, key=lambda o: abs(o[0] - target))
+            self.set_knob(choice)
+            return reached
         lo, hi = k.low, k.high
         best = (math.inf, self.get_knob(), math.nan)
         for _ in range(self.SEARCH_STEPS):

@@ -1,16 +1,22 @@
 """The spatial family's base: models that decide where (or for which images) each unit runs.
 
-ACT / SACT (:mod:`ponder.models.act`) and DynConv subclass :class:`SpatialModel`. Their outputs carry
-per-unit masks (``DynamicOutput.masks``) and, for ACT-style models, per-stage ponder maps
+ACT / SACT (:mod:`ponder.models.act`), DynConv (:mod:`ponder.models.dynconv`) and the budget-aware
+multi-target model (:mod:`ponder.models.dynconv_multi`) subclass :class:`SpatialModel`. Their outputs
+carry per-unit masks (``DynamicOutput.masks``) and, for ACT-style models, per-stage ponder maps
 (``DynamicOutput.ponder``); their forced decisions (:meth:`SpatialModel.forced_positions`) are
 coherent blobs of active positions drawn per sample (:func:`ponder.nn.forced.keep_map`).
+
+The family's models are ResNets with spatial decisions; :class:`DenseResNetView` and
+:class:`DenseResNetKernels` are the dense networks inside them that ``ponder bench`` times them against.
 """
 
 from __future__ import annotations
 
+import torch.nn as nn
 from torch import Tensor
 
 from ponder.models.base import DynamicModel
+from ponder.nn.dense_units import resnet_on_kernels
 from ponder.nn.forced import keep_map, keep_matrix
 
 
@@ -31,3 +37,23 @@ class SpatialModel(DynamicModel):
         if self.forced is None:
             return None
         return keep_matrix(keys, 1, self.forced.rate, self.forced.seed, first=unit)[:, 0]
+
+
+class DenseResNetView(nn.Module):
+    """The plain ResNet inside a spatial ResNet model (same weights, every unit dense, no decision units):
+    ``[B, 3, H, W]`` -> logits ``[B, classes]`` through ``model.forward_logits``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_logits(x)
+
+
+class DenseResNetKernels(DenseResNetView):
+    """The plain ResNet on the sparse executor's kernels (inference): :func:`ponder.nn.dense_units.resnet_on_kernels`.
+    ``[B, 3, H, W]`` -> logits ``[B, classes]``; equal to :class:`DenseResNetView` up to rounding."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return resnet_on_kernels(self.model, x)

@@ -48,6 +48,16 @@ def shortcut_macs(block: ResidualBlock, in_size: tuple[int, int, int]) -> int:
     return per[key]
 
 
+def position_units(name: str, block: ResidualBlock, in_size: tuple[int, int, int]) -> dict[str, int]:
+    """A unit's per-position ledger units on a ``(C, H, W)`` input: ``name.skip`` (the shortcut, dense),
+    ``name.first`` (MACs per position of its first conv) and ``name.rest`` (of its other convs together),
+    the names :func:`unit_masks_and_macs` charges."""
+    convs = branch_convs(block)
+    return {f"{name}.skip": shortcut_macs(block, in_size),
+            f"{name}.first": sum(position_macs(getattr(block, c)) for c, on_first in convs if on_first),
+            f"{name}.rest": sum(position_macs(getattr(block, c)) for c, on_first in convs if not on_first)}
+
+
 def residual_macs(block: ResidualBlock, in_size: tuple[int, int, int], mask: Tensor,
                   first: Tensor | None = None) -> Tensor:
     """Per-sample MACs ``[B]`` (float64) of ``block`` on ``(C, H, W)`` inputs applied where ``mask [B, Ho, Wo]``.

@@ -36,6 +36,7 @@ from ponder.nn.sparse_conv import (
     gather_gemm,
     input_mask,
     padded_plane,
+    soft_input_mask,
     plane_interior,
     rows_view,
     window_starts,
@@ -121,6 +122,14 @@ def first_conv_mask(block: ResidualBlock, mask: Tensor, in_hw: tuple[int, int]) 
     if is_basic(block):
         return input_mask(mask, tuple(mask.shape[1:]), 3, 1)  # type: ignore[arg-type]
     return input_mask(mask, in_hw, 3, unit_info(block).stride)
+
+
+def soft_first_conv_mask(block: ResidualBlock, mask: Tensor, in_hw: tuple[int, int]) -> Tensor:
+    """:func:`first_conv_mask` of a 0/1 float ``mask [B, Ho, Wo]``, differentiable (same values; the gradient
+    reaches ``mask``): what a sparsity criterion counts for the first conv."""
+    if is_basic(block):
+        return soft_input_mask(mask, tuple(mask.shape[1:]), 3, 1)  # type: ignore[arg-type]
+    return soft_input_mask(mask, in_hw, 3, unit_info(block).stride)
 
 
 def branch_convs(block: ResidualBlock) -> list[tuple[str, bool]]:
