@@ -51,7 +51,7 @@ from ponder.models.resnet import (
     Shortcut,
     _MethodUnit,
 )
-from ponder.models.spatial import DenseResNetKernels, DenseResNetView, SpatialModel
+from ponder.models.spatial import DenseResNetKernels, DenseResNetView, SpatialModel, block_input_sizes
 from ponder.nn.dense_units import dense_unit_channels_last, stem_on_kernels
 from ponder.nn.forced import sample_keys
 from ponder.nn.halting import HALT_EPS, ACTAccumulator, HaltingBranch, SpatialHaltingBranch
@@ -253,15 +253,13 @@ class ACTResNetMixin(SpatialModel):
         costs = eval_unit_macs(self, run, units)
         total = costs.pop("total")
         if self.spatial:  # units after the first of a stage also run per active position
+            sizes = block_input_sizes(self, input_size)
             i = 0
-            with torch.no_grad():
-                h = self.stem(example_input(self, input_size))
-                for stage in self.stages():
-                    for l, block in enumerate(stage):
-                        if l > 0:
-                            costs.update(position_units(f"blocks.{i}", block, tuple(h.shape[1:])))
-                        h = block(h)
-                        i += 1
+            for stage in self.stages():
+                for l, block in enumerate(stage):
+                    if l > 0:
+                        costs.update(position_units(f"blocks.{i}", block, sizes[i]))
+                    i += 1
         return CostLedger(input_size=tuple(input_size), units=costs, total=total)
 
     # ---------------------------------------------------------------- bench hooks

@@ -41,7 +41,7 @@ from torch import Tensor
 from ponder.cost import CostLedger, eval_unit_macs
 from ponder.models.base import Knob, example_input
 from ponder.models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetResNet, ResidualBlock, Shortcut, _MethodUnit
-from ponder.models.spatial import DenseResNetKernels, DenseResNetView, SpatialModel
+from ponder.models.spatial import DenseResNetKernels, DenseResNetView, SpatialModel, block_input_sizes
 from ponder.nn.dense_units import stem_on_kernels
 from ponder.nn.forced import sample_keys
 from ponder.nn.mask_unit import MaskUnit, gumbel_mask, threshold_mask
@@ -161,11 +161,8 @@ class DynConvMixin(SpatialModel):
 
         costs = eval_unit_macs(self, run, units)
         total = costs.pop("total")
-        with torch.no_grad():
-            h = self.stem(example_input(self, input_size))
-            for i, block in enumerate(self.blocks):
-                costs.update(position_units(f"blocks.{i}", block, tuple(h.shape[1:])))
-                h = block(h)
+        for i, (block, size) in enumerate(zip(self.blocks, block_input_sizes(self, input_size))):
+            costs.update(position_units(f"blocks.{i}", block, size))
         return CostLedger(input_size=tuple(input_size), units=costs, total=total)
 
     def conditional_macs(self, input_size: tuple[int, int, int] | None = None) -> tuple[int, int]:

@@ -12,10 +12,11 @@ The family's models are ResNets with spatial decisions; :class:`DenseResNetView`
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ponder.models.base import DynamicModel
+from ponder.models.base import DynamicModel, example_input
 from ponder.nn.dense_units import resnet_on_kernels
 from ponder.nn.forced import keep_map, keep_matrix
 
@@ -37,6 +38,23 @@ class SpatialModel(DynamicModel):
         if self.forced is None:
             return None
         return keep_matrix(keys, 1, self.forced.rate, self.forced.seed, first=unit)[:, 0]
+
+
+def block_input_sizes(model: nn.Module, input_size: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """``(C, H, W)`` of the input of each of a ResNet's ``model.blocks`` for ``input_size`` images (one batch-1
+    pass in eval mode without gradients: no BatchNorm statistics move; the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            h = model.stem(example_input(model, input_size))
+            sizes = []
+            for block in model.blocks:
+                sizes.append(tuple(h.shape[1:]))
+                h = block(h)
+        return sizes  # type: ignore[return-value]
+    finally:
+        model.train(was_training)
 
 
 class DenseResNetView(nn.Module):

@@ -37,14 +37,20 @@ def position_macs(conv: nn.Conv2d) -> int:
 
 
 def shortcut_macs(block: ResidualBlock, in_size: tuple[int, int, int]) -> int:
-    """Dense MACs of ``block.shortcut`` on one ``(C, H, W)`` input (0 for identity / zero-pad / avg-pool)."""
+    """Dense MACs of ``block.shortcut`` on one ``(C, H, W)`` input (0 for identity / zero-pad / avg-pool); counted in
+    eval mode."""
     if block.downsample is None:
         return 0
     per = _SHORTCUT.setdefault(block, {})
     key = tuple(int(s) for s in in_size)
     if key not in per:
         p = next(block.parameters())
-        per[key] = count_macs(block.shortcut, torch.zeros(1, *key, device=p.device, dtype=p.dtype))
+        ds, was_training = block.downsample, block.downsample.training
+        ds.eval()  # a train-mode BatchNorm would move its statistics towards the zero input
+        try:
+            per[key] = count_macs(block.shortcut, torch.zeros(1, *key, device=p.device, dtype=p.dtype))
+        finally:
+            ds.train(was_training)
     return per[key]
 
 

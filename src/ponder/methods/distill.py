@@ -1,0 +1,42 @@
+"""Knowledge distillation: the temperature-scaled KL term and frozen teachers read from run directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ponder.config import ConfigError, load_config
+from ponder.registry import create_model
+from ponder.weights import WEIGHTS_FILE, RunDirError, read_weights
+
+
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch (``batchmean``).
+
+    ``student``, ``teacher``: logits ``[B, K]``; the ``T^2`` keeps the gradient's scale independent of ``T``
+    (Hinton et al.). Gradients reach ``student`` only.
+    """
+    if temperature <= 0:
+        raise ValueError(f"the distillation temperature must be > 0, got {temperature}")
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher.detach() / t, 1), reduction="batchmean") * t * t
+
+
+def load_teacher(run_dir: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """The trained model of a ``ponder train`` run directory (its ``config.yaml`` and weights), frozen and in
+    eval mode on ``device``; calling it returns the model's output (``.logits``)."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise RunDirError(f"teacher {run} is not a run directory (no config.yaml); give the --out folder of a "
+                          f"finished `ponder train` run")
+    try:
+        config = load_config(run / "config.yaml")
+    except ConfigError as e:
+        raise RunDirError(f"teacher {run} has an unusable config.yaml ({e})") from None
+    model = create_model(config.model.name, **config.model.kwargs)
+    model.load_state_dict(read_weights(run / WEIGHTS_FILE), strict=True)
+    return model.to(device).eval().requires_grad_(False)
