@@ -12,7 +12,10 @@ Five steps of a SACT unit at inference each take one C++ call and one pass over 
 - :func:`unit_masks`: a stride-1 unit's dilated first-conv mask and its per-sample MACs (the
   ledger's count of active positions) in one pass over the mask;
 - :func:`scatter_residual`: the sparse kernel's epilogue, ``relu(out + y)`` written back into
-  the active rows of the output table.
+  the active rows of the output table;
+- :func:`mask_logits`: DynConv's mask unit (a strided 3x3 conv ``C -> 1`` plus a global term), its
+  logits in one GEMM and one pass; :func:`mask_decide`: a DynConv block's whole decision (logits,
+  threshold, dilated mask, per-sample MACs and active counts) in one call.
 
 Each returns ``None`` where it does not apply (:func:`spatial_halting`: check
 :func:`spatial_halting_applies` first), and the caller runs its PyTorch code instead:
@@ -102,6 +105,34 @@ def _halting_onednn(x: Tensor, weights: Tensor, shifts: Tensor, glob_shift: floa
     rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view: [B*H*W, C]
     planes = torch.ops.mkldnn._linear_pointwise(rows, weights, shifts, "none", [], "").t()
     return _extension().spatial_halting(x, weights, shifts, planes, glob_shift, bias)
+
+
+def mask_logits(x: Tensor, weights: Tensor, glob_bias: float, bias: float, stride: int) -> Tensor | None:
+    """DynConv mask logits ``[B, Ho, Wo]`` of a channels-last ``x [B, C, H, W]``, or ``None`` where the kernel does
+    not apply: ``conv3x3(x; stride, padding 1) + bias + weights[9] . mean(x) + glob_bias``.
+
+    ``weights [10, C]``: rows ``3 kh + kw`` the local conv's taps, row 9 the global term's weight.
+    """
+    if not (_usable(x) and _cl(x) and weights.shape == (10, x.shape[1]) and weights.dtype == torch.float32):
+        return None
+    return _extension().mask_logits(x, weights, float(glob_bias), float(bias), int(stride))
+
+
+def mask_decide(x: Tensor, weights: Tensor, glob_bias: float, bias: float, stride: int, threshold: float,
+                forced: Tensor | None, dilate: bool, base: float, first_macs: float,
+                rest_macs: float) -> tuple[Tensor, Tensor | None, Tensor, int, int] | None:
+    """A DynConv block's decision on a channels-last float32 input ``x``, or ``None`` where the kernel does not apply.
+
+    The mask ``logits >= threshold`` (:func:`mask_logits`; or ``forced [B, Ho, Wo]``, contiguous bool, the logits
+    computed all the same), its 3x3 dilation at the same grid when ``dilate`` (else ``None``), per-sample MACs
+    ``[B]`` float64 ``base + first_macs * |dilated| + rest_macs * |mask|`` (``|dilated|`` counted as 0 without
+    ``dilate``) and the active counts ``|mask|`` and ``|dilated|`` over the batch. ``weights [10, C]`` float32 as
+    for :func:`mask_logits` (the caller's promise: unchecked, this runs once per block).
+    """
+    if not (_usable(x) and _cl(x)):
+        return None
+    return _extension().mask_decide(x, weights, glob_bias, bias, stride, threshold, forced, dilate, base,
+                                    first_macs, rest_macs)
 
 
 def act_step(hsum: Tensor, n: Tensor, remainder: Tensor, run: Tensor, h: Tensor | None, x: Tensor | None,

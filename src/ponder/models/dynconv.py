@@ -44,10 +44,10 @@ from ponder.models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetRe
 from ponder.models.spatial import DenseResNetKernels, DenseResNetView, SpatialModel, block_input_sizes
 from ponder.nn.dense_units import stem_on_kernels
 from ponder.nn.forced import sample_keys
-from ponder.nn.mask_unit import MaskUnit, gumbel_mask, threshold_mask
+from ponder.nn.mask_unit import MaskUnit, gumbel_mask, logit_threshold, threshold_mask
 from ponder.nn.sparse_cost import position_units, unit_masks_and_macs
 from ponder.nn.sparse_residual import sparse_residual
-from ponder.nn.sparse_units import masked_residual, soft_first_conv_mask, unit_info
+from ponder.nn.sparse_units import first_conv_mask, is_basic, masked_residual, output_hw, soft_first_conv_mask, unit_info
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
 
@@ -114,32 +114,64 @@ class DynConvMixin(SpatialModel):
         masks, spent, dense = [], [], []
         for i, block in enumerate(self.blocks):
             in_size = tuple(h.shape[1:])
-            logits = units[i](h)
-            soft = None
-            if keys is not None:
-                hard = self.forced_positions(keys, tuple(logits.shape[1:]), i)
-            elif self.training:
-                soft = gumbel_mask(logits, self.gumbel_temperature, self.gumbel_noise)
-                hard = soft.detach() > 0.5
-            else:
-                hard = threshold_mask(logits, self.threshold)
-            first, unit_macs = unit_masks_and_macs(block, in_size, hard, led, f"blocks.{i}")
-            macs = macs + unit_macs + led[f"mask.{i}"]
+            forced = None if keys is None else self.forced_positions(keys, output_hw(block, in_size[1:]), i)
             if sparse:
-                h = sparse_residual(block, h, hard, "relu", self.break_even, first=first, overwrite=True)
+                hard, first, unit_macs, active = self._decide(i, block, units[i], h, led, forced)
+                h = sparse_residual(block, h, hard, "relu", self.break_even, first=first, overwrite=True,
+                                    active=active)
             else:
+                logits = units[i](h)
+                soft = gumbel_mask(logits, self.gumbel_temperature, self.gumbel_noise) \
+                    if self.training and forced is None else None
+                hard = forced if forced is not None else \
+                    threshold_mask(logits, self.threshold) if soft is None else soft.detach() > 0.5
+                first, unit_macs = unit_masks_and_macs(block, in_size, hard, led, f"blocks.{i}")
+                unit_macs = unit_macs + led[f"mask.{i}"]
                 h = masked_residual(block, h, hard if soft is None else soft, "relu")
-            if criterion:
-                m = hard.to(h.dtype) if soft is None else soft
-                f = soft_first_conv_mask(block, m, (in_size[1], in_size[2]))
-                per_first, per_rest = led[f"blocks.{i}.first"], led[f"blocks.{i}.rest"]
-                spent.append(f.sum() * per_first + m.sum() * per_rest)
-                dense.append(float(f.numel() * per_first + m.numel() * per_rest))
+                if criterion:
+                    m = hard.to(h.dtype) if soft is None else soft
+                    f = soft_first_conv_mask(block, m, (in_size[1], in_size[2]))
+                    per_first, per_rest = led[f"blocks.{i}.first"], led[f"blocks.{i}.rest"]
+                    spent.append(f.sum() * per_first + m.sum() * per_rest)
+                    dense.append(float(f.numel() * per_first + m.numel() * per_rest))
+            macs = macs + unit_macs
             masks.append(hard)
         extras = {"budget": self.budget_index}
         if criterion:
             extras["sparsity"] = (torch.stack(spent), torch.tensor(dense, dtype=spent[0].dtype, device=x.device))
         return DynamicOutput(logits=self.head(h), macs=macs, masks=masks, extras=extras)
+
+    def _decide(self, i: int, block: ResidualBlock, unit: MaskUnit, h: Tensor, led: CostLedger,
+                forced: Tensor | None) -> tuple[Tensor, Tensor, Tensor, tuple[int, int] | None]:
+        """Block ``i``'s decision at inference: ``(mask, first-conv mask, per-sample MACs [B] with the mask unit's,
+        (active positions, first-conv positions) over the batch or None)``, in one compiled call where it applies
+        (:meth:`MaskUnit.decide`), else by the mask unit's forward and PyTorch ops."""
+        base, per_first, per_rest, same_grid = self._decision_costs(led)[i]
+        decided = unit.decide(h, logit_threshold(self.threshold), forced, same_grid, base, per_first, per_rest)
+        if decided is None:
+            logits = unit(h)  # run (and paid for) under forced decisions too
+            hard = forced if forced is not None else threshold_mask(logits, self.threshold)
+            first, unit_macs = unit_masks_and_macs(block, tuple(h.shape[1:]), hard, led, f"blocks.{i}")
+            return hard, first, unit_macs + led[f"mask.{i}"], None
+        hard, first, unit_macs, n_mask, n_first = decided
+        if first is None:  # a strided Bottleneck: its first conv runs on the input grid
+            first = first_conv_mask(block, hard, (h.shape[2], h.shape[3]))
+            per_sample = first.flatten(1).sum(1)
+            unit_macs = unit_macs + per_sample.to(torch.float64) * per_first
+            n_first = int(per_sample.sum())
+        return hard, first, unit_macs, (n_mask, n_first)
+
+    def _decision_costs(self, led: CostLedger) -> list[tuple[float, float, float, bool]]:
+        """Per block, for its decision at ``led``'s input size: ``(shortcut + mask unit MACs, MACs per first-conv
+        position, per other active position, whether the first conv runs on the mask's own grid)``; cached."""
+        plans = self.__dict__.setdefault("_decision_plans", {})
+        plan = plans.get(led.input_size)
+        if plan is None:
+            plan = plans[led.input_size] = [
+                (float(led[f"blocks.{i}.skip"] + led[f"mask.{i}"]), float(led[f"blocks.{i}.first"]),
+                 float(led[f"blocks.{i}.rest"]), is_basic(block) or unit_info(block).stride == 1)
+                for i, block in enumerate(self.blocks)]
+        return plan
 
     # ---------------------------------------------------------------- cost
     def measure_ledger(self, input_size: tuple[int, int, int]) -> CostLedger:

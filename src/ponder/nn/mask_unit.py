@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ponder import fast
+
 GUMBEL_EPS = 1e-8
 """Inside both logarithms of a Gumbel sample ``-log(-log(U + eps) + eps)`` (the official code's guard)."""
 
@@ -35,7 +37,37 @@ class MaskUnit(nn.Module):
         self.glob = nn.Linear(channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.training and fast.enabled():  # one GEMM and one pass (compiled kernel) on a channels-last x
+            logits = fast.mask_logits(x, *self._inference_weights(), self.local.stride[0])
+            if logits is not None:
+                return logits
         return self.local(x)[:, 0] + self.glob(x.mean((2, 3)))[:, :, None]
+
+    def decide(self, x: Tensor, logit_threshold: float, forced: Tensor | None, dilate: bool, base: float,
+               first_macs: float, rest_macs: float) -> tuple[Tensor, Tensor | None, Tensor, int, int] | None:
+        """The block's whole inference decision in one compiled call (:func:`ponder.fast.mask_decide`): the mask
+        ``logits >= logit_threshold`` (or ``forced``), its 3x3 dilation when ``dilate``, per-sample MACs and
+        the active counts; ``None`` where the kernel does not apply (the caller runs :meth:`forward` and PyTorch ops)."""
+        if self.training or not fast.enabled() or x.dtype != torch.float32:
+            return None
+        w10, glob_bias, bias, stride = self._inference_weights(with_stride=True)
+        return fast.mask_decide(x, w10, glob_bias, bias, stride, logit_threshold, forced, dilate, base, first_macs,
+                                rest_macs)
+
+    def _inference_weights(self, with_stride: bool = False) -> tuple:
+        """``(weights [10, C], global bias, local bias[, stride])``: rows ``3 kh + kw`` of the weights are the local
+        conv's taps, row 9 the global weight (kept until a parameter changes: its tensors' versions are the key)."""
+        lp, gp = self._modules["local"]._parameters, self._modules["glob"]._parameters  # (no Module.__getattr__)
+        w, g, gb, lb = lp["weight"], gp["weight"], gp["bias"], lp["bias"]
+        versions = (w._version, g._version, gb._version, lb._version)
+        cached = self.__dict__.get("_weights")
+        if cached is None or cached[1] != versions or not (
+                cached[0][0] is w and cached[0][1] is g and cached[0][2] is gb and cached[0][3] is lb):
+            with torch.no_grad():
+                w10 = torch.cat([w[0].permute(1, 2, 0).reshape(9, -1), g]).contiguous()
+                stride = self._modules["local"].stride[0]
+                cached = self.__dict__["_weights"] = ((w, g, gb, lb), versions, (w10, float(gb), float(lb), stride))
+        return cached[2] if with_stride else cached[2][:3]
 
 
 def gumbel_noise(shape: torch.Size | tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
