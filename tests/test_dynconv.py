@@ -256,17 +256,17 @@ def test_parameter_overhead_is_a_few_percent():
 def test_the_budget_knob_by_index_fraction_and_macs():
     model = multi().eval()
     model.set_knob(0.7)
-    assert model.get_knob() == 2
+    assert model.get_knob() == 0.7 and model.budget_index == 2
     model.set_knob(0)
-    assert model.get_knob() == 0
+    assert model.get_knob() == 0.3 and model.budget_index == 0
     for bad in (3, 0.4, "0.5", True):
         with pytest.raises(ValueError, match="budget"):
             model.set_knob(bad)
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     model.calibrate(images)
-    macs = [model.held_out_macs(b) for b in range(3)]
-    for b in range(3):
-        assert model.set_budget(macs[b] * 1.001) == macs[b] and model.get_knob() == b
+    macs = [model.held_out_macs(b) for b in (0.3, 0.5, 0.7)]
+    for b, budget in enumerate((0.3, 0.5, 0.7)):
+        assert model.set_budget(macs[b] * 1.001) == macs[b] and model.get_knob() == budget
 
 
 # ---------------------------------------------------------------- target-aware weights and distillation
@@ -386,3 +386,55 @@ def test_measuring_the_ledger_in_training_mode_moves_no_batchnorm_statistics(nam
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.ledger((3, 32, 32))
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_dynconv_ponder_maps_count_the_blocks_run_per_pixel():
+    from ponder.pondermap import ponder_maps
+
+    model = DynConvCifarResNet(8).eval()
+    images = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(6))
+    maps = ponder_maps(model, images)
+    assert maps["kind"] == "blocks run" and len(maps["stages"]) == 3 and len(maps["units"]) == 3
+    assert maps["total"].shape == (2, 32, 48)
+    assert torch.equal(maps["total"], torch.stack(maps["stages"]).sum(0))
+    assert 0 <= maps["total"].min() and maps["total"].max() <= 3
+
+
+def test_budget_protocol_gives_one_point_per_budget_and_spatial_takes_a_knob(tmp_path):
+    from ponder.config import RunConfig
+    from ponder.evaluate.protocols import EvalContext, get_protocol
+    from ponder.results import result_from_report
+
+    model = multi().eval()
+    g = torch.Generator().manual_seed(7)
+    loader = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
+    config = RunConfig()
+    config.model.name = "dynconv_multi_resnet20_cifar"
+    ctx = EvalContext(model, config, tmp_path, tmp_path, loader, loader, "cpu")
+    report = get_protocol("budget")(ctx)
+    assert [p["knob"] for p in report["points"]] == [0.3, 0.5, 0.7]
+    for p, b in zip(report["points"], (0.3, 0.5, 0.7)):
+        model.set_knob(b)
+        assert p["held_out_macs"] == model.held_out_macs()
+    result = result_from_report(ctx, "budget", report)
+    assert [p.label for p in result.points] == ["budget 0.3", "budget 0.5", "budget 0.7"]
+    ctx.options = {"knob": 0.7}
+    model.set_knob(0.3)
+    spatial = get_protocol("spatial")(ctx)
+    assert spatial["knob"] == {"name": "budget", "value": 0.7} and model.get_knob() == 0.3
+    model.set_knob(0.7)
+    set_executor(model, "sparse")
+    with torch.no_grad():
+        want = torch.cat([model(x).macs for x, _ in loader]).mean().item()
+    assert spatial["macs_mean"] == pytest.approx(want)
+
+
+@pytest.mark.parametrize("name", ["dynconv_resnet20_cifar", "sact_resnet32_cifar"])
+def test_dense_macs_leaves_the_models_mode_alone(name):
+    from ponder import create_model
+
+    model = create_model(name).eval()
+    assert model.dense_macs() > 0 and not any(m.training for m in model.modules())
+    model.train()
+    model.dense_macs()
+    assert all(m.training for m in model.modules())

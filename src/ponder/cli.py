@@ -96,6 +96,12 @@ def cmd_flops(args: argparse.Namespace) -> None:
         print("  exit  cumulative params  cumulative MACs" + ("  official op_counter" if official else ""))
         for i, e in enumerate(prof.exits):
             print(f"  {i:>4d}  {e['params']:>17,d}  {e['macs']:>15,d}" + (f"  {e['macs_official']:>20,d}" if official else ""))
+    if prof.budgets:
+        base = prof.budgets[0]["base_params"]
+        print(f"  the dense ResNet has {base:,d} params: this model adds {100 * (prof.params / base - 1):.1f} %")
+        print("  budget  params (one budget's network)  nominal MACs (unconditional + budget x conditional)")
+        for b in prof.budgets:
+            print(f"  {b['budget']:>6.2f}  {b['params']:>31,d}  {b['macs']:>16,d}  ({format_count(b['macs'])})")
     if prof.blocks and args.blocks:
         print("  block  MACs")
         for b in prof.blocks:
@@ -314,7 +320,7 @@ def cmd_ponder_map(args: argparse.Namespace) -> None:
     except ImportError:
         raise CLIError("ponder maps need the spatial models (ponder.pondermap), which this install lacks") from None
     for path in write_ponder_maps(args.run_dir, args.images, out_dir=args.out, saliency=args.saliency,
-                                  sigma=args.sigma, gamma=args.gamma):
+                                  sigma=args.sigma, gamma=args.gamma, knob=args.knob):
         print(path)
 
 
@@ -433,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--saliency", action="store_true", help="also write the SACT saliency map")
     s.add_argument("--sigma", type=float, default=10.0)
     s.add_argument("--gamma", type=float, default=0.005)
+    s.add_argument("--knob", type=_knob_value, metavar="VALUE",
+                   help="the model's native knob first (a threshold; a multi-target budget, e.g. 0.3)")
     s.set_defaults(fn=cmd_ponder_map)
 
     s = sub.add_parser("demo", help="train and compare small models offline (about 3 minutes on 2 CPU cores)")

@@ -150,6 +150,7 @@ class Profile:
     macs: int
     exits: list[dict[str, int]] | None = None
     blocks: list[dict[str, Any]] | None = None
+    budgets: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -160,7 +161,7 @@ class Profile:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
-        for key in ("exits", "blocks"):
+        for key in ("exits", "blocks", "budgets"):
             if d[key] is None:
                 del d[key]
         if not d["extra"]:
@@ -173,7 +174,8 @@ def profile(model: nn.Module, input_size: tuple[int, int, int], name: str | None
 
     Models that have exits or skippable blocks add them through ``profile_exits(input_size)``
     (list of ``{"params", "macs"}`` cumulative up to each exit) and
-    ``profile_blocks(input_size)`` (list of ``{"name", "macs"}``).
+    ``profile_blocks(input_size)`` (list of ``{"name", "macs"}``); multi-budget models their budgets through
+    ``profile_budgets(input_size)`` (list of ``{"budget", "params", "macs"}``).
     """
     was_training = model.training
     model.eval()
@@ -188,6 +190,8 @@ def profile(model: nn.Module, input_size: tuple[int, int, int], name: str | None
             prof.exits = model.profile_exits(tuple(input_size))
         if hasattr(model, "profile_blocks"):
             prof.blocks = model.profile_blocks(tuple(input_size))
+        if hasattr(model, "profile_budgets"):
+            prof.budgets = model.profile_budgets(tuple(input_size))
     finally:
         model.train(was_training)
     return prof

@@ -153,7 +153,7 @@ class MultiTarget(DynConvSparsity):
                 macs.append(summary["macs_mean"])
             self.loss_weights = awareness_weights(accs, self.targets, self.awareness)
             record.update(budget_acc=accs, budget_macs=macs)
-        self.model.select_budget(self.model.knob.default)
+        self.model.set_knob(self.model.knob.default)
         return record
 
     def state_dict(self) -> dict[str, Any]:

@@ -146,12 +146,13 @@ class DynamicModel(PonderModel):
             return base.ledger(size).total  # type: ignore[arg-type]
         from ponder.cost import count_macs
 
-        was_training = base.training
+        modes = [(m, m.training) for m in base.modules()]  # (a view's mode is not the model's inside it)
         base.eval()
         try:
             return count_macs(base, example_input(self, size))  # type: ignore[arg-type]
         finally:
-            base.train(was_training)
+            for m, mode in modes:
+                m.training = mode
 
     # ---- forced decisions --------------------------------------------------------------
     def force_keep_rate(self, rate: float | None, seed: int = 0) -> None:

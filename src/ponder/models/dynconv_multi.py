@@ -6,7 +6,7 @@ A DynConv ResNet (:mod:`ponder.models.dynconv`) whose convolution weights serve 
 branch BatchNorms (``bn1``, ``bn2``[, ``bn3``]: :class:`~ponder.nn.budget_norms.BudgetNorms`; with
 ``share_affine`` the budgets share the affine parameters and keep their own running statistics, as the
 official code does when starting from a pre-trained dense network). The budget in use is the native knob:
-``set_knob(i)`` selects budget ``i`` (an index into ``budgets``) and ``set_knob(0.5)`` the budget 0.5;
+``set_knob(0.5)`` selects the budget 0.5 and ``set_knob(i)`` budget ``i`` (an index into ``budgets``);
 ``set_budget(macs)`` (after ``calibrate``) the budget whose held-out mean MACs are nearest. The
 ``multi_target`` method (:mod:`ponder.methods.multi_target`) trains it round-robin.
 
@@ -34,9 +34,9 @@ class MultiBudgetMixin(DynConvMixin):
     """One DynConv network with a mask unit and branch BatchNorms per budget; the knob picks the budget."""
 
     paper = "Zampokas et al., BMVC 2024 (budget-aware multi-target)"
-    knob = Knob("budget", 0, len(DEFAULT_BUDGETS) - 1, 1, macs_rise=True,
-                doc="the index of the budget in use (set_knob also takes the budget's fraction, e.g. 0.5)",
-                choices=tuple(range(len(DEFAULT_BUDGETS))))
+    knob = Knob("budget", DEFAULT_BUDGETS[0], DEFAULT_BUDGETS[-1], DEFAULT_BUDGETS[1], macs_rise=True,
+                doc="the budget in use, by its fraction (e.g. 0.5; set_knob also takes its index, an int)",
+                choices=DEFAULT_BUDGETS)
     norms: BudgetNorms
 
     def _init_multi(self, budgets: Sequence[float], share_affine: bool) -> None:
@@ -44,8 +44,8 @@ class MultiBudgetMixin(DynConvMixin):
         n = len(self.budgets)
         path = {id(m): name for name, m in self.named_modules()}
         self.norms = BudgetNorms(self.blocks, [path[id(b)] for b in self.blocks], n, share_affine)
-        self.knob = Knob("budget", 0, n - 1, n // 2, macs_rise=True, doc=type(self).knob.doc,
-                         choices=tuple(range(n)))
+        self.knob = Knob("budget", self.budgets[0], self.budgets[-1], self.budgets[n // 2], macs_rise=True,
+                         doc=type(self).knob.doc, choices=self.budgets)
         self._register_load_state_dict_pre_hook(_dense_keys, with_module=True)
         self.select_budget(n // 2)
 
@@ -54,12 +54,12 @@ class MultiBudgetMixin(DynConvMixin):
         self.norms.install(index)
         self.budget_index = index
 
-    def get_knob(self) -> int:
-        """The index of the budget in use."""
-        return self.budget_index
+    def get_knob(self) -> float:
+        """The budget in use (its fraction)."""
+        return self.budgets[self.budget_index]
 
     def set_knob(self, value: Any) -> None:
-        """Select a budget by index (an int) or by its fraction (a float, one of ``budgets``)."""
+        """Select a budget by its fraction (a float, one of ``budgets``) or by its index (an int)."""
         n = len(self.budgets)
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n:
             self.select_budget(value)
@@ -74,18 +74,26 @@ class MultiBudgetMixin(DynConvMixin):
 
     def profile_budgets(self, input_size: tuple[int, int, int]) -> list[dict[str, Any]]:
         """Per budget: ``budget`` (the fraction), ``params`` (the parameters one budget's network uses: the shared
-        ones, its mask units and its BatchNorms) and ``macs`` (nominal: the unconditional MACs plus the budget
-        times the conditional ones; dilation makes measured MACs somewhat higher)."""
+        ones, its mask units and its BatchNorms), ``macs`` (nominal: the unconditional MACs plus the budget times
+        the conditional ones; dilation makes measured MACs somewhat higher) and ``base_params`` (the dense ResNet's:
+        what the multi-target model adds is ``count_params(model) / base_params - 1``)."""
         uncond, cond = self.conditional_macs(input_size)
         total = count_params(self)
+        extra = [self._budget_parameters(k) for k in range(len(self.budgets))]
+        shared = {id(p) for p in self.norms.sets[0].parameters()}  # the base network's BatchNorm parameters
+        everything = {id(p): p for ps in extra for p in ps}
+        base = total - sum(p.numel() for i, p in everything.items() if i not in shared)
         rows = []
         for k, b in enumerate(self.budgets):
-            others = [p for j in range(len(self.budgets)) if j != k
-                      for p in list(self.mask_units[j].parameters()) + list(self.norms.sets[j].parameters())]
-            own = {id(p) for p in list(self.mask_units[k].parameters()) + list(self.norms.sets[k].parameters())}
-            unused = sum(p.numel() for p in {id(p): p for p in others if id(p) not in own}.values())
-            rows.append({"budget": b, "params": total - unused, "macs": int(round(uncond + b * cond))})
+            own = {id(p) for p in extra[k]}
+            unused = sum(p.numel() for i, p in everything.items() if i not in own)
+            rows.append({"budget": b, "params": total - unused, "macs": int(round(uncond + b * cond)),
+                         "base_params": base})
         return rows
+
+    def _budget_parameters(self, k: int) -> list[nn.Parameter]:
+        """Budget ``k``'s own parameters: its mask units and BatchNorms (affine parameters shared or not)."""
+        return list(self.mask_units[k].parameters()) + list(self.norms.sets[k].parameters())
 
 
 def _dense_keys(model: MultiBudgetMixin, state: dict, prefix: str, *_: Any) -> None:
