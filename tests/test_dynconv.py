@@ -438,3 +438,27 @@ def test_dense_macs_leaves_the_models_mode_alone(name):
     model.train()
     model.dense_macs()
     assert all(m.training for m in model.modules())
+
+
+def test_teachers_load_from_a_run_directory_or_model_and_weights(tmp_path):
+    from ponder.config import RunConfig
+    from ponder.methods.distill import load_teacher
+    from ponder.weights import RunDirError
+    from safetensors.torch import save_file
+
+    dense = CifarResNet(8, shortcut="B").eval()
+    run = tmp_path / "dense"
+    run.mkdir()
+    config = RunConfig()
+    config.model.name, config.model.kwargs = "resnet20_cifar", {"shortcut": "B"}
+    teacher_model = CifarResNet(20, shortcut="B")
+    save_file({k: v.contiguous() for k, v in teacher_model.state_dict().items()}, str(run / "weights.safetensors"))
+    config.save(run / "config.yaml")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(load_teacher(run)(x).logits, teacher_model.eval()(x).logits)
+    torch.save(dense.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(RunDirError, match="do not fit"):
+        load_teacher(f"resnet20_cifar={tmp_path / 'w.pth'}")
+    with pytest.raises(RunDirError, match="not a run directory"):
+        load_teacher(tmp_path / "nothing")
