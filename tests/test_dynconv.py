@@ -462,3 +462,14 @@ def test_teachers_load_from_a_run_directory_or_model_and_weights(tmp_path):
         load_teacher(f"resnet20_cifar={tmp_path / 'w.pth'}")
     with pytest.raises(RunDirError, match="not a run directory"):
         load_teacher(tmp_path / "nothing")
+
+
+def test_sample_keys_follow_the_content_of_a_reused_batch():
+    from ponder.nn.forced import sample_keys
+
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    a = sample_keys(x)
+    assert torch.equal(sample_keys(x), a)
+    x[1].add_(1.0)  # changed in place: new keys for that sample
+    b = sample_keys(x)
+    assert b[0] == a[0] and b[1] != a[1] and torch.equal(b, sample_keys(x.clone()))

@@ -231,3 +231,23 @@ def test_mask_logits_and_decision_equal_pytorch(stride, shape):
         assert torch.equal(macs2, 7.0 + 5.0 * forced.flatten(1).sum(1).double())
         if shape[2] * shape[3] > 1:  # NCHW (a 1x1 map is both): not for the kernel
             assert unit.decide(x.contiguous(), thr, None, True, 0.0, 0.0, 0.0) is None
+
+
+@pytest.mark.parametrize("name", ["sact_resnet32_cifar", "dynconv_resnet20_cifar", "dynconv_multi_resnet20_cifar"])
+@pytest.mark.parametrize("rate", [None, 0.4])
+def test_spatial_models_on_the_kernels_match_the_pytorch_path(pytorch_path, name, rate):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    for m in model.modules():
+        if type(m).__name__ == "SpatialHaltingBranch":  # varied halting (untrained branches start constant)
+            torch.nn.init.normal_(m.local.weight, std=0.05)
+    model.force_keep_rate(rate, seed=1)
+    set_executor(model, "sparse")
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fused = model(x)
+        pytorch_path()
+        plain = model(x)
+    assert all(torch.equal(a, b) for a, b in zip(fused.masks, plain.masks))
+    assert torch.equal(fused.macs, plain.macs)
+    torch.testing.assert_close(fused.logits, plain.logits, rtol=1e-4, atol=1e-5)

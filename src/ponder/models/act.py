@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ponder import fast
 from ponder.cost import CostLedger, eval_unit_macs
 from ponder.models.base import Knob, example_input
 from ponder.models.resnet import (
@@ -116,7 +117,9 @@ class ACTResNetMixin(SpatialModel):
         for s, stage in enumerate(self.stages()):
             blocks = list(stage)
             if self.spatial:
-                h, res, stage_masks, stage_macs = self._sact_stage(s, first, blocks, h, led, keys)
+                fused = self.executor == "sparse" and not self.training and fast.sact_step_applies(h)
+                stage = self._sact_stage_fused if fused else self._sact_stage
+                h, res, stage_masks, stage_macs = stage(s, first, blocks, h, led, keys)
                 masks.extend(stage_masks)
             else:
                 h, res, stage_ran, stage_macs = self._act_stage(s, first, blocks, h, led, keys)
@@ -224,6 +227,54 @@ class ACTResNetMixin(SpatialModel):
             acc.step(x, h)
         res = acc.result()
         return res.output, res, masks, macs
+
+    def _sact_stage_fused(self, s: int, first: int, blocks: list[ResidualBlock], x: Tensor, led: CostLedger,
+                          keys: Tensor | None):
+        """:meth:`_sact_stage` at inference on the compiled kernels (the caller checked
+        :func:`ponder.fast.sact_step_applies`): after each unit one call computes its halting scores, the ACT
+        step and the next unit's dilated mask, MACs and active counts (:meth:`ACTAccumulator.step_fused`), so a
+        unit costs its dense fall-back (or its sparse kernel) plus that call."""
+        num = len(blocks)
+        x = dense_unit_channels_last(blocks[0], x)
+        b, _, hgt, wid = x.shape
+        acc = ACTAccumulator(num, (b, hgt, wid), x.device, eps=self.halt_eps)
+        keep = None if keys is None else self.forced_positions(keys, (hgt, wid), s)
+        costs = self._stage_costs(led, first, num)
+        macs = torch.full((b,), costs[0], dtype=torch.float64, device=x.device)
+        masks = [torch.ones(b, hgt, wid, dtype=torch.bool, device=x.device)]
+        forced = None if keep is None else ((~keep).to(torch.float32), torch.zeros(b, hgt, wid, device=x.device))
+        halting = self.halting[s][0].folded_weights() if num > 1 else None
+        step = acc.step_fused(x, halting, None if forced is None else forced[0], costs[1] if num > 1 else None)
+        assert step is not None  # (the caller checked the kernel applies)
+        for l in range(1, num):
+            conv1_mask, unit_macs, n_mask, n_first = step
+            mask = acc.running
+            if n_mask == 0:  # every position halted: the remaining units run nowhere
+                masks.extend([mask] * (num - l))
+                acc.finish_halted()
+                break
+            masks.append(mask)
+            x = sparse_residual(blocks[l], x, mask, break_even=self.break_even, first=conv1_mask, overwrite=True,
+                                active=(n_mask, n_first))
+            macs = macs + unit_macs
+            last = l == num - 1
+            halting = None if last else self.halting[s][l].folded_weights()
+            step = acc.step_fused(x, halting, None if forced is None or last else forced[1],
+                                  None if last else costs[l + 1])
+        res = acc.result()
+        return res.output, res, masks, macs
+
+    def _stage_costs(self, led: CostLedger, first: int, num: int) -> list:
+        """Per unit of the stage starting at block ``first``: unit 0's MACs (dense unit and halting branch), then per
+        later unit ``(shortcut, first conv per position, other convs per position, halting branch)`` (cached)."""
+        plans = self.__dict__.setdefault("_stage_plans", {})
+        key = (led.input_size, first)
+        if key not in plans:
+            halt = [float(led[f"halt.{first + l}"]) if l < num - 1 else 0.0 for l in range(num)]
+            plans[key] = [float(led[f"blocks.{first}"]) + halt[0]] + [
+                (float(led[f"blocks.{first + l}.skip"]), float(led[f"blocks.{first + l}.first"]),
+                 float(led[f"blocks.{first + l}.rest"]), halt[l]) for l in range(1, num)]
+        return plans[key]
 
     # ---------------------------------------------------------------- cost
     def measure_ledger(self, input_size: tuple[int, int, int]) -> CostLedger:

@@ -248,6 +248,41 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t> mask_d
   return {mask, first, macs, n_mask, n_first};
 }
 
+// One SACT unit's inference tail in one call, after the unit computed its output x: the halting scores of x
+// (spatial_halting with w10 / t10, or from the given planes; none for the stage's last unit, w10 undefined),
+// replaced by `forced_h` when given (forced decisions: the scores are computed all the same), the ACT step
+// (act_step: sums, p, running, output += p * x), then for the next unit (when `next`): its mask (= running)
+// dilated 3x3 at the same grid with its per-sample MACs (dilate_and_count) and active counts over the batch.
+// Returns (p, running, output, next first mask or None, next MACs or None, |running|, |dilated|).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t> sact_step(
+    torch::Tensor hsum, torch::Tensor n, torch::Tensor rem, torch::Tensor run, torch::Tensor x,
+    c10::optional<torch::Tensor> out, c10::optional<torch::Tensor> w10, c10::optional<torch::Tensor> t10,
+    c10::optional<torch::Tensor> planes, double gconst, double bias, c10::optional<torch::Tensor> forced_h,
+    double eps, bool next, double base, double first_macs, double rest_macs, double halt_macs) {
+  const bool last = !w10.has_value();
+  c10::optional<torch::Tensor> h;
+  if (!last) {
+    torch::Tensor scores = spatial_halting(x, *w10, *t10, planes, gconst, bias);
+    h = forced_h.has_value() ? *forced_h : scores;
+  }
+  std::vector<torch::Tensor> stepped = act_step(hsum, n, rem, run, h, x, out, eps, last);
+  torch::Tensor first, macs;
+  int64_t n_mask = 0, n_first = 0;
+  const torch::Tensor& running = stepped[1];
+  if (next) {
+    first = torch::empty_like(running);
+    macs = torch::empty({running.size(0)}, hsum.options().dtype(torch::kFloat64));
+    auto counts = torch::empty({running.size(0), 2}, hsum.options().dtype(torch::kInt64));
+    dilate_and_count(running, first, base, first_macs, rest_macs, halt_macs, macs, counts);
+    const int64_t* pn = counts.data_ptr<int64_t>();
+    for (int64_t b = 0; b < running.size(0); ++b) {
+      n_mask += pn[2 * b];
+      n_first += pn[2 * b + 1];
+    }
+  }
+  return {stepped[0], running, stepped[2], first, macs, n_mask, n_first};
+}
+
 // The sparse kernel's residual epilogue on a [R, C] row table: out[rows[i]] = relu(out[rows[i]] + y[i])
 // for the n active rows, and with relu_all every other row relu'd too (DynConv's inactive="relu").
 torch::Tensor scatter_residual(torch::Tensor out, torch::Tensor rows, torch::Tensor y, bool relu_all) {
@@ -280,6 +315,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spatial_halting", &spatial_halting, "SACT halting map from a channels-last state");
   m.def("act_step", &act_step, "inference ACT step on per-position maps");
   m.def("unit_masks", &unit_masks, "first-conv mask and per-sample MACs of a stride-1 unit");
+  m.def("sact_step", &sact_step, "a SACT unit's halting, ACT step and the next unit's mask, MACs and activity");
   m.def("mask_decide", &mask_decide, "a DynConv block's mask, dilated mask, MACs and counts at inference");
   m.def("mask_logits", &mask_logits, "DynConv mask logits from a channels-last block input (any stride)");
   m.def("scatter_residual", &scatter_residual, "sparse kernel residual epilogue on a row table, in place");
