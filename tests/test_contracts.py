@@ -109,6 +109,8 @@ def test_set_budget_reaches_a_reachable_target_on_held_out_images(name):
         conf = model._require_calibration()
         target = model.held_out_macs(fit_thresholds(conf, exit_proportions(0.7, model.num_exits), between=True))
         assert model.exit_costs(size)[0] < target < model.exit_costs(size)[-1]
+    elif model.knob.choices is not None:  # a discrete knob (a budget choice): a target one choice reaches
+        target = model.held_out_macs(model.knob.choices[len(model.knob.choices) // 2])
     else:
         low, high = model.held_out_macs(model.knob.low), model.held_out_macs(model.knob.high)
         low, high = min(low, high), max(low, high)

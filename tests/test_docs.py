@@ -48,8 +48,9 @@ def test_the_docs_show_commands_at_all():
 
 
 @pytest.mark.parametrize("where,command", COMMANDS, ids=[f"{p}:{c[:60]}" for p, c in COMMANDS])
-def test_every_documented_command_parses_and_names_what_exists(where, command):
+def test_every_documented_command_parses_and_names_what_exists(where, command, monkeypatch):
     from ponder.config import load_config
+    from ponder.engine.sweep import is_sweep_file, load_sweep_file
     from ponder.registry import list_models
 
     argv = shlex.split(command)[1:]
@@ -60,10 +61,14 @@ def test_every_documented_command_parses_and_names_what_exists(where, command):
     name = getattr(args, "name", None)
     if name and name.isidentifier() and args.command in ("flops", "bench"):
         assert name in list_models(), f"{where}: `{command}` names an unknown model"
-    recipe = getattr(args, "recipe", None)
-    if recipe and recipe.startswith("recipes/"):  # a shipped recipe (others are the reader's own files)
+    recipe = getattr(args, "recipe", None) or getattr(args, "spec", None)
+    if recipe and recipe.startswith("recipes/"):  # a shipped recipe or sweep file (others are the reader's own)
         assert (ROOT / recipe).is_file(), f"{where}: `{command}` names a missing recipe"
-        load_config(ROOT / recipe)
+        if is_sweep_file(ROOT / recipe):
+            monkeypatch.chdir(ROOT)  # a sweep file's recipes are read from the repository root
+            load_sweep_file(ROOT / recipe)
+        else:
+            load_config(ROOT / recipe)
 
 
 def _block(text: str, name: str) -> str:

@@ -204,3 +204,50 @@ def test_sparse_kernel_with_the_fused_epilogue_equals_the_masked_unit(pytorch_pa
         plain = run_sparse(block, x, mask, first, "relu")
     torch.testing.assert_close(fused, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 16, 8, 8), (3, 8, 7, 5), (1, 4, 1, 1), (1, 4, 2, 3)])
+def test_mask_logits_and_decision_equal_pytorch(stride, shape):
+    from ponder.nn.mask_unit import MaskUnit
+    from ponder.nn.sparse_conv import dilate_mask
+
+    torch.manual_seed(sum(shape) + stride)
+    unit = MaskUnit(shape[1], stride).eval()
+    x = torch.randn(*shape).contiguous(memory_format=CL)
+    with torch.no_grad():
+        want = unit.local(x)[:, 0] + unit.glob(x.mean((2, 3)))[:, :, None]
+        got = unit(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        thr = float(got.flatten().median())  # about half the positions active
+        mask, first, macs, n_mask, n_first = unit.decide(x, thr, None, True, 7.0, 3.0, 5.0)
+        assert torch.equal(mask, got >= thr) and torch.equal(first, dilate_mask(mask))
+        counts = mask.flatten(1).sum(1).double(), first.flatten(1).sum(1).double()
+        assert torch.equal(macs, 7.0 + 3.0 * counts[1] + 5.0 * counts[0])
+        assert (n_mask, n_first) == (int(mask.sum()), int(first.sum()))
+        forced = torch.rand(mask.shape) < 0.3
+        mask2, no_first, macs2, n2, nf2 = unit.decide(x, thr, forced, False, 7.0, 3.0, 5.0)
+        assert mask2 is forced and no_first is None and nf2 == 0 and n2 == int(forced.sum())
+        assert torch.equal(macs2, 7.0 + 5.0 * forced.flatten(1).sum(1).double())
+        if shape[2] * shape[3] > 1:  # NCHW (a 1x1 map is both): not for the kernel
+            assert unit.decide(x.contiguous(), thr, None, True, 0.0, 0.0, 0.0) is None
+
+
+@pytest.mark.parametrize("name", ["sact_resnet32_cifar", "dynconv_resnet20_cifar", "dynconv_multi_resnet20_cifar"])
+@pytest.mark.parametrize("rate", [None, 0.4])
+def test_spatial_models_on_the_kernels_match_the_pytorch_path(pytorch_path, name, rate):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    for m in model.modules():
+        if type(m).__name__ == "SpatialHaltingBranch":  # varied halting (untrained branches start constant)
+            torch.nn.init.normal_(m.local.weight, std=0.05)
+    model.force_keep_rate(rate, seed=1)
+    set_executor(model, "sparse")
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fused = model(x)
+        pytorch_path()
+        plain = model(x)
+    assert all(torch.equal(a, b) for a, b in zip(fused.masks, plain.masks))
+    assert torch.equal(fused.macs, plain.macs)
+    torch.testing.assert_close(fused.logits, plain.logits, rtol=1e-4, atol=1e-5)

@@ -48,24 +48,26 @@ def test_sweep_trains_each_value_and_scores_it_on_the_held_out_split(recipe, tmp
     monkeypatch.setattr(early_exit, "cached_exit_outputs",
                         lambda ctx, split, loader: read.append(split) or original(ctx, split, loader))
     out = tmp_path / "sweep"
-    assert main(["sweep", str(recipe), "--key", "method.kwargs.q", "--values", "0.5,1.0", "--out", str(out)]) == 0
+    assert main(["sweep", str(recipe), "--grid", "method.kwargs.q=0.5,1.0", "--out", str(out),
+                 "--protocol", "budgeted", "--option", "score=val"]) == 0
     text = capsys.readouterr().out
-    assert "held-out budgeted curves" in text and "best on the held-out split: method.kwargs.q = " in text
+    assert "held-out budgeted curves" in text and "best on the held-out split: q" in text
     assert read == ["val", "val"]  # one held-out pass per run, never the test split
     for q in ("0.5", "1.0"):
-        run = out / f"q={q}"
+        run = out / f"q{q}" / "s0"
         assert yaml.safe_load((run / "config.yaml").read_text())["method"]["kwargs"]["q"] == float(q)
         [result] = load_results(run)
         assert result.kind == "budgeted-scoreval" and result.evaluation.split == "val"
         assert result.evaluation.images == 16 and len(result.points) == 39
-        assert json.loads((run / "budgeted-val.json").read_text())["num_test"] == 0
+        assert json.loads((run / "eval" / "budgeted-val.json").read_text())["num_test"] == 0
     labels = sorted(g.label for g in collect_groups([str(out)]))
-    assert labels == ["msdnet_cifar_budgeted · l2w · budgeted-scoreval · q=0.5",
-                      "msdnet_cifar_budgeted · l2w · budgeted-scoreval · q=1.0"]
+    assert labels == ["msdnet_cifar_budgeted · l2w · budgeted-scoreval · method.q=0.5",
+                      "msdnet_cifar_budgeted · l2w · budgeted-scoreval · method.q=1.0"]
     # a second call finds the runs finished: nothing is trained again
-    mtime = (out / "q=0.5" / "state.pt").stat().st_mtime
-    assert main(["sweep", str(recipe), "--key", "method.kwargs.q", "--values", "0.5", "--out", str(out)]) == 0
-    assert (out / "q=0.5" / "state.pt").stat().st_mtime == mtime
+    mtime = (out / "q0.5" / "s0" / "state.pt").stat().st_mtime
+    assert main(["sweep", str(recipe), "--grid", "method.kwargs.q=0.5", "--out", str(out),
+                 "--protocol", "budgeted", "--option", "score=val"]) == 0
+    assert (out / "q0.5" / "s0" / "state.pt").stat().st_mtime == mtime
 
 
 def test_held_out_scoring_refuses_test_calibration(recipe, tmp_path, capsys):

@@ -111,6 +111,12 @@ def cmd_flops(args: argparse.Namespace) -> None:
         print("  exit  cumulative params  cumulative MACs" + ("  official op_counter" if official else ""))
         for i, e in enumerate(prof.exits):
             print(f"  {i:>4d}  {e['params']:>17,d}  {e['macs']:>15,d}" + (f"  {e['macs_official']:>20,d}" if official else ""))
+    if prof.budgets:
+        base = prof.budgets[0]["base_params"]
+        print(f"  the dense ResNet has {base:,d} params: this model adds {100 * (prof.params / base - 1):.1f} %")
+        print("  budget  params (one budget's network)  nominal MACs (unconditional + budget x conditional)")
+        for b in prof.budgets:
+            print(f"  {b['budget']:>6.2f}  {b['params']:>31,d}  {b['macs']:>16,d}  ({format_count(b['macs'])})")
     if prof.blocks and args.blocks:
         print("  block  MACs")
         for b in prof.blocks:
@@ -325,20 +331,37 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from ponder.engine.sweep import describe, plan_sweep, run_sweep
+    from ponder.engine import sweep
     from ponder.report import report_command
 
+    if sweep.is_sweep_file(args.spec):
+        if args.grid or args.set or args.protocol or args.option or args.vary != "all":
+            raise CLIError(f"{args.spec} is a sweep file: its runs name their grids, overrides and evaluations; "
+                              f"--grid, --vary, --set, --protocol and --option apply to a recipe")
+        spec = sweep.load_sweep_file(args.spec)
+        spec["root"] = args.out or spec["root"]
+        spec["seeds"] = list(range(args.seeds)) if args.seeds else spec["seeds"]
+        runs = sweep.plan_file(spec, args.only)
+        report_paths, report_out = sweep.file_report(spec) if args.only is None else ([], None)
+    else:
+        if not args.out:
+            raise CLIError("a recipe sweep needs --out DIR (its runs go to DIR/<point>/s<seed>)")
+        options = dict(_parse_options(args.option))
+        evals = [sweep.evaluation(p, options) for p in args.protocol or ["standard"]]
+        runs = sweep.plan_grid(args.spec, args.grid, args.seeds or 1, args.out, args.vary, args.set, evals)
+        report_paths, report_out = [args.out], args.out
     if args.dry_run:
-        print(describe(plan_sweep(args.grid, args.seeds, args.out, args.vary)), end="")
+        print(sweep.describe(runs), end="")
         return
-    options = dict(_parse_options(args.option))
-    run_sweep(args.recipe, args.grid, args.seeds, args.out, overrides=args.set, protocols=args.protocol or ["standard"],
-              options=options, data_dir=args.data_dir, vary=args.vary, log=lambda line: print(line, file=sys.stderr, flush=True))
-    markdown, notices = report_command([args.out], out=args.out)
-    print(markdown, end="")
-    for line in notices:
-        print(line, file=sys.stderr)
-
+    sweep.run_sweep(runs, data_dir=args.data_dir, log=lambda line: print(line, file=sys.stderr, flush=True))
+    if report_paths:
+        markdown, notices = report_command(report_paths, out=report_out)
+        print(markdown, end="")
+        for line in notices:
+            print(line, file=sys.stderr)
+    table = sweep.held_out_table(runs)
+    if table:
+        print(table)
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from ponder.official import convert_official
@@ -357,7 +380,7 @@ def cmd_ponder_map(args: argparse.Namespace) -> None:
     except ImportError:
         raise CLIError("ponder maps need the spatial models (ponder.pondermap), which this install lacks") from None
     for path in write_ponder_maps(args.run_dir, args.images, out_dir=args.out, saliency=args.saliency,
-                                  sigma=args.sigma, gamma=args.gamma):
+                                  sigma=args.sigma, gamma=args.gamma, knob=args.knob):
         print(path)
 
 
@@ -463,17 +486,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --update-doc: change nothing, fail when a generated table differs from the results")
     s.set_defaults(fn=cmd_report)
 
-    s = sub.add_parser("sweep", help="train a recipe over a grid of overrides and seeds, evaluate and report every run")
-    s.add_argument("recipe", help="YAML recipe")
+    s = sub.add_parser("sweep", help="train a recipe over a grid of settings and seeds (or the runs of a sweep file), "
+                                     "evaluate and report every run")
+    s.add_argument("spec", metavar="RECIPE|SWEEP", help="a YAML recipe, or a sweep file (runs in order; docs/training.md)")
     s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="one axis of the grid (repeat for more axes), e.g. method.kwargs.alpha=0.6,0.8")
     s.add_argument("--vary", choices=("all", "one"), default="all",
                    help="all: every combination of the axes; one: each axis on its own (the rest as the recipe)")
-    s.add_argument("--seeds", type=int, default=1, help="train every point with seeds 0 .. N-1")
-    s.add_argument("--out", required=True, metavar="DIR", help="runs go to DIR/<point>/s<seed>; the report to DIR")
+    s.add_argument("--seeds", type=int, help="train every point with seeds 0 .. N-1 (default 1; a sweep file: its own)")
+    s.add_argument("--out", metavar="DIR", help="runs go to DIR/<point>/s<seed>, the report to DIR "
+                                               "(a sweep file: instead of its root)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field (every run)")
-    s.add_argument("--protocol", action="append", metavar="P", help="evaluate each run with P (repeat; default standard)")
+    s.add_argument("--protocol", action="append", metavar="P", help="evaluate each run with P (repeat; default standard); "
+                   "budgeted with --option score=val ranks the points on the held-out split")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="protocol option")
+    s.add_argument("--only", metavar="PATTERN", help="a sweep file's runs whose names match (shell-style) only")
     s.add_argument("--data-dir")
     s.add_argument("--dry-run", action="store_true", help="print the runs the sweep would make, and stop")
     s.set_defaults(fn=cmd_sweep)
@@ -494,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--saliency", action="store_true", help="also write the SACT saliency map")
     s.add_argument("--sigma", type=float, default=10.0)
     s.add_argument("--gamma", type=float, default=0.005)
+    s.add_argument("--knob", type=_knob_value, metavar="VALUE",
+                   help="the model's native knob first (a threshold; a multi-target budget, e.g. 0.3)")
     s.set_defaults(fn=cmd_ponder_map)
 
     s = sub.add_parser("demo", help="train and compare small models offline (about 3 minutes on 2 CPU cores)")

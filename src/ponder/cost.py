@@ -182,6 +182,7 @@ class Profile:
     macs: int
     exits: list[dict[str, int]] | None = None
     blocks: list[dict[str, Any]] | None = None
+    budgets: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -192,7 +193,7 @@ class Profile:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
-        for key in ("exits", "blocks"):
+        for key in ("exits", "blocks", "budgets"):
             if d[key] is None:
                 del d[key]
         if not d["extra"]:

@@ -1,8 +1,11 @@
-"""Ponder-cost maps of ACT / SACT models over images of any size, written as PNG overlays.
+"""Ponder-cost maps of spatial models (ACT / SACT, DynConv, the multi-target model) over images of any size,
+written as PNG overlays.
 
-For each ACT block (ResNet stage) the per-position ponder cost rho = N + R is resized to the
-image with nearest-neighbour interpolation; the maps are also summed over blocks (the SACT
-paper's ponder-cost map). Per-unit active masks give the executed-units map (how many residual
+ACT / SACT: for each ACT block (ResNet stage) the per-position ponder cost rho = N + R is resized to the
+image with nearest-neighbour interpolation; the maps are also summed over blocks (the SACT paper's
+ponder-cost map). DynConv: per stage (blocks whose masks share a resolution) the number of blocks that
+ran at each position, and their sum over the network (the DynConv paper's ponder map: every block's hard
+mask resized, nearest, and summed). Per-unit active masks give the executed-units map (how many residual
 units ran at each pixel). ``ponder ponder-map RUN_DIR IMAGE...`` calls :func:`write_ponder_maps`.
 """
 
@@ -35,13 +38,14 @@ def _to_image(maps: Sequence[Tensor], batch: int, hw: tuple[int, int]) -> list[T
 
 @torch.no_grad()
 def ponder_maps(model: nn.Module, images: Tensor) -> dict[str, Any]:
-    """Ponder-cost maps of an ACT/SACT ``model`` for normalised ``images [B, C, H, W]`` (any H, W).
+    """Ponder-cost maps of a spatial ``model`` for normalised ``images [B, C, H, W]`` (any H, W).
 
     Returns a dict of tensors at image resolution:
-    ``stages``: list (one per ACT block) of ``[B, H, W]`` ponder cost rho = N + R;
-    ``total``: ``[B, H, W]`` their sum; ``units``: list (one per residual unit) of ``[B, H, W]``
-    0/1 active masks (SACT only, else empty); ``units_run``: ``[B, H, W]`` number of units run per
-    pixel; plus ``logits [B, K]`` and ``macs [B]``. The model runs in eval mode.
+    ``stages``: list (one per ACT block) of ``[B, H, W]`` ponder cost rho = N + R (DynConv: per stage, the
+    number of its blocks that ran at each pixel); ``total``: ``[B, H, W]`` their sum; ``units``: list (one
+    per residual unit) of ``[B, H, W]`` 0/1 active masks (SACT and DynConv, else empty); ``units_run``:
+    ``[B, H, W]`` number of units run per pixel; ``kind``: ``"rho"`` or ``"blocks run"`` (what ``stages``
+    hold); plus ``logits [B, K]`` and ``macs [B]``. The model runs in eval mode.
     """
     was_training = model.training
     model.eval()
@@ -49,14 +53,23 @@ def ponder_maps(model: nn.Module, images: Tensor) -> dict[str, Any]:
         out = model(images)
     finally:
         model.train(was_training)
-    if out.ponder is None:
-        raise ValueError(f"{type(model).__name__} reports no ponder maps; ponder maps need an act_* or sact_* model")
     b, hw = images.shape[0], (images.shape[2], images.shape[3])
-    stages = _to_image(out.ponder, b, hw)
+    if out.ponder is None and out.masks is None:
+        raise ValueError(f"{type(model).__name__} reports no ponder maps or masks; ponder maps need a spatial model "
+                         f"(act_*, sact_*, dynconv_*)")
     units = _to_image(out.masks, b, hw) if out.masks is not None else []
+    if out.ponder is None:  # DynConv: blocks run per position, summed per stage (one mask resolution)
+        by_size: dict[tuple[int, ...], list[Tensor]] = {}
+        for m, u in zip(out.masks, units):
+            by_size.setdefault(tuple(m.shape[1:]), []).append(u)
+        stages = [torch.stack(group).sum(0) for group in by_size.values()]
+        units_run = torch.stack(units).sum(0)
+        return {"stages": stages, "total": units_run, "units": units, "units_run": units_run, "kind": "blocks run",
+                "logits": out.logits, "macs": out.macs}
+    stages = _to_image(out.ponder, b, hw)
     units_run = torch.stack(_to_image(out.extras["units_run"], b, hw)).sum(0)
     return {"stages": stages, "total": torch.stack(stages).sum(0), "units": units, "units_run": units_run,
-            "logits": out.logits, "macs": out.macs}
+            "kind": "rho", "logits": out.logits, "macs": out.macs}
 
 
 def _normalizer(dataset: str):
@@ -105,8 +118,8 @@ def _save_png(path: Path, image: Tensor, panels: list[tuple[str, Tensor]]) -> No
 
 def write_ponder_maps(run_dir: str | Path, images: Sequence[str | Path], out_dir: str | Path | None = None,
                       saliency: bool = False, sigma: float = 10.0, gamma: float = 0.005, size: int | None = None,
-                      device: str = "cpu") -> list[Path]:
-    """Write one ponder-map figure per image of a trained ACT/SACT run; returns the written paths.
+                      device: str = "cpu", knob: Any = None) -> list[Path]:
+    """Write one ponder-map figure per image of a trained spatial run (ACT, SACT, DynConv); returns the written paths.
 
     Each image is read with Pillow, resized so its longer side is ``size`` pixels (default: the
     run's training resolution, e.g. 32 for CIFAR, 224 for ImageNet) and normalised like the
@@ -114,11 +127,17 @@ def write_ponder_maps(run_dir: str | Path, images: Sequence[str | Path], out_dir
     ponder cost, executed units and, with ``saliency=True``, the SACT saliency map with blur std
     ``sigma`` pixels and centre-bias weight ``gamma``: :func:`ponder.saliency.saliency_map`) when
     matplotlib is installed, else ``<name>_ponder.npz`` with the same maps. ``out_dir``
-    defaults to ``RUN_DIR/ponder_maps``.
+    defaults to ``RUN_DIR/ponder_maps``. ``knob`` sets the model's native knob first (a threshold; the
+    multi-target model's budget, e.g. 0.3), and the file names get ``_knob<value>``.
     """
     from ponder.engine import load_run
+    from ponder.models.base import DynamicModel
 
     model, config = load_run(run_dir, device=device)
+    if knob is not None:
+        if not isinstance(model, DynamicModel):
+            raise ValueError(f"--knob needs a dynamic model; {config.model.name} has no knob")
+        model.set_knob(knob)
     norm = _normalizer(config.data.dataset)
     size = size or max(model.default_input_size[1:])
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "ponder_maps"
@@ -128,11 +147,14 @@ def write_ponder_maps(run_dir: str | Path, images: Sequence[str | Path], out_dir
     for path in images:
         img = load_image(path, size)
         maps = ponder_maps(model, norm(img[None]).to(device))
-        panels = [(f"stage {i + 1} rho", m[0].cpu()) for i, m in enumerate(maps["stages"])]
-        panels += [("ponder cost (sum)", maps["total"][0].cpu()), ("units run", maps["units_run"][0].cpu())]
+        panels = [(f"stage {i + 1} {maps['kind']}", m[0].cpu()) for i, m in enumerate(maps["stages"])]
+        if maps["kind"] == "rho":
+            panels += [("ponder cost (sum)", maps["total"][0].cpu()), ("units run", maps["units_run"][0].cpu())]
+        else:
+            panels.append(("blocks run (ponder map)", maps["total"][0].cpu()))
         if saliency:
             panels.append(("saliency", saliency_map(maps["total"][0].cpu(), sigma, gamma)))
-        name = Path(path).stem
+        name = Path(path).stem + (f"_knob{knob}" if knob is not None else "")
         if have_mpl:
             target = out / f"{name}_ponder.png"
             _save_png(target, img, panels)

@@ -8,6 +8,8 @@ the test accuracy and MACs mean / std.
 
 Options (``ctx.options``): ``targets`` (a list of MACs per image) or ``fractions`` (of the dense
 model's MACs; default 0.3, 0.4, ... 1.0); ``calibration_images`` (held-out images used, default 512).
+A model with a discrete knob (``knob.choices``: the budgets of the multi-target model) gives, unless
+``targets`` or ``fractions`` are named, one point per choice (its held-out MACs as the target).
 Writes ``eval_budget.json`` (and ``budget_curve.png`` with matplotlib) in ``ctx.out_dir``.
 """
 
@@ -59,7 +61,10 @@ def budget(ctx: EvalContext) -> dict:
     n_cal = calibrate_on(model, ctx.val_loader, int(ctx.options.get("calibration_images", 512)))
     dense = model.dense_macs()
     targets = ctx.options.get("targets")
-    if targets is None:
+    choices = model.knob.choices if targets is None and "fractions" not in ctx.options else None
+    if choices is not None:
+        targets = [model.held_out_macs(c) for c in choices]
+    elif targets is None:
         targets = [f * model.dense_macs() for f in ctx.options.get("fractions", DEFAULT_FRACTIONS)]
     before_knob, before_executor = model.get_knob(), get_executor(model)
     points = []

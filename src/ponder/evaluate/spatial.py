@@ -2,7 +2,9 @@
 
 Options (``ctx.options``): ``image_size`` (int) resizes every test image (bilinear) before the
 forward pass, e.g. 352 to evaluate a model trained at 224 px as in the SACT paper;
-``executor`` (``masked`` | ``sparse``) switches the model's executor for the evaluation.
+``executor`` (``masked`` | ``sparse``) switches the model's executor for the evaluation;
+``knob`` sets the model's native knob for the evaluation (a halting or mask threshold; a budget of the
+multi-target model, e.g. ``knob=0.3``), restored afterwards.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from ponder.evaluate.protocols import EvalContext, register_protocol
 from ponder.evaluate.records import Records, collect
+from ponder.models.base import DynamicModel
 from ponder.nn.executor import get_executor, set_executor
 
 
@@ -78,17 +81,29 @@ def spatial(ctx: EvalContext) -> dict:
     """Evaluate on the test loader; writes ``eval_spatial.json`` in ``ctx.out_dir``."""
     executor = ctx.options.get("executor")
     before = get_executor(ctx.model)
+    model = getattr(ctx.model, "module", ctx.model)
+    knob = ctx.options.get("knob")
+    if knob is not None and not isinstance(model, DynamicModel):
+        raise ValueError(f"option knob needs a dynamic model; {type(model).__name__} has no knob")
+    knob_before = model.get_knob() if knob is not None else None
     if executor is not None:
         set_executor(ctx.model, executor)
     try:
+        if knob is not None:
+            model.set_knob(knob)
         image_size = ctx.options.get("image_size")
         report = {"protocol": "spatial", "model": ctx.config.model.name, "executor": get_executor(ctx.model),
                   **spatial_report(ctx.model, ctx.test_loader, ctx.device,
                                    int(image_size) if image_size is not None else None)}
+        if knob is not None:
+            report["knob"] = {"name": model.knob.name, "value": model.get_knob()}
     finally:
         if executor is not None and before is not None:
             set_executor(ctx.model, before)
+        if knob is not None:
+            model.set_knob(knob_before)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_{int(ctx.options['image_size'])}px" if ctx.options.get("image_size") else ""
+    suffix += f"_knob{knob}" if knob is not None else ""
     (ctx.out_dir / f"eval_spatial{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

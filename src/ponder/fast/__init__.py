@@ -18,13 +18,13 @@ from ponder.fast.early_exit import exit_head, exit_step, pool_flat
 from ponder.fast.fold import FoldedConv, fold_conv_bn, fold_conv_bn_dense, fold_key
 from ponder.fast.gemm import linear_rows
 from ponder.fast.routes import choose, decide
-from ponder.fast.spatial import act_step, residual_epilogue, scatter_residual, spatial_halting, \
-    spatial_halting_applies, unit_masks
+from ponder.fast.spatial import (act_step, mask_decide, mask_logits, residual_epilogue, sact_step, sact_step_applies,
+                                 scatter_residual, spatial_halting, spatial_halting_applies, unit_masks)
 from ponder.fast.switch import cpu_inference, disabled, enabled, set_enabled
 
 __all__ = [
     "FoldedConv", "act_step", "choose", "conv_bn", "cpu_inference", "decide", "disabled", "enabled", "exit_head",
     "exit_head_applies", "exit_step", "fold_conv_bn", "fold_conv_bn_dense", "fold_key", "linear_rows",
-    "pool_flat", "residual_epilogue", "scatter_residual", "set_enabled", "spatial_halting",
-    "spatial_halting_applies", "unit_masks",
+    "mask_decide", "mask_logits", "pool_flat", "residual_epilogue", "sact_step", "sact_step_applies",
+    "scatter_residual", "set_enabled", "spatial_halting", "spatial_halting_applies", "unit_masks",
 ]

@@ -12,7 +12,12 @@ Five steps of a SACT unit at inference each take one C++ call and one pass over 
 - :func:`unit_masks`: a stride-1 unit's dilated first-conv mask and its per-sample MACs (the
   ledger's count of active positions) in one pass over the mask;
 - :func:`scatter_residual`: the sparse kernel's epilogue, ``relu(out + y)`` written back into
-  the active rows of the output table.
+  the active rows of the output table;
+- :func:`sact_step`: a SACT unit's halting scores, ACT step and the next unit's dilated mask, MACs and
+  activity in one call (what :func:`spatial_halting`, :func:`act_step` and :func:`unit_masks` do in three);
+- :func:`mask_logits`: DynConv's mask unit (a strided 3x3 conv ``C -> 1`` plus a global term), its
+  logits in one GEMM and one pass; :func:`mask_decide`: a DynConv block's whole decision (logits,
+  threshold, dilated mask, per-sample MACs and active counts) in one call.
 
 Each returns ``None`` where it does not apply (:func:`spatial_halting`: check
 :func:`spatial_halting_applies` first), and the caller runs its PyTorch code instead:
@@ -102,6 +107,72 @@ def _halting_onednn(x: Tensor, weights: Tensor, shifts: Tensor, glob_shift: floa
     rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view: [B*H*W, C]
     planes = torch.ops.mkldnn._linear_pointwise(rows, weights, shifts, "none", [], "").t()
     return _extension().spatial_halting(x, weights, shifts, planes, glob_shift, bias)
+
+
+def mask_logits(x: Tensor, weights: Tensor, glob_bias: float, bias: float, stride: int) -> Tensor | None:
+    """DynConv mask logits ``[B, Ho, Wo]`` of a channels-last ``x [B, C, H, W]``, or ``None`` where the kernel does
+    not apply: ``conv3x3(x; stride, padding 1) + bias + weights[9] . mean(x) + glob_bias``.
+
+    ``weights [10, C]``: rows ``3 kh + kw`` the local conv's taps, row 9 the global term's weight.
+    """
+    if not (_usable(x) and _cl(x) and weights.shape == (10, x.shape[1]) and weights.dtype == torch.float32):
+        return None
+    return _extension().mask_logits(x, weights, float(glob_bias), float(bias), int(stride))
+
+
+def mask_decide(x: Tensor, weights: Tensor, glob_bias: float, bias: float, stride: int, threshold: float,
+                forced: Tensor | None, dilate: bool, base: float, first_macs: float,
+                rest_macs: float) -> tuple[Tensor, Tensor | None, Tensor, int, int] | None:
+    """A DynConv block's decision on a channels-last float32 input ``x``, or ``None`` where the kernel does not apply.
+
+    The mask ``logits >= threshold`` (:func:`mask_logits`; or ``forced [B, Ho, Wo]``, contiguous bool, the logits
+    computed all the same), its 3x3 dilation at the same grid when ``dilate`` (else ``None``), per-sample MACs
+    ``[B]`` float64 ``base + first_macs * |dilated| + rest_macs * |mask|`` (``|dilated|`` counted as 0 without
+    ``dilate``) and the active counts ``|mask|`` and ``|dilated|`` over the batch. ``weights [10, C]`` float32 as
+    for :func:`mask_logits` (the caller's promise: unchecked, this runs once per block).
+    """
+    if not (_usable(x) and _cl(x)):
+        return None
+    return _extension().mask_decide(x, weights, glob_bias, bias, stride, threshold, forced, dilate, base,
+                                    first_macs, rest_macs)
+
+
+def sact_step(hsum: Tensor, n: Tensor, remainder: Tensor, run: Tensor, x: Tensor, output: Tensor | None,
+              halting: tuple[Tensor, Tensor, float, float] | None, forced_h: Tensor | None, eps: float,
+              next_costs: tuple[float, float, float, float] | None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, int, int] | None:
+    """A SACT unit's inference tail (after the unit computed its output ``x``), or ``None`` where it does not apply.
+
+    The halting scores of ``x`` from ``halting = (weights, shifts, glob_shift, bias)`` (:func:`spatial_halting`;
+    ``None`` for a stage's last unit), replaced by ``forced_h`` when given (still computed); the ACT step on them
+    (:func:`act_step`: ``hsum``, ``n``, ``remainder`` updated in place, ``output + p * x``); and with
+    ``next_costs = (base, first_macs, rest_macs, halt_macs)`` the next unit's mask (the new running map) dilated
+    3x3 and its per-sample MACs (:func:`unit_masks`). Returns ``(p, running, output, next first-conv mask,
+    next MACs, running positions, dilated positions)`` (mask and MACs ``None``, counts 0 without ``next_costs``).
+    """
+    if not (_usable(run) and _cl(x) and _map(hsum, torch.float32) and _map(run, torch.bool)
+            and (output is None or (_cl(output) and output.shape == x.shape))):
+        return None
+    w10 = t10 = planes = None
+    gconst = bias = 0.0
+    if halting is not None:
+        w10, t10, gconst, bias = halting
+        ext = _extension()
+        route = choose("halting_planes", (tuple(x.shape), torch.get_num_threads()), lambda: [  # ties: BLAS
+            ("blas", lambda: ext.spatial_halting(x, w10, t10, None, gconst, bias)),
+            *([("onednn", lambda: _halting_onednn(x, w10, t10, gconst, bias))] if onednn_available() else [])])
+        if route == "onednn":
+            planes = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), w10, t10,
+                                                        "none", [], "").t()
+    base, first_macs, rest_macs, halt_macs = next_costs or (0.0, 0.0, 0.0, 0.0)
+    return _extension().sact_step(hsum, n, remainder, run, x, output, w10, t10, planes, float(gconst), float(bias),
+                                  forced_h, float(eps), next_costs is not None, float(base), float(first_macs),
+                                  float(rest_macs), float(halt_macs))
+
+
+def sact_step_applies(x: Tensor) -> bool:
+    """Whether :func:`sact_step` runs on SACT states like ``x`` (float32, CPU inference, kernels built)."""
+    return _usable(x) and x.dtype == torch.float32
 
 
 def act_step(hsum: Tensor, n: Tensor, remainder: Tensor, run: Tensor, h: Tensor | None, x: Tensor | None,

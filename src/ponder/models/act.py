@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ponder import fast
 from ponder.cost import CostLedger, eval_unit_macs
 from ponder.models.base import Knob, example_input
 from ponder.models.resnet import (
@@ -51,38 +52,19 @@ from ponder.models.resnet import (
     Shortcut,
     _MethodUnit,
 )
-from ponder.models.spatial import SpatialModel
-from ponder.nn.dense_units import dense_unit_channels_last, resnet_on_kernels, stem_on_kernels
+from ponder.models.spatial import DenseResNetKernels, DenseResNetView, SpatialModel, block_input_sizes
+from ponder.nn.dense_units import dense_unit_channels_last, stem_on_kernels
 from ponder.nn.forced import sample_keys
 from ponder.nn.halting import HALT_EPS, ACTAccumulator, HaltingBranch, SpatialHaltingBranch
-from ponder.nn.sparse_cost import position_macs, shortcut_macs, unit_masks_and_macs
+from ponder.nn.sparse_cost import position_units, unit_masks_and_macs
 from ponder.nn.sparse_residual import sparse_residual
-from ponder.nn.sparse_units import branch_convs, masked_residual
+from ponder.nn.sparse_units import masked_residual
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
 
 
 def _out_channels(block: ResidualBlock) -> int:
     return block.conv3.out_channels if isinstance(block, Bottleneck) else block.conv2.out_channels
-
-
-class DenseResNetView(nn.Module):
-    """The plain ResNet inside an ACT/SACT model (same weights, every unit dense, no halting)."""
-
-    def __init__(self, model: "ACTResNetMixin") -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.forward_logits(x)
-
-
-class DenseResNetKernels(DenseResNetView):
-    """The plain ResNet on the sparse executor's kernels (inference): :func:`ponder.nn.dense_units.resnet_on_kernels`.
-    ``[B, 3, H, W]`` -> logits ``[B, classes]``; equal to :class:`DenseResNetView` up to rounding."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return resnet_on_kernels(self.model, x)
 
 
 class ACTResNetMixin(SpatialModel):
@@ -135,7 +117,9 @@ class ACTResNetMixin(SpatialModel):
         for s, stage in enumerate(self.stages()):
             blocks = list(stage)
             if self.spatial:
-                h, res, stage_masks, stage_macs = self._sact_stage(s, first, blocks, h, led, keys)
+                fused = self.executor == "sparse" and not self.training and fast.sact_step_applies(h)
+                stage = self._sact_stage_fused if fused else self._sact_stage
+                h, res, stage_masks, stage_macs = stage(s, first, blocks, h, led, keys)
                 masks.extend(stage_masks)
             else:
                 h, res, stage_ran, stage_macs = self._act_stage(s, first, blocks, h, led, keys)
@@ -244,13 +228,61 @@ class ACTResNetMixin(SpatialModel):
         res = acc.result()
         return res.output, res, masks, macs
 
+    def _sact_stage_fused(self, s: int, first: int, blocks: list[ResidualBlock], x: Tensor, led: CostLedger,
+                          keys: Tensor | None):
+        """:meth:`_sact_stage` at inference on the compiled kernels (the caller checked
+        :func:`ponder.fast.sact_step_applies`): after each unit one call computes its halting scores, the ACT
+        step and the next unit's dilated mask, MACs and active counts (:meth:`ACTAccumulator.step_fused`), so a
+        unit costs its dense fall-back (or its sparse kernel) plus that call."""
+        num = len(blocks)
+        x = dense_unit_channels_last(blocks[0], x)
+        b, _, hgt, wid = x.shape
+        acc = ACTAccumulator(num, (b, hgt, wid), x.device, eps=self.halt_eps)
+        keep = None if keys is None else self.forced_positions(keys, (hgt, wid), s)
+        costs = self._stage_costs(led, first, num)
+        macs = torch.full((b,), costs[0], dtype=torch.float64, device=x.device)
+        masks = [torch.ones(b, hgt, wid, dtype=torch.bool, device=x.device)]
+        forced = None if keep is None else ((~keep).to(torch.float32), torch.zeros(b, hgt, wid, device=x.device))
+        halting = self.halting[s][0].folded_weights() if num > 1 else None
+        step = acc.step_fused(x, halting, None if forced is None else forced[0], costs[1] if num > 1 else None)
+        assert step is not None  # (the caller checked the kernel applies)
+        for l in range(1, num):
+            conv1_mask, unit_macs, n_mask, n_first = step
+            mask = acc.running
+            if n_mask == 0:  # every position halted: the remaining units run nowhere
+                masks.extend([mask] * (num - l))
+                acc.finish_halted()
+                break
+            masks.append(mask)
+            x = sparse_residual(blocks[l], x, mask, break_even=self.break_even, first=conv1_mask, overwrite=True,
+                                active=(n_mask, n_first))
+            macs = macs + unit_macs
+            last = l == num - 1
+            halting = None if last else self.halting[s][l].folded_weights()
+            step = acc.step_fused(x, halting, None if forced is None or last else forced[1],
+                                  None if last else costs[l + 1])
+        res = acc.result()
+        return res.output, res, masks, macs
+
+    def _stage_costs(self, led: CostLedger, first: int, num: int) -> list:
+        """Per unit of the stage starting at block ``first``: unit 0's MACs (dense unit and halting branch), then per
+        later unit ``(shortcut, first conv per position, other convs per position, halting branch)`` (cached)."""
+        plans = self.__dict__.setdefault("_stage_plans", {})
+        key = (led.input_size, first)
+        if key not in plans:
+            halt = [float(led[f"halt.{first + l}"]) if l < num - 1 else 0.0 for l in range(num)]
+            plans[key] = [float(led[f"blocks.{first}"]) + halt[0]] + [
+                (float(led[f"blocks.{first + l}.skip"]), float(led[f"blocks.{first + l}.first"]),
+                 float(led[f"blocks.{first + l}.rest"]), halt[l]) for l in range(1, num)]
+        return plans[key]
+
     # ---------------------------------------------------------------- cost
     def measure_ledger(self, input_size: tuple[int, int, int]) -> CostLedger:
         """Unit costs at batch 1: ``stem``, ``head``, ``blocks.i`` (dense unit) and ``halt.i`` (halting branch).
 
         SACT units after the first of a stage are charged per active position: ``blocks.i.skip`` (the
         shortcut, dense), ``blocks.i.first`` per position of the first conv's (dilated) mask and
-        ``blocks.i.rest`` per active position (:func:`_position_units`)."""
+        ``blocks.i.rest`` per active position (:func:`~ponder.nn.sparse_cost.position_units`)."""
         x = example_input(self, input_size)
         units: dict[str, nn.Module] = {"stem": _MethodUnit(self.stem), "head": _MethodUnit(self.head)}
         i = 0
@@ -272,15 +304,13 @@ class ACTResNetMixin(SpatialModel):
         costs = eval_unit_macs(self, run, units)
         total = costs.pop("total")
         if self.spatial:  # units after the first of a stage also run per active position
+            sizes = block_input_sizes(self, input_size)
             i = 0
-            with torch.no_grad():
-                h = self.stem(example_input(self, input_size))
-                for stage in self.stages():
-                    for l, block in enumerate(stage):
-                        if l > 0:
-                            costs.update(_position_units(f"blocks.{i}", block, tuple(h.shape[1:])))
-                        h = block(h)
-                        i += 1
+            for stage in self.stages():
+                for l, block in enumerate(stage):
+                    if l > 0:
+                        costs.update(position_units(f"blocks.{i}", block, sizes[i]))
+                    i += 1
         return CostLedger(input_size=tuple(input_size), units=costs, total=total)
 
     # ---------------------------------------------------------------- bench hooks
@@ -291,15 +321,6 @@ class ACTResNetMixin(SpatialModel):
     def dense_baseline_kernels(self) -> nn.Module:
         """The plain ResNet run on the sparse executor's kernels (``ponder bench`` times it as ``dense*``)."""
         return DenseResNetKernels(self)
-
-
-def _position_units(name: str, block: ResidualBlock, in_size: tuple[int, int, int]) -> dict[str, int]:
-    """A unit's per-position ledger units: the shortcut on a ``(C, H, W)`` input, and the MACs per position
-    of its first conv and of its other convs together (``FlopCounterMode`` on 1x1-output equivalents)."""
-    convs = branch_convs(block)
-    return {f"{name}.skip": shortcut_macs(block, in_size),
-            f"{name}.first": sum(position_macs(getattr(block, c)) for c, on_first in convs if on_first),
-            f"{name}.rest": sum(position_macs(getattr(block, c)) for c, on_first in convs if not on_first)}
 
 
 class ACTCifarResNet(ACTResNetMixin, CifarResNet):

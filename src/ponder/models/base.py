@@ -90,6 +90,10 @@ class PonderModel(nn.Module):
         """Per residual block ``{"name", "macs", ...}`` (ResNets and their skipping models); ``None`` otherwise."""
         return None
 
+    def profile_budgets(self, input_size: tuple[int, int, int]) -> list[dict] | None:
+        """Per budget ``{"budget", "params", "macs"}`` (multi-budget models); ``None`` otherwise."""
+        return None
+
 
 def profile(model: nn.Module, input_size: tuple[int, int, int], name: str | None = None) -> Profile:
     """Params and dense MACs of ``model`` for one ``(C, H, W)`` input: a ponder model's from its ledger,
@@ -101,7 +105,7 @@ def profile(model: nn.Module, input_size: tuple[int, int, int], name: str | None
         if isinstance(model, PonderModel):
             prof = Profile(name=name or type(model).__name__, input_size=size, params=count_params(model),
                            macs=model.ledger(size).total, exits=model.profile_exits(size),
-                           blocks=model.profile_blocks(size))
+                           blocks=model.profile_blocks(size), budgets=model.profile_budgets(size))
         else:
             prof = Profile(name=name or type(model).__name__, input_size=size, params=count_params(model),
                            macs=count_macs(model, example_input(model, size)))
@@ -121,7 +125,9 @@ class ForcedRate:
 @dataclass(frozen=True)
 class Knob:
     """A family's native inference knob, when it is one number: its name, range, default, and whether
-    mean MACs rise with it (so :meth:`DynamicModel.set_budget` can search it)."""
+    mean MACs rise with it (so :meth:`DynamicModel.set_budget` can search it). A discrete knob lists its
+    only values in ``choices`` (e.g. the budgets of a multi-target model); :meth:`DynamicModel.set_budget`
+    then measures each and keeps the nearest."""
 
     name: str
     low: float
@@ -129,6 +135,7 @@ class Knob:
     default: float
     macs_rise: bool
     doc: str
+    choices: tuple[float, ...] | None = None
 
 
 class DynamicModel(PonderModel):
@@ -175,12 +182,13 @@ class DynamicModel(PonderModel):
             return base.ledger(size).total  # type: ignore[arg-type]
         from ponder.cost import count_macs
 
-        was_training = base.training
+        modes = [(m, m.training) for m in base.modules()]  # (a view's mode is not the model's inside it)
         base.eval()
         try:
             return count_macs(base, example_input(self, size))  # type: ignore[arg-type]
         finally:
-            base.train(was_training)
+            for m, mode in modes:
+                m.training = mode
 
     # ---- forced decisions --------------------------------------------------------------
     def force_keep_rate(self, rate: float | None, seed: int = 0) -> None:
@@ -236,11 +244,17 @@ class DynamicModel(PonderModel):
         """Set the native knob so that the mean MACs per image on the held-out images of :meth:`calibrate`
         come as close to ``macs`` as the knob allows; returns the held-out mean reached.
 
-        Bisection over the knob's range (its MACs are monotone in it), keeping the closest point seen.
+        Bisection over the knob's range (its MACs are monotone in it), keeping the closest point seen; a
+        discrete knob (``knob.choices``) takes the choice whose held-out MACs are nearest.
         """
         target = _positive(macs)
         self._require_calibration()
         k = self.knob
+        if k.choices is not None:
+            options = [(self.held_out_macs(c), c) for c in k.choices]
+            reached, choice = min(options, key=lambda o: abs(o[0] - target))
+            self.set_knob(choice)
+            return reached
         lo, hi = k.low, k.high
         best = (math.inf, self.get_knob(), math.nan)
         for _ in range(self.SEARCH_STEPS):

@@ -15,7 +15,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from ponder import fast
-from ponder.nn.sparse_units import folded_branch, folded_shortcut, unit_info
+from ponder.nn.sparse_units import dense_unit_channels_last
+
+__all__ = ["dense_unit_channels_last", "resnet_on_kernels", "stem_on_kernels"]
 
 
 def resnet_on_kernels(model: nn.Module, x: Tensor) -> Tensor:
@@ -38,29 +40,3 @@ def stem_on_kernels(model: nn.Module, x: Tensor) -> Tensor:
         h = fast.conv_bn(x.contiguous(memory_format=torch.channels_last), model.conv1, model.bn1, relu=True)
         pool = getattr(model, "maxpool", None)
         return (pool(h) if pool is not None else h).contiguous(memory_format=torch.channels_last)
-
-
-def dense_unit_channels_last(block: nn.Module, x: Tensor) -> Tensor:
-    """``block(x)`` (eval mode, BN folded into the convs) as a channels-last tensor (inference only).
-
-    Either the unit runs on a channels-last copy of ``x``, or on a contiguous (NCHW) one and its output
-    is made channels-last. Which is faster depends on the unit and the CPU (mkldnn's strided channels-last
-    1x1 convs can be 2x slower at ResNet-50's last stage, other units gain): a stored route per unit
-    shape, input shape, layout and thread count (:func:`ponder.fast.choose`); channels-last with fast
-    paths off.
-    """
-    cl = torch.channels_last
-
-    def unit(t: Tensor) -> Tensor:  # BN folded into the convs, as in every later (sparse) unit
-        with torch.no_grad():
-            return folded_branch(block, t).add_(folded_shortcut(block, t)).relu_()
-
-    if not fast.enabled():
-        return unit(x.contiguous(memory_format=cl)).contiguous(memory_format=cl)
-    key = (unit_info(block).signature, tuple(x.shape), x.is_contiguous(), x.dtype, torch.get_num_threads())
-    route = fast.choose("unit_layout", key, lambda: [  # ties: channels-last
-        ("channels_last", lambda: unit(x.contiguous(memory_format=cl))),
-        ("nchw", lambda: unit(x.contiguous()).contiguous(memory_format=cl))])
-    if route == "channels_last":
-        return unit(x.contiguous(memory_format=cl))
-    return unit(x.contiguous()).contiguous(memory_format=cl)

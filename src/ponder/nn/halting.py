@@ -126,6 +126,29 @@ class ACTAccumulator:
             weight = _broadcast_to_state(p, x)
             self._output = weight * x if self._output is None else self._output + weight * x
 
+    def step_fused(self, x: Tensor, halting: tuple[Tensor, Tensor, float, float] | None, forced_h: Tensor | None,
+                   next_costs: tuple[float, float, float, float] | None
+                   ) -> tuple[Tensor | None, Tensor | None, int, int] | None:
+        """:meth:`step` at inference with a SACT unit's halting scores computed from its output ``x`` in the same
+        compiled call (:func:`ponder.fast.sact_step`): ``halting`` is the branch's folded weights
+        (:meth:`SpatialHaltingBranch.folded_weights`; ``None`` for the last unit), ``forced_h`` replaces the
+        scores (forced decisions). With ``next_costs`` also the next unit's first-conv mask (the new
+        :attr:`running` dilated 3x3), its per-sample MACs and the active counts over the batch. Returns
+        ``(first-conv mask, MACs, running positions, dilated positions)``, or ``None`` (nothing done) where the
+        kernel does not apply.
+        """
+        if torch.is_grad_enabled() or (halting is None) != (self.units_done == self.num_units - 1):
+            return None
+        fused = fast.sact_step(self._hsum, self._n, self._remainder, self.running, x, self._output, halting,
+                               forced_h, self.eps, next_costs)
+        if fused is None:
+            return None
+        p, running, self._output, first, macs, n_running, n_first = fused
+        self._dist.append(p)
+        self._ran.append(self.running)
+        self.running = running
+        return first, macs, n_running, n_first
+
     def finish_halted(self) -> None:
         """Step all remaining units at once, without autograd, once no position is running.
 
@@ -257,7 +280,7 @@ class SpatialHaltingBranch(nn.Module):
             z = self.bn(x)
             return torch.sigmoid(self.local(z)[:, 0] + self.glob(z.mean((2, 3)))[:, :, None])
         if fast.spatial_halting_applies(x):  # one GEMM and one pass over the map (compiled kernel)
-            return fast.spatial_halting(x, *self._folded_weights())
+            return fast.spatial_halting(x, *self.folded_weights())
         scale, shift = bn_affine(self.bn)  # eval: BN folded into both terms
         glob = self.glob(x.mean((2, 3)) * scale + shift)[:, :, None]
         return torch.sigmoid(self._local_eval(x, scale, shift) + glob)
@@ -298,10 +321,15 @@ class SpatialHaltingBranch(nn.Module):
             out += taps[k, :, i:i + hgt, j:j + wid]
         return out
 
-    def _folded_weights(self) -> tuple[Tensor, Tensor, float, float]:
+    def folded_weights(self) -> tuple[Tensor, Tensor, float, float]:
         """BN folded into both terms for :func:`~ponder.fast.spatial_halting`, cached until a
         parameter or running statistic changes: ``(weights [10, C], shifts [10], glob_shift, bias)``."""
-        key = fast.fold_key(self.local, self.bn) + (self.glob.weight.data_ptr(), self.glob.weight._version)
+        lp, bp, bb = self._modules["local"]._parameters, self._modules["bn"]._parameters, self._modules["bn"]._buffers
+        tensors = (lp["weight"], lp["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"],
+                   bb["num_batches_tracked"], self._modules["glob"]._parameters["weight"])
+        # identity, address (a moved or cast tensor) and version (in-place updates) of every input; a train-mode
+        # forward moves the running statistics without a version bump, but bumps num_batches_tracked's
+        key = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
         folded = getattr(self, "_folded", None)  # (absent on a module unpickled from before it existed)
         if folded is None or folded[0] != key:
             with torch.no_grad():

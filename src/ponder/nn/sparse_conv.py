@@ -88,6 +88,24 @@ def input_mask(mask_out: Tensor, in_hw: tuple[int, int], k: int = 3, stride: int
     return _dilate(grid, k)[:, pad:pad + H, pad:pad + W]
 
 
+def soft_input_mask(mask: Tensor, in_hw: tuple[int, int], k: int = 3, stride: int = 1) -> Tensor:
+    """Differentiable :func:`input_mask` of a 0/1 float ``mask [B, Ho, Wo]``: the input
+    positions a ``k x k`` conv (``stride``, padding ``k // 2``) reads for the active outputs, ``[B, H, W]``.
+
+    The same 0/1 values as the bool version (a max-pool over each position's window of outputs placed at
+    their windows' centres); its gradient reaches the output positions (what DynConv's sparsity criterion
+    needs of the dilated mask's active count).
+    """
+    pad = k // 2
+    if stride == 1:
+        return F.max_pool2d(mask[:, None], k, 1, pad)[:, 0]
+    H, W = in_hw
+    b, ho, wo = mask.shape
+    grid = mask.new_zeros(b, H + 2 * pad, W + 2 * pad)
+    grid[:, pad:pad + stride * ho:stride, pad:pad + stride * wo:stride] = mask
+    return F.max_pool2d(grid[:, None], k, 1, pad)[:, 0, pad:pad + H, pad:pad + W]
+
+
 @dataclass
 class PositionIndex:
     """The active positions of one ``[B, H, W]`` mask, as flat rows (built once, shared by convs)."""

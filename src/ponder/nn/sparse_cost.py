@@ -37,15 +37,31 @@ def position_macs(conv: nn.Conv2d) -> int:
 
 
 def shortcut_macs(block: ResidualBlock, in_size: tuple[int, int, int]) -> int:
-    """Dense MACs of ``block.shortcut`` on one ``(C, H, W)`` input (0 for identity / zero-pad / avg-pool)."""
+    """Dense MACs of ``block.shortcut`` on one ``(C, H, W)`` input (0 for identity / zero-pad / avg-pool); counted in
+    eval mode."""
     if block.downsample is None:
         return 0
     per = _SHORTCUT.setdefault(block, {})
     key = tuple(int(s) for s in in_size)
     if key not in per:
         p = next(block.parameters())
-        per[key] = count_macs(block.shortcut, torch.zeros(1, *key, device=p.device, dtype=p.dtype))
+        ds, was_training = block.downsample, block.downsample.training
+        ds.eval()  # a train-mode BatchNorm would move its statistics towards the zero input
+        try:
+            per[key] = count_macs(block.shortcut, torch.zeros(1, *key, device=p.device, dtype=p.dtype))
+        finally:
+            ds.train(was_training)
     return per[key]
+
+
+def position_units(name: str, block: ResidualBlock, in_size: tuple[int, int, int]) -> dict[str, int]:
+    """A unit's per-position ledger units on a ``(C, H, W)`` input: ``name.skip`` (the shortcut, dense),
+    ``name.first`` (MACs per position of its first conv) and ``name.rest`` (of its other convs together),
+    the names :func:`unit_masks_and_macs` charges."""
+    convs = branch_convs(block)
+    return {f"{name}.skip": shortcut_macs(block, in_size),
+            f"{name}.first": sum(position_macs(getattr(block, c)) for c, on_first in convs if on_first),
+            f"{name}.rest": sum(position_macs(getattr(block, c)) for c, on_first in convs if not on_first)}
 
 
 def residual_macs(block: ResidualBlock, in_size: tuple[int, int, int], mask: Tensor,

@@ -27,6 +27,7 @@ from ponder.nn.sparse_units import (
     check_unit,
     dense_fallback,
     first_conv_mask,
+    folded_shortcut,
     is_basic,
     masked_residual,
     run_sparse,
@@ -56,7 +57,7 @@ def _check_break_even(value: BreakEven) -> None:
 
 def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Inactive = "shortcut",
                     break_even: BreakEven = "default", first: Tensor | None = None,
-                    overwrite: bool = False) -> Tensor:
+                    overwrite: bool = False, active: tuple[int, int] | None = None) -> Tensor:
     """Run ``block`` only where ``mask`` is set (inference): ``[B, C, H, W]`` -> ``[B, C', Ho, Wo]``.
 
     Args:
@@ -73,6 +74,8 @@ def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
             caller already has it (e.g. for :func:`ponder.nn.sparse_cost.residual_macs`); computed if ``None``.
         overwrite: the caller no longer needs ``x``: the sparse kernel may write the output into
             ``x``'s storage (identity shortcut, channels-last ``x``) instead of into a copy of it.
+        active: ``(active positions of mask, of first)`` over the batch, when the caller counted them
+            (with ``first``); counted here if ``None``.
 
     Returns a new tensor (contiguous channels_last on the sparse path; the dense fall-back keeps
     ``x``'s layout), or ``x`` itself when nothing is active and the unit has no downsample (with
@@ -91,9 +94,10 @@ def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
     _check_break_even(break_even)
     with torch.no_grad():
         m = mask if mask.dtype == torch.bool else mask != 0
-        n = int(m.sum())
+        counted = active is not None and first is not None
+        n = active[0] if counted else int(m.sum())
         if n == 0:
-            s = block.shortcut(x)
+            s = folded_shortcut(block, x)
             return torch.relu(s) if inactive == "relu" else s
         if n == m.numel():  # every position active: the dense unit (BN folded, as the fall-back)
             return dense_fallback(block, x, m, inactive)
@@ -105,7 +109,8 @@ def sparse_residual(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: Ina
                 return dense_fallback(block, x, m, inactive)
             if first is None:
                 first = first_conv_mask(block, m, (x.shape[2], x.shape[3]))
-            if work_fraction(block, int(first.sum()), n, first_total, m.numel()) > limit:
+            n_first = active[1] if counted else int(first.sum())
+            if work_fraction(block, n_first, n, first_total, m.numel()) > limit:
                 return dense_fallback(block, x, m, inactive)
         elif first is None:
             first = first_conv_mask(block, m, (x.shape[2], x.shape[3]))

@@ -36,6 +36,7 @@ from ponder.nn.sparse_conv import (
     gather_gemm,
     input_mask,
     padded_plane,
+    soft_input_mask,
     plane_interior,
     rows_view,
     window_starts,
@@ -123,6 +124,14 @@ def first_conv_mask(block: ResidualBlock, mask: Tensor, in_hw: tuple[int, int]) 
     return input_mask(mask, in_hw, 3, unit_info(block).stride)
 
 
+def soft_first_conv_mask(block: ResidualBlock, mask: Tensor, in_hw: tuple[int, int]) -> Tensor:
+    """:func:`first_conv_mask` of a 0/1 float ``mask [B, Ho, Wo]``, differentiable (same values; the gradient
+    reaches ``mask``): what a sparsity criterion counts for the first conv."""
+    if is_basic(block):
+        return soft_input_mask(mask, tuple(mask.shape[1:]), 3, 1)  # type: ignore[arg-type]
+    return soft_input_mask(mask, in_hw, 3, unit_info(block).stride)
+
+
 def branch_convs(block: ResidualBlock) -> list[tuple[str, bool]]:
     """``(conv name, runs on the first-conv mask)`` for each conv of the unit's branch, in order."""
     if is_basic(block):
@@ -184,17 +193,52 @@ def folded_shortcut(block: ResidualBlock, x: Tensor) -> Tensor:
     return block.shortcut(x)
 
 
+def unit_layout(block: ResidualBlock, x: Tensor) -> str | None:
+    """The layout in which ``block``'s dense unit runs faster on ``x``'s shape at inference: ``"channels_last"``
+    or ``"nchw"`` (mkldnn's strided channels-last 1x1 convs can be 2x slower at ResNet-50's last stage, other
+    units gain); a stored route per unit shape, input shape, layout and thread count (:func:`ponder.fast.choose`),
+    ``None`` (as given) with fast paths off."""
+    if not fast.enabled():
+        return None
+    cl = torch.channels_last
+    key = (unit_info(block).signature, tuple(x.shape), x.is_contiguous(), x.dtype, torch.get_num_threads())
+    return fast.choose("unit_layout", key, lambda: [  # ties: channels-last
+        ("channels_last", lambda: _dense_unit(block, x.contiguous(memory_format=cl))),
+        ("nchw", lambda: _dense_unit(block, x.contiguous()).contiguous(memory_format=cl))])
+
+
+def _dense_unit(block: ResidualBlock, x: Tensor) -> Tensor:
+    with torch.no_grad():  # BN folded into the convs, as in every sparse unit
+        return folded_branch(block, x).add_(folded_shortcut(block, x)).relu_()
+
+
+def dense_unit_channels_last(block: ResidualBlock, x: Tensor) -> Tensor:
+    """``block(x)`` (eval mode, BN folded into the convs) as a channels-last tensor (inference only), computed in
+    the faster layout (:func:`unit_layout`; channels-last with fast paths off)."""
+    cl = torch.channels_last
+    if unit_layout(block, x) == "nchw":
+        return _dense_unit(block, x.contiguous()).contiguous(memory_format=cl)
+    return _dense_unit(block, x.contiguous(memory_format=cl)).contiguous(memory_format=cl)
+
+
 def dense_fallback(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: str) -> Tensor:
     """:func:`masked_residual` for inference (the dense fall-back); ``mask`` bool.
 
-    The unit runs densely (BN folded into the convs: :func:`folded_branch`) with in-place ops as
-    ``relu(s + mask * branch)``; that is exact for ``inactive="relu"``, and for ``"shortcut"`` whenever
-    ``s >= 0`` (any unit input that is a ReLU output). Otherwise the inactive positions are restored
-    from the shortcut afterwards. Channels-last float32 maps take the fused epilogue
-    (:func:`ponder.fast.residual_epilogue`, one pass, exact for any ``s``) when compiled.
+    The unit runs densely (BN folded into the convs: :func:`folded_branch`, in the layout of
+    :func:`unit_layout`, as :func:`dense_unit_channels_last`) with in-place ops as ``relu(s + mask * branch)``;
+    that is exact for ``inactive="relu"``, and for ``"shortcut"`` whenever ``s >= 0`` (any unit input that is a
+    ReLU output). Otherwise the inactive positions are restored from the shortcut afterwards. Channels-last
+    float32 maps take the fused epilogue (:func:`ponder.fast.residual_epilogue`, one pass, exact for any ``s``)
+    when compiled.
     """
     s = folded_shortcut(block, x)
-    out = folded_branch(block, x)
+    layout = unit_layout(block, x)
+    if layout == "nchw":
+        out = folded_branch(block, x.contiguous()).contiguous(memory_format=torch.channels_last)
+    elif layout == "channels_last":
+        out = folded_branch(block, x.contiguous(memory_format=torch.channels_last))
+    else:
+        out = folded_branch(block, x)
     fused = fast.residual_epilogue(out, s, mask, inactive == "relu")
     if fused is not None:
         return fused

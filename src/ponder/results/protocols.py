@@ -3,9 +3,10 @@
 Reads the keys the protocols return today: ``accuracy`` / ``macs_mean`` / ``macs_std`` / ``n``
 (``standard``, ``skip``, ``spatial``), ``dense_macs`` and ``input_size`` where given, ``sweep``
 (``skip``: one point per keep threshold), ``exits`` (``anytime``: one point per exit, the headline
-is the last exit) and ``points`` / ``target_macs`` (``budgeted``: one point per ratio ``q`` of
-the p-grid and per target budget; no headline; ``budget``: one point per held-out budget); ``split`` when
-the numbers are not the test set's. A protocol that builds its result itself
+is the last exit), ``points`` / ``target_macs`` (``budgeted``: one point per ratio ``q`` of
+the p-grid and per target budget; no headline) and ``points`` (``budget``: one point per target MACs,
+named by the knob value it set; no headline); ``split`` when the numbers are not the test set's.
+A protocol that builds its result itself
 (:func:`ponder.results.result_from_records`) needs none of this.
 """
 
@@ -36,11 +37,13 @@ def result_from_report(ctx: EvalContext, protocol: str, report: dict[str, Any]) 
         head = {"accuracy": last.accuracy, "macs_mean": last.macs_mean, "macs_std": 0.0}
     costs = report.get("exit_macs")
     for p in report.get("points") or []:
-        if protocol == "budget":  # one point per held-out budget, whatever the family's knob
-            knob = p.get("knob")
-            points.append(OperatingPoint(label=f"budget {format_count(p['target_macs'])}", macs_mean=p["macs_mean"],
-                                         accuracy=p["accuracy"], macs_std=p["macs_std"], knob=report.get("knob"),
-                                         value=knob if isinstance(knob, (int, float)) else None,
+        if "q" not in p:  # ``budget``: one point per target, at the knob set_budget chose
+            knob, value = report.get("knob"), p.get("knob")
+            label = f"{knob} {value:g}" if knob and isinstance(value, (int, float)) else \
+                f"budget {format_count(p['target_macs'])}"
+            points.append(OperatingPoint(label=label, macs_mean=p["macs_mean"], accuracy=p["accuracy"],
+                                         macs_std=p.get("macs_std"), knob=knob,
+                                         value=value if isinstance(value, (int, float)) else None,
                                          budget=p["target_macs"]))
             continue
         points.append(OperatingPoint(label=f"q={p['q']:g}", macs_mean=p["expected_macs"], accuracy=p["accuracy"] / 100,
