@@ -9,6 +9,7 @@ each with the lowest and highest single-round ratio, the MAC ratio and the effic
     OMP_NUM_THREADS=1 python benchmarks/spatial_speed.py --out results/dynconv/speed_cifar.jsonl
     OMP_NUM_THREADS=1 python benchmarks/spatial_speed.py --models dynconv_resnet50 --keep-rates 0.5 \
         --batches 1 8 --images 8 --repeats 5 --out results/dynconv/speed_resnet50.jsonl
+    python benchmarks/spatial_speed.py --table results/dynconv/speed_cifar.jsonl    # the table of stored runs
 """
 
 from __future__ import annotations
@@ -53,8 +54,15 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64, help="images per timed round (ponder bench --images)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", type=Path, help="append one JSON line per run here")
+    p.add_argument("--table", type=Path, nargs="+", help="print the table of these stored runs (JSON lines), run nothing")
     args = p.parse_args()
     print(HEADER, flush=True)
+    if args.table:
+        for path in args.table:
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    print(row(json.loads(line)))
+        return
     for model in args.models:
         for batch in args.batches:
             for rate in args.keep_rates:

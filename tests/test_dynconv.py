@@ -487,3 +487,12 @@ def test_forced_maps_of_a_benchmarks_batches_are_drawn_once():
     first = [model.forced_positions(k, (8, 8), unit) for k in keys for unit in range(len(model.blocks))]
     again = [model.forced_positions(k, (8, 8), unit) for k in keys for unit in range(len(model.blocks))]
     assert all(a is b for a, b in zip(first, again))
+
+
+def test_the_evidence_table_of_docs_dynconv_md_is_generated_from_its_results(capsys):
+    from pathlib import Path
+
+    from ponder.cli import main
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "dynconv.md"
+    assert main(["report", "--update-doc", str(doc), "--check"]) == 0, capsys.readouterr().err
