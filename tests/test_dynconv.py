@@ -473,3 +473,26 @@ def test_sample_keys_follow_the_content_of_a_reused_batch():
     x[1].add_(1.0)  # changed in place: new keys for that sample
     b = sample_keys(x)
     assert b[0] == a[0] and b[1] != a[1] and torch.equal(b, sample_keys(x.clone()))
+
+
+def test_forced_maps_of_a_benchmarks_batches_are_drawn_once():
+    # ponder bench times 64 images at batch 1 again and again; DynConv asks for one forced map per block
+    # and image (64 x 15 for ResNet-32): every map of the second round must come from the cache
+    from ponder.nn.forced import sample_keys
+
+    model = DynConvCifarResNet(32).eval()
+    model.force_keep_rate(0.5, seed=0)
+    xs = [torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(64)]
+    keys = [sample_keys(x) for x in xs]
+    first = [model.forced_positions(k, (8, 8), unit) for k in keys for unit in range(len(model.blocks))]
+    again = [model.forced_positions(k, (8, 8), unit) for k in keys for unit in range(len(model.blocks))]
+    assert all(a is b for a, b in zip(first, again))
+
+
+def test_the_evidence_table_of_docs_dynconv_md_is_generated_from_its_results(capsys):
+    from pathlib import Path
+
+    from ponder.cli import main
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "dynconv.md"
+    assert main(["report", "--update-doc", str(doc), "--check"]) == 0, capsys.readouterr().err

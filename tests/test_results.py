@@ -264,3 +264,20 @@ def test_bench_save_of_a_static_run_feeds_the_report(cifar_dir, tmp_path, capsys
     code, out, _ = run_cli(capsys, "report", str(run))
     row = next(line for line in out.splitlines() if line.startswith("| static | resnet20_cifar"))
     assert f"| {bench.latency.ms_per_image:.3f} |" in row or f"| {bench.latency.ms_per_image:.2f} |" in row
+
+
+def test_config_hash_groups_the_seeds_of_runs_that_start_from_the_run_of_their_seed():
+    # a sweep starts each seed's run from (distils from, reads targets of) the run of the same seed
+    def run(seed, init, targets=None):
+        c = tiny_config("/data/a", seed=seed)
+        c.train.init_from = init
+        if targets is not None:
+            c.method.kwargs = {"target_accuracy": targets}
+        return config_hash(c)
+
+    assert run(0, "runs/dense20/seed0") == run(2, "runs/dense20/seed2")
+    assert run(0, "runs/dense20/s0") == run(1, "runs/dense20/s1")  # ponder sweep's folders
+    assert run(0, "runs/dense20/seed0", ["r/b0.3/seed0", 0.5]) == run(3, "runs/dense20/seed3", ["r/b0.3/seed3", 0.5])
+    assert run(0, "runs/dense20/seed1") != run(1, "runs/dense20/seed1")  # another seed's run: a real difference
+    assert run(0, "runs/dense20/seed0") != run(0, "runs/dense32/seed0")
+    assert run(0, "runs/seed0x/w.pth") != run(1, "runs/seed1x/w.pth")  # only whole folder names

@@ -243,7 +243,8 @@ class ACTResNetMixin(SpatialModel):
         macs = torch.full((b,), costs[0], dtype=torch.float64, device=x.device)
         masks = [torch.ones(b, hgt, wid, dtype=torch.bool, device=x.device)]
         forced = None if keep is None else ((~keep).to(torch.float32), torch.zeros(b, hgt, wid, device=x.device))
-        halting = self.halting[s][0].folded_weights() if num > 1 else None
+        branches = list(self.halting[s])  # (a list: ModuleList indexing costs microseconds per unit)
+        halting = branches[0].folded_weights() if num > 1 else None
         step = acc.step_fused(x, halting, None if forced is None else forced[0], costs[1] if num > 1 else None)
         assert step is not None  # (the caller checked the kernel applies)
         for l in range(1, num):
@@ -258,7 +259,7 @@ class ACTResNetMixin(SpatialModel):
                                 active=(n_mask, n_first))
             macs = macs + unit_macs
             last = l == num - 1
-            halting = None if last else self.halting[s][l].folded_weights()
+            halting = None if last else branches[l].folded_weights()
             step = acc.step_fused(x, halting, None if forced is None or last else forced[1],
                                   None if last else costs[l + 1])
         res = acc.result()

@@ -29,8 +29,9 @@ class SpatialModel(DynamicModel):
     family = "spatial"
 
     #: forced maps kept per (samples, shape, unit, rate, seed): a benchmark repeats its batches, and drawing the
-    #: random blobs (a top-k per map) is scaffolding that the learned decisions do not pay for
-    FORCED_CACHE_SIZE: ClassVar[int] = 256
+    #: random blobs (a top-k per map) is scaffolding that the learned decisions do not pay for. Enough for
+    #: ``ponder bench``'s 64 images at batch 1 through ResNet-110's 54 units (a bool map of 56 x 56 is 3 KB)
+    FORCED_CACHE_SIZE: ClassVar[int] = 8192
 
     def forced_positions(self, keys: Tensor, shape: tuple[int, int], unit: int) -> Tensor | None:
         """Forced active positions ``[B, H, W]`` (bool, read-only) of ``unit`` for samples with ``keys [B]``

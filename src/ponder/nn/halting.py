@@ -325,12 +325,18 @@ class SpatialHaltingBranch(nn.Module):
         """BN folded into both terms for :func:`~ponder.fast.spatial_halting`, cached until a
         parameter or running statistic changes: ``(weights [10, C], shifts [10], glob_shift, bias)``."""
         lp, bp, bb = self._modules["local"]._parameters, self._modules["bn"]._parameters, self._modules["bn"]._buffers
-        tensors = (lp["weight"], lp["bias"], bp["weight"], bp["bias"], bb["running_mean"], bb["running_var"],
-                   bb["num_batches_tracked"], self._modules["glob"]._parameters["weight"])
+        t0, t1, t2, t3 = lp["weight"], lp["bias"], bp["weight"], bp["bias"]
+        t4, t5, t6, t7 = bb["running_mean"], bb["running_var"], bb["num_batches_tracked"], \
+            self._modules["glob"]._parameters["weight"]
         # identity, address (a moved or cast tensor) and version (in-place updates) of every input; a train-mode
-        # forward moves the running statistics without a version bump, but bumps num_batches_tracked's
-        key = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
-        folded = getattr(self, "_folded", None)  # (absent on a module unpickled from before it existed)
+        # forward moves the running statistics without a version bump, but bumps num_batches_tracked's. Written
+        # out (no generator): this runs once per SACT unit and image batch
+        key = (id(t0), id(t1), id(t2), id(t3), id(t4), id(t5), id(t6), id(t7),
+               t0.data_ptr(), t1.data_ptr(), t2.data_ptr(), t3.data_ptr(), t4.data_ptr(), t5.data_ptr(),
+               t6.data_ptr(), t7.data_ptr(),
+               t0._version, t1._version, t2._version, t3._version, t4._version, t5._version, t6._version,
+               t7._version)
+        folded = self.__dict__.get("_folded")  # (absent on a module unpickled from before it existed)
         if folded is None or folded[0] != key:
             with torch.no_grad():
                 scale, shift = bn_affine(self.bn)

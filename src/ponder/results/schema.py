@@ -335,12 +335,32 @@ def _json_safe(value: Any) -> Any:
 # ---------------------------------------------------------------- identity and provenance
 
 def config_hash(config: "RunConfig") -> str:
-    """12 hex digits of SHA-256 over the resolved config without the seed and machine-local fields."""
+    """12 hex digits of SHA-256 over the resolved config without the seed and machine-local fields.
+
+    A path to the run of the same seed (a sweep's ``train.init_from``, teacher or target runs: a folder
+    ``seed<N>`` or ``s<N>`` with ``N`` this run's seed) counts as the seed too, so the seeds of such a run group.
+    """
     from ponder.config import flat_config  # the dotted-key view the resume check compares too
 
-    kept = {k: v for k, v in flat_config(config.to_dict()).items() if k not in NOT_HASHED}
+    seed = int(config.train.seed)
+    kept = {k: _without_own_seed(v, seed) for k, v in flat_config(config.to_dict()).items() if k not in NOT_HASHED}
     raw = json.dumps(kept, sort_keys=True, default=str)
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
+
+
+_SEED_FOLDER = re.compile(r"(?:(?<=[/\\])|^)(seed|s)(\d+)(?=[/\\]|$)")
+
+
+def _without_own_seed(value: Any, seed: int) -> Any:
+    """``value`` with every path folder named ``seed<seed>`` / ``s<seed>`` written ``seed*`` / ``s*`` (in strings, and
+    in the lists and dicts holding them); other values as they are."""
+    if isinstance(value, str):
+        return _SEED_FOLDER.sub(lambda m: m.group(1) + "*" if int(m.group(2)) == seed else m.group(0), value)
+    if isinstance(value, (list, tuple)):
+        return [_without_own_seed(v, seed) for v in value]
+    if isinstance(value, dict):
+        return {k: _without_own_seed(v, seed) for k, v in value.items()}
+    return value
 
 
 def model_family(model: "nn.Module") -> str:
