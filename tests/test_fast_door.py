@@ -47,6 +47,15 @@ def test_override_forces_a_route_without_storing_it(fresh_routes):
     assert fast.decide("demo_op", (1,), lambda: "timed") == "timed"
 
 
+def test_a_stored_route_this_process_lacks_gives_way_to_the_first(fresh_routes):
+    fast.decide("demo_route", (2,), lambda: "kernel")  # stored where a compiled kernel was built
+    fresh_routes.forget_memory()
+    assert fast.choose("demo_route", (2,), lambda: [("pytorch", None), ("packed", None)]) == "pytorch"
+    assert stored(fresh_routes, "demo_route") == {"demo_route|[2]": "kernel"}  # the machine's record stays
+    fresh_routes.forget_memory()
+    assert fast.choose("demo_route", (2,), lambda: [("pytorch", None), ("kernel", None)]) == "kernel"
+
+
 def test_switched_off_every_operation_is_the_plain_module():
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)

@@ -97,14 +97,22 @@ def _lookup(op: str, key: tuple, measure: Callable[[], Any]) -> Any:
 def choose(op: str, key: tuple, routes: Callable[[], Sequence[tuple[str, Callable[[], object]]]]) -> str:
     """The name of the fastest of ``routes()`` (``(name, call)`` pairs computing the same thing) for
     ``key``, timed once on this machine (:func:`ponder.fast.timing.fastest`; ties go to the first) and
-    stored. ``routes`` is called only when the route is not stored yet."""
+    stored. ``routes`` is called on the first use of ``key`` in a process: a stored route that is not
+    among them (a compiled kernel since removed) gives way to the first, for this process only."""
     def measure() -> str:
         options = routes()
         return options[0][0] if len(options) == 1 else options[fastest([call for _, call in options])][0]
 
-    if _get_current_dispatch_mode() is not None and (op, *key) not in _HOT:  # no route is timed (or stored)
+    hot = (op, *key)
+    if hot in _HOT or (_OVERRIDE and op in _OVERRIDE):
+        return decide(op, key, measure)
+    if _get_current_dispatch_mode() is not None:  # no route is timed (or stored)
         return routes()[0][0]  # under a user's FlopCounterMode: the first, and the user sees no timing runs
-    return decide(op, key, measure)
+    value = decide(op, key, measure)
+    names = [name for name, _ in routes()]
+    if value not in names:  # stored when a route this process lacks was there (kernels since cleared)
+        value = _HOT[hot] = names[0]
+    return value
 
 
 @contextmanager
