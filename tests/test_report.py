@@ -301,3 +301,21 @@ def test_the_tables_of_docs_reports_md_are_generated_from_its_example_results(ca
     doc = Path(__file__).resolve().parent.parent / "docs" / "reports.md"
     code, _, err = run_cli(capsys, "report", "--update-doc", doc, "--check")
     assert code == 0, err
+
+
+def test_gate_open_rates_per_layer_are_a_table_of_means_over_seeds(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for s, usage in enumerate([[1.0, 0.5, 0.25], [1.0, 0.7, 0.35]]):
+        d = root / f"aig_s{s}"
+        r = result(d.name, "aig_resnet32_cifar", "skipping", "aig", s, "fff", "skip", 0.5, 40e6, 5e6, 69e6)
+        r.block_usage = usage
+        save_result(d, r)
+    assert load_result(root / "aig_s1" / "results" / "skip.json").block_usage == [1.0, 0.7, 0.35]  # round trip
+    save_result(root / "r20", result("r20", "resnet20_cifar", "static", "cross_entropy", 0, "aaa", "standard",
+                                     0.9, 40e6, 0.0, 40e6))  # no gates: no row
+    doc = tmp_path / "gates.md"
+    doc.write_text("<!-- ponder-report:gates start -->\n<!-- ponder-report:gates end -->\n")
+    code, _, err = run_cli(capsys, "report", root, "--update-doc", doc)
+    assert code == 0, err
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| aig")]
+    assert rows == ["| aig_resnet32_cifar | aig | skip | 63.3 | 100 60 30 | 2 |"]  # (1 + 0.6 + 0.3) / 3

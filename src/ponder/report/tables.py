@@ -101,6 +101,22 @@ def points_table(g: Group) -> Table:
     return Table(f"{g.label} ({seeds})", ["point", "setting", "top-1 (%)", "MACs / image", "ms / image"], rows, [])
 
 
+def gates_table(groups: list[Group]) -> Table:
+    """The gates' open rates per layer of every group that has them (block-skipping models): mean over seeds."""
+    rows = []
+    for g in groups:
+        usage = g.block_usage
+        if usage is None:
+            continue
+        run = g.first.run
+        rows.append([run.model, run.method + (f" ({g.detail})" if g.detail else ""), g.kind,
+                     f"{100 * sum(usage) / len(usage):.1f}", " ".join(f"{100 * u:.0f}" for u in usage), str(len(g.rows))])
+    return Table("open rates per layer", ["model", "method", "evaluation", "mean open rate (%)",
+                                          "open rate of each block, in order (%)", "seeds"], rows,
+                 ["open rate: the fraction of test images that ran the block (whole or first conv only) at the "
+                  "model's own setting, mean over seeds."] if rows else [])
+
+
 def family_tables(groups: list[Group]) -> list[Table]:
     """One summary table per family present, in the order of ``ponder.results.FAMILIES``."""
     present = []
@@ -111,11 +127,15 @@ def family_tables(groups: list[Group]) -> list[Table]:
 
 
 def named_table(name: str, groups: list[Group]) -> list[Table]:
-    """The tables a document marker names: ``all``, a family, or ``points`` (every group with points)."""
+    """The tables a document marker names: ``all``, a family, ``points`` (every group with points) or ``gates``
+    (the open rates per layer)."""
     if name == "all":
         return [summary_table(groups)]
+    if name == "gates":
+        table = gates_table(groups)
+        return [table] if table.rows else []
     if name == "points":
         return [points_table(g) for g in groups if g.first.points]
     if name in FAMILY_TITLES:
         return [summary_table(groups, name)]
-    raise ReportError(f"unknown table {name!r}; name all, points or a family ({', '.join(FAMILY_TITLES)})")
+    raise ReportError(f"unknown table {name!r}; name all, points, gates or a family ({', '.join(FAMILY_TITLES)})")
