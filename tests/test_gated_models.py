@@ -148,3 +148,21 @@ def test_each_rdinet_option_charges_what_flop_counter_counts(option):
     blocks = sum(led[f"blocks.{i}{suffix[o]}"] for i, o in enumerate(per_block))
     fixed = led["stem"] + led["head"] + sum(led[f"routers.{i}"] for i in range(n))
     assert out.macs.item() == blocks + fixed
+
+
+def test_router_inference_follows_weight_and_statistics_changes():
+    from ponder.nn.routers import PooledRouter
+
+    torch.manual_seed(0)
+    router = PooledRouter(8, 16, 2, norm=True, act=True).eval()
+    x = torch.randn(3, 8, 5, 5) + torch.randn(3, 8, 1, 1)
+    with torch.no_grad():
+        first = router.infer(x)  # folded BN, cached
+        torch.testing.assert_close(first, router(x))
+        router.train()
+        router(torch.randn(16, 8, 5, 5) + 3 * torch.randn(16, 8, 1, 1))  # a train-mode forward moves the running statistics in place
+        router.eval()
+        torch.testing.assert_close(router.infer(x), router(x))
+        assert not torch.allclose(router.infer(x), first)
+        router.fc1.weight.mul_(2)  # an in-place edit (an optimizer step)
+        torch.testing.assert_close(router.infer(x), router(x))

@@ -144,7 +144,7 @@ class GatedResNet(SkippingModel):
         logits, options = [], []
         paths = self.skip_paths
         for i, block in enumerate(self.backbone.blocks):
-            logit, state = self.routers.step(i, h, state)
+            logit, state = self.routers.infer_step(i, h, state)
             if forced is not None:
                 option = forced_options[:, i]
                 counts = [n - forced_counts[i]] + [0] * (k - 2) + [forced_counts[i]]
