@@ -48,6 +48,16 @@ def test_eval_option_is_the_argmax_at_the_default_threshold_with_ties_to_more_wo
     assert eval_option(three).tolist() == [2, 0, 1, 2]
 
 
+def test_the_host_decision_of_one_image_is_eval_option():
+    from ponder.nn.routers import eval_choice
+
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 3):
+        logits = torch.randint(-2, 3, (200, k), generator=g).float() / 2  # many ties
+        logits = torch.cat([logits, torch.randn(200, k, generator=g)])
+        assert [eval_choice(row) for row in logits.tolist()] == eval_option(logits).tolist()
+
+
 def test_eval_option_threshold_is_the_keep_probability_for_two_options_and_biases_work_for_three():
     logits = torch.tensor([[0.0, 1.0]])  # p(run) = sigmoid(1) = 0.731
     assert eval_option(logits, 0.73).item() == 1 and eval_option(logits, 0.74).item() == 0
@@ -80,7 +90,9 @@ def test_eval_is_deterministic_and_executors_agree_on_learned_decisions(family):
         a, b = model(x), model(x)
         set_executor(model, "sparse")
         s = model(x)
+        one_by_one = torch.cat([model(x[j : j + 1]).extras["options"] for j in range(len(x))])  # batch-1 path
     assert torch.equal(a.logits, b.logits) and torch.equal(a.extras["options"], b.extras["options"])
+    assert torch.equal(one_by_one, a.extras["options"])
     options = a.extras["options"]
     assert 0 < float(a.gates.mean()) < 1, "decisions should be mixed for this test to mean something"
     if family == "rdinet":

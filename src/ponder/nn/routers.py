@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -79,6 +79,13 @@ def eval_option(logits: Tensor, threshold: float = 0.5) -> Tensor:
     if k == 2:
         return (scores[:, 1] >= scores[:, 0]).long()
     return (k - 1) - scores.flip(1).argmax(1)  # argmax returns the first maximum: flipped, the costliest
+
+
+def eval_choice(logits: Sequence[float]) -> int:
+    """:func:`eval_option` at the default keep threshold (0.5) for one sample's ``K`` option logits read to
+    the host (batch-1 inference: one read instead of tensor ops): the argmax, ties to the option with more
+    work. The same comparisons on the same float32 values, so the same decision."""
+    return max(range(len(logits) - 1, -1, -1), key=logits.__getitem__)
 
 
 def route(logits: Tensor, *, training: bool, mode: RouteMode = "gumbel", threshold: float = 0.5,
