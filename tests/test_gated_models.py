@@ -48,6 +48,16 @@ def test_eval_option_is_the_argmax_at_the_default_threshold_with_ties_to_more_wo
     assert eval_option(three).tolist() == [2, 0, 1, 2]
 
 
+def test_the_host_decision_of_one_image_is_eval_option():
+    from ponder.nn.routers import eval_choice
+
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 3):
+        logits = torch.randint(-2, 3, (200, k), generator=g).float() / 2  # many ties
+        logits = torch.cat([logits, torch.randn(200, k, generator=g)])
+        assert [eval_choice(row) for row in logits.tolist()] == eval_option(logits).tolist()
+
+
 def test_eval_option_threshold_is_the_keep_probability_for_two_options_and_biases_work_for_three():
     logits = torch.tensor([[0.0, 1.0]])  # p(run) = sigmoid(1) = 0.731
     assert eval_option(logits, 0.73).item() == 1 and eval_option(logits, 0.74).item() == 0
@@ -80,7 +90,9 @@ def test_eval_is_deterministic_and_executors_agree_on_learned_decisions(family):
         a, b = model(x), model(x)
         set_executor(model, "sparse")
         s = model(x)
+        one_by_one = torch.cat([model(x[j : j + 1]).extras["options"] for j in range(len(x))])  # batch-1 path
     assert torch.equal(a.logits, b.logits) and torch.equal(a.extras["options"], b.extras["options"])
+    assert torch.equal(one_by_one, a.extras["options"])
     options = a.extras["options"]
     assert 0 < float(a.gates.mean()) < 1, "decisions should be mixed for this test to mean something"
     if family == "rdinet":
@@ -148,3 +160,21 @@ def test_each_rdinet_option_charges_what_flop_counter_counts(option):
     blocks = sum(led[f"blocks.{i}{suffix[o]}"] for i, o in enumerate(per_block))
     fixed = led["stem"] + led["head"] + sum(led[f"routers.{i}"] for i in range(n))
     assert out.macs.item() == blocks + fixed
+
+
+def test_router_inference_follows_weight_and_statistics_changes():
+    from ponder.nn.routers import PooledRouter
+
+    torch.manual_seed(0)
+    router = PooledRouter(8, 16, 2, norm=True, act=True).eval()
+    x = torch.randn(3, 8, 5, 5) + torch.randn(3, 8, 1, 1)
+    with torch.no_grad():
+        first = router.infer(x)  # folded BN, cached
+        torch.testing.assert_close(first, router(x))
+        router.train()
+        router(torch.randn(16, 8, 5, 5) + 3 * torch.randn(16, 8, 1, 1))  # a train-mode forward moves the running statistics in place
+        router.eval()
+        torch.testing.assert_close(router.infer(x), router(x))
+        assert not torch.allclose(router.infer(x), first)
+        router.fc1.weight.mul_(2)  # an in-place edit (an optimizer step)
+        torch.testing.assert_close(router.infer(x), router(x))

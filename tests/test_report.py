@@ -301,3 +301,39 @@ def test_the_tables_of_docs_reports_md_are_generated_from_its_example_results(ca
     doc = Path(__file__).resolve().parent.parent / "docs" / "reports.md"
     code, _, err = run_cli(capsys, "report", "--update-doc", doc, "--check")
     assert code == 0, err
+
+
+def test_gate_open_rates_per_layer_are_a_table_of_means_over_seeds(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for s, usage in enumerate([[1.0, 0.5, 0.25], [1.0, 0.7, 0.35]]):
+        d = root / f"aig_s{s}"
+        r = result(d.name, "aig_resnet32_cifar", "skipping", "aig", s, "fff", "skip", 0.5, 40e6, 5e6, 69e6)
+        r.block_usage = usage
+        save_result(d, r)
+    assert load_result(root / "aig_s1" / "results" / "skip.json").block_usage == [1.0, 0.7, 0.35]  # round trip
+    save_result(root / "r20", result("r20", "resnet20_cifar", "static", "cross_entropy", 0, "aaa", "standard",
+                                     0.9, 40e6, 0.0, 40e6))  # no gates: no row
+    doc = tmp_path / "gates.md"
+    doc.write_text("<!-- ponder-report:gates start -->\n<!-- ponder-report:gates end -->\n")
+    code, _, err = run_cli(capsys, "report", root, "--update-doc", doc)
+    assert code == 0, err
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| aig")]
+    assert rows == ["| aig_resnet32_cifar | aig | skip | 63.3 | 100 60 30 | 2 |"]  # (1 + 0.6 + 0.3) / 3
+
+
+def test_accuracy_at_matched_macs_is_one_row_per_group_and_one_column_pair_per_budget(runs, tmp_path, capsys):
+    for s, acc in enumerate([0.50, 0.60]):
+        d = runs / f"aig_b_s{s}"
+        points = [OperatingPoint("budget 35M", 34e6, acc, 2e6, "threshold", 0.6, budget=35e6),
+                  OperatingPoint("budget 50M", 49e6, acc + 0.1, 3e6, "threshold", 0.4, budget=50e6)]
+        save_result(d, result(d.name, "aig_resnet32_cifar", "skipping", "aig", s, "ggg", "budget", None, None, None,
+                              69e6, points))
+    doc = tmp_path / "budgets.md"
+    doc.write_text("<!-- ponder-report:budgets start -->\n<!-- ponder-report:budgets end -->\n")
+    code, _, err = run_cli(capsys, "report", runs, "--update-doc", doc)
+    assert code == 0, err
+    lines = doc.read_text().splitlines()
+    assert lines[2].startswith("| model | method | evaluation | top-1 (%) at 15.00M | MACs at 15.00M |")  # every budget
+    row = next(line for line in lines if line.startswith("| aig_resnet32_cifar"))
+    assert row == ("| aig_resnet32_cifar | aig | budget | – | – | – | – | 55.00 ± 7.07 | 34.00M ± 2.00M "
+                   "| 65.00 ± 7.07 | 49.00M ± 3.00M | 2 |")

@@ -15,7 +15,7 @@ caches): the same decisions and costs, results equal up to float rounding, only 
 from ponder.fast.conv import conv_bn
 from ponder.fast.early_exit import applies as exit_head_applies
 from ponder.fast.early_exit import exit_head, exit_step, pool_flat
-from ponder.fast.fold import FoldedConv, fold_conv_bn, fold_conv_bn_dense, fold_key
+from ponder.fast.fold import FoldedConv, fold_conv_bn, fold_conv_bn_dense, fold_key, fold_linear_bn
 from ponder.fast.gemm import linear_rows
 from ponder.fast.routes import choose, decide
 from ponder.fast.spatial import (act_step, mask_decide, mask_logits, residual_epilogue, sact_step, sact_step_applies,
@@ -24,7 +24,7 @@ from ponder.fast.switch import cpu_inference, disabled, enabled, set_enabled
 
 __all__ = [
     "FoldedConv", "act_step", "choose", "conv_bn", "cpu_inference", "decide", "disabled", "enabled", "exit_head",
-    "exit_head_applies", "exit_step", "fold_conv_bn", "fold_conv_bn_dense", "fold_key", "linear_rows",
-    "mask_decide", "mask_logits", "pool_flat", "residual_epilogue", "sact_step", "sact_step_applies",
+    "exit_head_applies", "exit_step", "fold_conv_bn", "fold_conv_bn_dense", "fold_key", "fold_linear_bn",
+    "linear_rows", "mask_decide", "mask_logits", "pool_flat", "residual_epilogue", "sact_step", "sact_step_applies",
     "scatter_residual", "set_enabled", "spatial_halting", "spatial_halting_applies", "unit_masks",
 ]

@@ -1,7 +1,8 @@
 """BatchNorm folded into the convolution before it, for inference: the folded weights and their cache.
 
 :func:`fold_conv_bn` gives ``conv`` followed by eval-mode ``bn`` as one GEMM weight and bias (the sparse
-kernels' layout); :func:`fold_conv_bn_dense` the same in convolution layout. With fast paths on the
+kernels' layout); :func:`fold_conv_bn_dense` the same in convolution layout; :func:`fold_linear_bn` a
+``Linear`` followed by an eval-mode ``BatchNorm1d`` (the gated ResNets' routers). With fast paths on the
 results are cached per convolution until a parameter or running statistic changes (:func:`fold_key`);
 off, they are computed on every call.
 """
@@ -38,8 +39,9 @@ def _tensor_key(t: Tensor | None) -> tuple:
     return () if t is None else (t.data_ptr(), t._version, t.dtype)
 
 
-def fold_key(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
-    """Changes whenever ``conv``'s or ``bn``'s parameters or running statistics change (cache key of folded weights)."""
+def fold_key(conv: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | nn.BatchNorm1d | None) -> tuple:
+    """Changes whenever ``conv``'s (or a Linear's) or ``bn``'s parameters or running statistics change (cache
+    key of folded weights)."""
     # a train-mode forward updates the running statistics in place without bumping their version;
     # it does bump num_batches_tracked's (a Python-side add_), which the key therefore includes
     p = conv._parameters
@@ -54,6 +56,7 @@ def fold_key(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
 def clear_fold_cache() -> None:
     """Forget folded weights (needed only after in-place edits through ``.data``, which keep ``_version``)."""
     _FOLD_CACHE.clear()
+    _LINEAR_FOLD.clear()
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedConv:
@@ -120,3 +123,29 @@ def fold_conv_bn_dense(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, channels_last
         weight = w.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         hit[1][channels_last] = weight
     return weight, f.bias
+
+
+_LINEAR_FOLD: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[Tensor, Tensor]]]" = weakref.WeakKeyDictionary()
+
+
+def fold_linear_bn(linear: nn.Linear, bn: nn.BatchNorm1d) -> tuple[Tensor, Tensor]:
+    """``bn(linear(x))`` with eval-mode ``bn`` as one ``(weight^T [in, out], bias [out])`` for ``torch.addmm(bias,
+    x, weight^T)``; cached until a parameter or running statistic changes (:func:`fold_key`; fast paths on)."""
+    if bn.training or bn.running_mean is None:
+        raise ValueError("folding BatchNorm1d needs it in eval mode with running statistics; call model.eval()")
+    cache = enabled()
+    if cache:
+        key = fold_key(linear, bn)
+        hit = _LINEAR_FOLD.get(linear)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = bn.bias if bn.bias is not None else torch.zeros_like(scale)
+        bias = linear.bias if linear.bias is not None else torch.zeros_like(scale)
+        folded = ((linear.weight * scale[:, None]).t().contiguous(), (bias - bn.running_mean) * scale + shift)
+    if cache:
+        _LINEAR_FOLD[linear] = (key, folded)
+    return folded

@@ -38,7 +38,7 @@ from ponder.models.resnet import ResNet
 from ponder.models.skipping import SkippingModel
 from ponder.nn import skip_kernels
 from ponder.nn.dense_units import stem_on_kernels
-from ponder.nn.routers import ROUTE_MODES, RouteMode, RouterBank, eval_option, option_work, route
+from ponder.nn.routers import ROUTE_MODES, RouteMode, RouterBank, eval_choice, eval_option, option_work, route
 from ponder.nn.skip import SkippedOutput, SoftMix
 from ponder.output import DynamicOutput
 
@@ -139,24 +139,26 @@ class GatedResNet(SkippingModel):
         if forced is not None:
             forced_options = (forced > 0.5).long() * (k - 1)
             forced_counts = (forced > 0.5).sum(0).tolist()
+        one_image = n == 1 and forced is None and self.threshold == 0.5  # decisions read on the host
+        if one_image:
+            single = [torch.tensor([o], device=x.device) for o in range(k)]
         h = stem_on_kernels(self.backbone, x)
         state = self.routers.init_state(h)
         logits, options = [], []
-        paths = self.skip_paths
+        paths = self.skip_paths_by_block()
         for i, block in enumerate(self.backbone.blocks):
-            logit, state = self.routers.step(i, h, state)
+            logit, state = self.routers.infer_step(i, h, state)
             if forced is not None:
                 option = forced_options[:, i]
                 counts = [n - forced_counts[i]] + [0] * (k - 2) + [forced_counts[i]]
+            elif one_image:
+                choice = eval_choice(logit.tolist()[0])
+                option, counts = single[choice], [int(o == choice) for o in range(k)]
             else:
                 option = eval_option(logit, self.threshold)
-                if n == 1:
-                    counts = [0] * k
-                    counts[int(option)] = 1
-                else:
-                    counts = torch.bincount(option, minlength=k).tolist()
-            path = paths[str(i)] if str(i) in paths else None
-            h = self.skipper.run_option(block, h, option, counts, skip_path=path, own=True)
+                counts = torch.bincount(option, minlength=k).tolist() if n > 1 else \
+                    [int(o == int(option)) for o in range(k)]
+            h = self.skipper.run_option(block, h, option, counts, skip_path=paths.get(i), own=True)
             logits.append(logit)
             options.append(option)
         masks = F.one_hot(torch.stack(options, 1), k).to(x.dtype)

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from ponder import fast
 
 RouteMode = Literal["gumbel", "gumbel_soft", "argmax", "uniform"]
 ROUTE_MODES = ("gumbel", "gumbel_soft", "argmax", "uniform")
@@ -77,6 +79,13 @@ def eval_option(logits: Tensor, threshold: float = 0.5) -> Tensor:
     if k == 2:
         return (scores[:, 1] >= scores[:, 0]).long()
     return (k - 1) - scores.flip(1).argmax(1)  # argmax returns the first maximum: flipped, the costliest
+
+
+def eval_choice(logits: Sequence[float]) -> int:
+    """:func:`eval_option` at the default keep threshold (0.5) for one sample's ``K`` option logits read to
+    the host (batch-1 inference: one read instead of tensor ops): the argmax, ties to the option with more
+    work. The same comparisons on the same float32 values, so the same decision."""
+    return max(range(len(logits) - 1, -1, -1), key=logits.__getitem__)
 
 
 def route(logits: Tensor, *, training: bool, mode: RouteMode = "gumbel", threshold: float = 0.5,
@@ -125,12 +134,9 @@ class PooledRouter(nn.Module):
 
     def hidden(self, x: Tensor) -> Tensor:
         """``[B, hidden]``: the features before the last layer."""
-        if self.bn is not None and not self.training and not torch.is_grad_enabled():
-            h = F.linear(x.mean((2, 3)), *self._folded())  # inference: BN folded into fc1
-        else:
-            h = self.fc1(x.mean((2, 3)))
-            if self.bn is not None:
-                h = self.bn(h)
+        h = self.fc1(x.mean((2, 3)))
+        if self.bn is not None:
+            h = self.bn(h)
         if self.act:
             h = F.relu(h)
         if self.dropout and self.training:
@@ -140,19 +146,18 @@ class PooledRouter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.hidden(x))
 
-    def _folded(self) -> tuple[Tensor, Tensor]:
-        """``fc1`` with the eval-mode BN folded in: ``(weight, bias)``, cached until any of them changes."""
-        bn = self.bn
-        assert bn is not None
-        parts = (self.fc1.weight, self.fc1.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = tuple((id(t), -1 if t.is_inference() else t._version) for t in parts)
-        cached = self.__dict__.get("_folded_cache")
-        if cached is None or cached[0] != key:
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            weight = (self.fc1.weight * scale[:, None]).detach()
-            bias = ((self.fc1.bias - bn.running_mean) * scale + bn.bias).detach()
-            cached = self.__dict__["_folded_cache"] = (key, weight, bias)
-        return cached[1], cached[2]
+    def infer(self, x: Tensor) -> Tensor:
+        """:meth:`forward` at inference (eval mode, no autograd) in plain ops: BN folded into ``fc1``
+        (:func:`ponder.fast.fold_linear_bn`), no module calls. ``x [B, C, H, W]`` -> ``[B, K]``."""
+        if self.bn is not None:
+            weight_t, bias = fast.fold_linear_bn(self.fc1, self.bn)
+        else:
+            weight_t, bias = self.fc1.weight.t(), self.fc1.bias
+        h = torch.addmm(bias, x.mean((2, 3)), weight_t)
+        if self.act:
+            h = h.relu_()
+        fc2 = self.fc2
+        return torch.addmm(fc2.bias, h, fc2.weight.t())
 
 
 class RouterBank(nn.Module):
@@ -173,6 +178,10 @@ class RouterBank(nn.Module):
 
     def step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def infer_step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """:meth:`step` at inference (eval mode, no autograd, fast paths on: the sparse executor's kernels)."""
+        return self.step(i, x, state)
 
     def final_layers(self) -> list[nn.Linear]:  # pragma: no cover - abstract
         """The layers that produce the option logits."""
@@ -205,6 +214,9 @@ class IndependentRouters(RouterBank):
     def step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         return self.routers[i](x), state
 
+    def infer_step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        return self.routers[i].infer(x), state
+
     def final_layers(self) -> list[nn.Linear]:
         return [r.fc2 for r in self.routers]
 
@@ -230,7 +242,13 @@ class RelationalRouters(RouterBank):
         return zero, zero
 
     def step(self, i: int, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        r = self.embed[i](x)
+        return self._relate(i, self.embed[i](x), state)
+
+    def infer_step(self, i: int, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        return self._relate(i, self.embed[i].infer(x), state)
+
+    def _relate(self, i: int, r: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The graph layer and output of router ``i`` on its features ``r [B, K]``."""
         prev1, prev2 = state
         g = (r + prev1 + prev2) / 3.0
         logits = self.out[i](g)

@@ -118,6 +118,14 @@ class Group:
     def dense_macs(self) -> Stat | None:
         return Stat.of(r.result.dense_macs for r in self.rows)
 
+    @property
+    def block_usage(self) -> list[float] | None:
+        """Each block's open rate (fraction of images that ran it), mean over seeds; None unless every seed has them."""
+        usages = [r.result.block_usage for r in self.rows]
+        if not usages or any(u is None or len(u) != len(usages[0]) for u in usages):
+            return None
+        return [statistics.fmean(col) for col in zip(*usages)]
+
     def latency(self, attr: str) -> Stat | None:
         """Stat over seeds of a :class:`Latency` field (``ms_per_image``, ``speedup``, ``efficiency``, ...)."""
         return Stat.of(getattr(r.latency, attr) for r in self.rows if r.latency is not None)

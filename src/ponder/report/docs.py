@@ -7,7 +7,8 @@ A document marks each generated table with a pair of HTML comments::
     <!-- ponder-report:all end -->
 
 ``NAME`` picks the table: ``all`` (every run), a family (``static``, ``early_exit``, ``skipping``,
-``spatial``) or ``points`` (every operating point). ``from=`` lists result paths or globs, comma
+``spatial``), ``points`` (every operating point), ``gates`` (block-skipping models' open rates per
+layer) or ``budgets`` (accuracy at matched MACs: one column per target budget). ``from=`` lists result paths or globs, comma
 separated, relative to the document's folder; without it the block uses the paths given to
 ``ponder report``. Markers count at the start of a line outside fenced code blocks. ``--check``
 compares instead of writing, so a test can hold documents to their results.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ponder.report.collect import Group
 from ponder.report.tables import Table, family_tables, points_table, summary_table
 
-_TEXT_COLUMNS = {"family", "model", "method", "evaluation", "point", "setting"}
+_TEXT_COLUMNS = {"family", "model", "method", "evaluation", "point", "setting", "open rate of each block, in order (%)"}
 
 
 def _cell(text: str) -> str:

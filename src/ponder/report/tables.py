@@ -101,6 +101,45 @@ def points_table(g: Group) -> Table:
     return Table(f"{g.label} ({seeds})", ["point", "setting", "top-1 (%)", "MACs / image", "ms / image"], rows, [])
 
 
+def budgets_table(groups: list[Group]) -> Table:
+    """Accuracy at matched MACs: one row per group with budget points (``budget`` protocol, budgeted targets),
+    one column pair per target budget (top-1 and the MACs reached on the test set, means over seeds)."""
+    chosen = [g for g in groups if any(p.budget is not None for p in g.points())]
+    budgets = sorted({p.budget for g in chosen for p in g.points() if p.budget is not None})
+    header = ["model", "method", "evaluation"]
+    for b in budgets:
+        header += [f"top-1 (%) at {format_count(b)}", f"MACs at {format_count(b)}"]
+    rows = []
+    for g in chosen:
+        run = g.first.run
+        at = {p.budget: p for p in g.points() if p.budget is not None}
+        cells = [run.model, run.method, f"{g.kind} · {g.variant}" if g.variant else g.kind]
+        for b in budgets:
+            p = at.get(b)
+            cells += [DASH, DASH] if p is None else [_pm(p.accuracy, scale=100), _macs(p.macs, p.macs_std)]
+        rows.append(cells + [str(len(g.rows))])
+    return Table("accuracy at matched MACs", header + ["seeds"], rows,
+                 ["top-1: mean ± standard deviation over seeds at each target budget (the knob fitted on the "
+                  "held-out split); MACs: the test set's mean per image ± the per-image standard deviation."]
+                 if rows else [])
+
+
+def gates_table(groups: list[Group]) -> Table:
+    """The gates' open rates per layer of every group that has them (block-skipping models): mean over seeds."""
+    rows = []
+    for g in groups:
+        usage = g.block_usage
+        if usage is None:
+            continue
+        run = g.first.run
+        rows.append([run.model, run.method, f"{g.kind} · {g.variant}" if g.variant else g.kind,
+                     f"{100 * sum(usage) / len(usage):.1f}", " ".join(f"{100 * u:.0f}" for u in usage), str(len(g.rows))])
+    return Table("open rates per layer", ["model", "method", "evaluation", "mean open rate (%)",
+                                          "open rate of each block, in order (%)", "seeds"], rows,
+                 ["open rate: the fraction of test images that ran the block (whole or first conv only) at the "
+                  "model's own setting, mean over seeds."] if rows else [])
+
+
 def family_tables(groups: list[Group]) -> list[Table]:
     """One summary table per family present, in the order of ``ponder.results.FAMILIES``."""
     present = []
@@ -111,11 +150,15 @@ def family_tables(groups: list[Group]) -> list[Table]:
 
 
 def named_table(name: str, groups: list[Group]) -> list[Table]:
-    """The tables a document marker names: ``all``, a family, or ``points`` (every group with points)."""
+    """The tables a document marker names: ``all``, a family, ``points`` (every group with points), ``gates``
+    (the open rates per layer) or ``budgets`` (accuracy at matched MACs)."""
     if name == "all":
         return [summary_table(groups)]
+    if name in ("gates", "budgets"):
+        table = gates_table(groups) if name == "gates" else budgets_table(groups)
+        return [table] if table.rows else []
     if name == "points":
         return [points_table(g) for g in groups if g.first.points]
     if name in FAMILY_TITLES:
         return [summary_table(groups, name)]
-    raise ReportError(f"unknown table {name!r}; name all, points or a family ({', '.join(FAMILY_TITLES)})")
+    raise ReportError(f"unknown table {name!r}; name all, points, gates, budgets or a family ({', '.join(FAMILY_TITLES)})")

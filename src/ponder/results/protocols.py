@@ -1,7 +1,8 @@
 """The built-in protocols' JSON reports as :class:`ponder.results.EvalResult` (what ``evaluate_run`` saves).
 
 Reads the keys the protocols return today: ``accuracy`` / ``macs_mean`` / ``macs_std`` / ``n``
-(``standard``, ``skip``, ``spatial``), ``dense_macs`` and ``input_size`` where given, ``sweep``
+(``standard``, ``skip``, ``spatial``), the blocks' open rates (``per_block`` of ``skip``, ``block_usage`` of
+``standard``), ``dense_macs`` and ``input_size`` where given, ``sweep``
 (``skip``: one point per keep threshold), ``exits`` (``anytime``: one point per exit, the headline
 is the last exit), ``points`` / ``target_macs`` (``budgeted``: one point per ratio ``q`` of
 the p-grid and per target budget; no headline) and ``points`` (``budget``: one point per target MACs,
@@ -52,9 +53,11 @@ def result_from_report(ctx: EvalContext, protocol: str, report: dict[str, Any]) 
         points.append(OperatingPoint(label=f"budget {format_count(t['target_macs'])}", macs_mean=t["expected_macs"],
                                      accuracy=t["accuracy"] / 100, budget=t["target_macs"]))
     size = report.get("input_size")
+    usage = report.get("per_block", report.get("block_usage"))
     return new_result(ctx.run_dir, ctx.config, ctx.model, kind=result_kind(protocol, ctx.options), protocol=protocol,
                       images=images, points=points, dense_macs=report.get("dense_macs"), input_size=size,
-                      split=report.get("split", "test"), options=ctx.options, device=ctx.device, **head)
+                      split=report.get("split", "test"), options=ctx.options, device=ctx.device, block_usage=usage,
+                      **head)
 
 
 def _std_of_counts(counts: list[int] | None, costs: list[float] | None) -> float | None:

@@ -224,6 +224,8 @@ class EvalResult:
             every block, the multi-exit network up to its last exit).
         points: operating points for curves (one per exit, threshold or budget).
         latency: measured latency (:class:`Latency`) when a benchmark was run.
+        block_usage: block-skipping models: the fraction of the images that ran each block (the gates'
+            open rates per layer, in block order) at the headline setting; None otherwise.
         macs_unit: always ``conv+linear MACs``.
         schema: the file format's version (:data:`SCHEMA`).
     """
@@ -238,6 +240,7 @@ class EvalResult:
     dense_macs: float | None = None
     points: list[OperatingPoint] = field(default_factory=list)
     latency: Latency | None = None
+    block_usage: list[float] | None = None
     macs_unit: str = MACS_UNIT
     schema: int = SCHEMA
 
@@ -454,7 +457,8 @@ def new_result(run_dir: str | Path, config: "RunConfig", model: "nn.Module", *, 
                images: int, accuracy: float | None, macs_mean: float | None, macs_std: float | None,
                points: Iterable[OperatingPoint] = (), dense_macs: float | None = None, split: str = "test",
                input_size: Sequence[int] | None = None, options: dict[str, Any] | None = None,
-               latency: Latency | None = None, device: Any = "cpu", threads: int | None = None) -> EvalResult:
+               latency: Latency | None = None, device: Any = "cpu", threads: int | None = None,
+               block_usage: Sequence[float] | None = None) -> EvalResult:
     """A result from headline numbers. ``dense_macs`` defaults to :func:`dense_macs_of` at ``input_size``
     (default: the model's ``default_input_size``); the executor is read from ``model``."""
     model = getattr(model, "module", model)
@@ -466,7 +470,8 @@ def new_result(run_dir: str | Path, config: "RunConfig", model: "nn.Module", *, 
         evaluation=Evaluation(protocol=protocol, split=split, images=int(images), executor=_executor(model),
                               input_size=size, options=dict(options or {})),
         provenance=machine_info(threads, device), accuracy=_number(accuracy), macs_mean=_number(macs_mean),
-        macs_std=_number(macs_std), dense_macs=_number(dense_macs), points=list(points), latency=latency)
+        macs_std=_number(macs_std), dense_macs=_number(dense_macs), points=list(points), latency=latency,
+        block_usage=None if block_usage is None else [float(u) for u in block_usage])
 
 
 def point_from_records(label: str, records: "Records", *, knob: str | None = None, value: float | None = None,
