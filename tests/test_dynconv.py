@@ -10,7 +10,6 @@ from fractions import Fraction
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cifar_fixtures import write_fake_cifar
 from ponder import count_macs
