@@ -256,7 +256,6 @@ def test_two_processes_train_what_one_process_trains(cifar_dir, tmp_path):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_l2w_trains_every_family_and_imta_stage(case, cifar_dir, tmp_path):
     """One short run through the trainer per model (MSDNet, RANet C-1) and IMTA stage (GE, ISC + KD)."""
-    from ponder.config import config_from_dict
     from ponder.data import build_datasets, build_loaders
     from ponder.engine.trainer import Trainer
 

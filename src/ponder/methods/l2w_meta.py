@@ -29,7 +29,6 @@ The model runs its compute-all executor in training mode (``exit_logits`` holds 
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
