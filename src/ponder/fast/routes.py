@@ -99,8 +99,11 @@ def choose(op: str, key: tuple, routes: Callable[[], Sequence[tuple[str, Callabl
     ``key``, timed once on this machine (:func:`ponder.fast.timing.fastest`; ties go to the first) and
     stored. ``routes`` is called on the first use of ``key`` in a process: a stored route that is not
     among them (a compiled kernel since removed) gives way to the first, for this process only."""
+    offered: list[list[tuple[str, Callable[[], object]]]] = []
+
     def measure() -> str:
         options = routes()
+        offered.append(options)
         return options[0][0] if len(options) == 1 else options[fastest([call for _, call in options])][0]
 
     hot = (op, *key)
@@ -109,7 +112,7 @@ def choose(op: str, key: tuple, routes: Callable[[], Sequence[tuple[str, Callabl
     if _get_current_dispatch_mode() is not None:  # no route is timed (or stored)
         return routes()[0][0]  # under a user's FlopCounterMode: the first, and the user sees no timing runs
     value = decide(op, key, measure)
-    names = [name for name, _ in routes()]
+    names = [name for name, _ in (offered[0] if offered else routes())]
     if value not in names:  # stored when a route this process lacks was there (kernels since cleared)
         value = _HOT[hot] = names[0]
     return value
