@@ -17,6 +17,7 @@ import engine_toys
 from cifar_fixtures import write_fake_cifar
 from ponder.engine import RunDirError
 from ponder.engine.checkpoint import load_state, read_metrics, read_weights
+from run_states import assert_states_equal, strip_time
 
 TESTS = Path(__file__).parent
 
@@ -24,26 +25,6 @@ TESTS = Path(__file__).parent
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory):
     return write_fake_cifar(tmp_path_factory.mktemp("data"), "cifar10", n_train=40, n_test=16, seed=0)
-
-
-def _state_equal(a, b, path="state"):
-    """Assert two nested training states are equal, tensors bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _state_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _state_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
-def _strip_time(records):
-    return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
 
 
 @pytest.mark.parametrize("kind", sorted(engine_toys.TOYS))
@@ -62,10 +43,10 @@ def test_hooks_resume_bit_identical_after_a_kill(kind, cifar_dir, tmp_path):
     sa, sb = load_state(tmp_path / "full" / "state.pt"), load_state(tmp_path / "killed" / "state.pt")
     assert sa["step"] == 12 and sa["epoch"] == 3
     for key in ("model", "optimizer", "method", "owned", "step", "epoch"):
-        _state_equal(sa[key], sb[key], key)
+        assert_states_equal(sa[key], sb[key], key)
     wa, wb = read_weights(tmp_path / "full" / "weights.safetensors"), read_weights(tmp_path / "killed" / "weights.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert _strip_time(read_metrics(tmp_path / "full")) == _strip_time(read_metrics(tmp_path / "killed"))
+    assert strip_time(read_metrics(tmp_path / "full")) == strip_time(read_metrics(tmp_path / "killed"))
     owned = {"toy_meta_step": ({"wnet"}, {"wnet"}), "toy_ema_teacher": ({"teacher"}, set())}.get(kind, (set(), set()))
     assert (set(sa["owned"]["modules"]), set(sa["owned"]["optimizers"])) == owned
     if kind == "toy_meta_step":  # the weight net was trained, and its Adam state is in the checkpoint

@@ -16,6 +16,7 @@ from ponder.engine import NonFiniteLossError, NonFiniteWeightsError, RunDirError
 from ponder.engine.checkpoint import load_state, read_metrics
 from ponder.weights import load_init_weights, read_weights
 from ponder.methods.base import CrossEntropy, StepOutput, register_method
+from run_states import strip_time
 
 KILL = {"at_epoch": None}
 
@@ -74,10 +75,6 @@ def tiny_config(data_dir, **sections):
     return config_from_dict(base)
 
 
-def _strip_time(records):
-    return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
-
-
 def test_resume_after_kill_is_bit_identical(cifar_dir, tmp_path):
     torch.set_num_threads(1)
     cfg = tiny_config(cifar_dir)
@@ -100,7 +97,7 @@ def test_resume_after_kill_is_bit_identical(cifar_dir, tmp_path):
     assert sa["step"] == sb["step"] == 12 and sa["epoch"] == sb["epoch"] == 3
     ma, mb = read_metrics(full), read_metrics(resumed)
     assert [r["epoch"] for r in mb] == [1, 2, 3]
-    assert _strip_time(ma) == _strip_time(mb)
+    assert strip_time(ma) == strip_time(mb)
     assert ma[0]["lr"] < ma[1]["lr"] and ma[2]["lr"] == pytest.approx(0.005)  # warm-up, then x0.1 at epoch 2
     # resuming a finished run trains nothing more and changes nothing
     train(None, None, resume=resumed, verbose=False)

@@ -27,6 +27,7 @@ from ponder.methods import create_method
 from ponder.methods.l2w_meta import build_wpn_optimizer, exit_losses, l2w_iteration, meta_gradient, weighted_exit_loss
 from ponder.nn.thresholds import exit_proportions
 from ponder.nn.wpn import WeightPredictionNetwork
+from run_states import assert_states_equal, strip_time
 
 TESTS = Path(__file__).parent
 RECIPES = TESTS.parent / "recipes"
@@ -146,25 +147,6 @@ def cifar_dir_odd(tmp_path_factory):
     return write_fake_cifar(tmp_path_factory.mktemp("odd"), "cifar10", n_train=41, n_test=16, seed=0)
 
 
-def _state_equal(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _state_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _state_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
-
-
-def _strip_time(records):
-    return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
-
-
 @pytest.mark.parametrize("setting", ["col", "row"])
 def test_resume_after_a_kill_is_bit_identical_wpn_and_its_adam_included(setting, cifar_dir_odd, tmp_path):
     torch.set_num_threads(1)
@@ -181,7 +163,7 @@ def test_resume_after_a_kill_is_bit_identical_wpn_and_its_adam_included(setting,
     a, b = load_state(tmp_path / "full" / "state.pt"), load_state(tmp_path / "killed" / "state.pt")
     assert a["step"] == 15  # 5 batches per epoch, the last one a single image
     for key in ("model", "optimizer", "method", "owned", "step", "epoch"):
-        _state_equal(a[key], b[key], key)
+        assert_states_equal(a[key], b[key], key)
     assert set(a["owned"]["modules"]) == set(a["owned"]["optimizers"]) == {"wpn"}
     adam = a["owned"]["optimizers"]["wpn"]
     meta_steps = {"col": 2 * 4 * 3, "row": 2 * 3}[setting]  # both orders x 4 full batches; alternate, every 2nd
@@ -189,7 +171,7 @@ def test_resume_after_a_kill_is_bit_identical_wpn_and_its_adam_included(setting,
     assert adam["param_groups"][0]["lr"] < 0.01 * 0.05  # cosine-decayed with the run (the last batch's lr)
     initial = l2w_runs.KillableL2W(l2w_runs.PlainExits(), wpn_width=16, **l2w_runs.SETTINGS[setting]).wpn
     assert set(a["owned"]["modules"]["wpn"]) == set(initial.state_dict())
-    assert _strip_time(read_metrics(tmp_path / "full")) == _strip_time(read_metrics(tmp_path / "killed"))
+    assert strip_time(read_metrics(tmp_path / "full")) == strip_time(read_metrics(tmp_path / "killed"))
     record = read_metrics(tmp_path / "full")[-1]
     assert record["train_meta_loss"] > 0 and {"train_weight_exit1", "train_weight_exit3"} <= set(record)
     assert full.method.wpn is full._owned["modules"]["wpn"]
