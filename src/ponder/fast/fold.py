@@ -88,10 +88,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedCon
         w = conv.weight
         bias = conv.bias if conv.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         if bn is not None:
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = bn.bias if bn.bias is not None else torch.zeros_like(scale)
+            scale, shift = bn_scale_shift(bn)
             w = w * scale[:, None, None, None]
             bias = (bias - bn.running_mean) * scale + shift
         weight = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
@@ -99,6 +96,15 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedCon
     if cache:
         _FOLD_CACHE[conv] = (key, folded)
     return folded
+
+
+def bn_scale_shift(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Eval-mode ``bn`` as ``y = x * scale + shift`` per channel: ``(scale [C], shift [C])`` before the
+    running mean is taken out (``shift`` is beta, or zeros without affine parameters)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    return scale, bn.bias if bn.bias is not None else torch.zeros_like(scale)
 
 
 _DENSE_FOLD: "weakref.WeakKeyDictionary[nn.Module, tuple[FoldedConv, dict[bool, Tensor]]]" = \
@@ -140,10 +146,7 @@ def fold_linear_bn(linear: nn.Linear, bn: nn.BatchNorm1d) -> tuple[Tensor, Tenso
         if hit is not None and hit[0] == key:
             return hit[1]
     with torch.no_grad():
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = bn.bias if bn.bias is not None else torch.zeros_like(scale)
+        scale, shift = bn_scale_shift(bn)
         bias = linear.bias if linear.bias is not None else torch.zeros_like(scale)
         folded = ((linear.weight * scale[:, None]).t().contiguous(), (bias - bn.running_mean) * scale + shift)
     if cache:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ponder import fast
+from ponder.fast.fold import bn_scale_shift
 from ponder.layout import is_channels_last
 
 HALT_EPS = 0.01
@@ -369,10 +370,5 @@ class SpatialHaltingBranch(nn.Module):
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """``(scale, shift)`` ``[C]`` with ``bn(x) = x * scale + shift`` per channel (running statistics)."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale, shift
+    scale, beta = bn_scale_shift(bn)
+    return scale, beta - bn.running_mean * scale
