@@ -287,12 +287,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A config dict as ``{"optim.lr": 0.1, "model.kwargs": {...}, ...}`` (sections flattened, kwargs kept whole)."""
+def flat_config(d: dict[str, Any], prefix: str = "", kwargs_whole: bool = True) -> dict[str, Any]:
+    """A config dict as ``{"optim.lr": 0.1, "model.kwargs": {...}, ...}`` (sections flattened, kwargs kept whole;
+    with ``kwargs_whole=False`` flattened too: ``"model.kwargs.budget": 0.5``)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(flat_config(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and (k != "kwargs" or not kwargs_whole):
+            out.update(flat_config(v, f"{prefix}{k}.", kwargs_whole))
         else:
             out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return out

@@ -273,22 +273,14 @@ def run_settings(source: Path) -> dict[str, object] | None:
     (its ``config.yaml`` beside the ``results`` folder), or None when it cannot be read."""
     import yaml
 
+    from ponder.config import flat_config
+
     path = (source.parent if source.name == "results" else source) / "config.yaml"
     try:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return None
-    flat: dict[str, object] = {}
-
-    def walk(node: object, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(config, "")
-    return flat
+    return flat_config(config, kwargs_whole=False) if isinstance(config, dict) else None
 
 
 def differing_settings(settings: Sequence[dict[str, object] | None]) -> list[str]:
