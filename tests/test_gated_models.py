@@ -178,3 +178,31 @@ def test_router_inference_follows_weight_and_statistics_changes():
         assert not torch.allclose(router.infer(x), first)
         router.fc1.weight.mul_(2)  # an in-place edit (an optimizer step)
         torch.testing.assert_close(router.infer(x), router(x))
+
+
+def test_the_batch_one_plan_follows_changes_and_matches_the_masked_executor():
+    from ponder.fast import plan
+
+    model = tiny("aig")
+    x = images(1)
+    set_executor(model, "sparse")
+    with torch.no_grad():
+        model(x)
+        if plan._PLANS.get(model) is None:
+            pytest.skip("batch-1 plans need fast paths on")
+        block = model.backbone.blocks[1]
+        block.conv2.weight.mul_(-1.5)  # changes after the plan was built
+        model.routers.routers[2].fc1.weight.add_(0.5)
+        model.train()
+        model.backbone(images(8, seed=3))  # new BN running statistics
+        model.eval()
+        for keep in (None, 1.0):  # learned decisions, and every block run (the forced path)
+            model.force_keep_rate(keep, seed=0)
+            sparse = model(x)
+            set_executor(model, "masked")
+            masked = model(x)
+            set_executor(model, "sparse")
+            assert torch.equal(sparse.extras["options"], masked.extras["options"])
+            torch.testing.assert_close(sparse.logits, masked.logits, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(sparse.extras["router_logits"], masked.extras["router_logits"], rtol=1e-5,
+                                       atol=1e-5)

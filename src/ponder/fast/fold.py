@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ponder.fast.plan import clear_plans
 from ponder.fast.switch import enabled
 
 
@@ -54,9 +55,11 @@ def fold_key(conv: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | nn.BatchNorm1d | 
 
 
 def clear_fold_cache() -> None:
-    """Forget folded weights (needed only after in-place edits through ``.data``, which keep ``_version``)."""
+    """Forget folded weights and the plans built on them (:mod:`ponder.fast.plan`; needed only after
+    in-place edits through ``.data``, which keep ``_version``)."""
     _FOLD_CACHE.clear()
     _LINEAR_FOLD.clear()
+    clear_plans()
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedConv:

@@ -69,6 +69,7 @@ MODULES: dict[str, KernelModule] = {m.name: m for m in (
     KernelModule("small_conv", "small_conv.cpp", ("-O3", "-march=native", "-ffp-contract=fast"),
                  "the small-convolution kernels (3x3 convolutions, block GEMMs, exit heads)"),
     KernelModule("exit_step", "exit_step.cpp", ("-O3",), "the early-exit step kernel"),
+    KernelModule("plan", "plan.cpp", ("-O3",), "the plan fingerprint"),
 )}
 
 _LOADED: dict[str, Any] = {}

@@ -10,7 +10,10 @@ on 32x32 maps, 12-24 on 16x16 and 8x8; at batch 1 those took 15-50 us for 0.1-1.
 - :func:`conv3x3_gemm`: the same convolution as patches times the weight, vectorised over output
   channels (8 positions x 32 channels per block): for few positions and many channels, e.g. an
   exit head at batch 1 (208 -> 128 channels on 8x8: 55 -> 34 us);
-- :func:`rows_gemm`: that block GEMM on the rows of a 1x1 convolution.
+- :func:`rows_gemm`: that block GEMM on the rows of a 1x1 convolution;
+
+and, bound to its weights, a gated ResNet's router (a mean and two small linear layers) as one call
+(:func:`bound_pooled_mlp`).
 
 :func:`ponder.fast.conv.conv2d` and :func:`~ponder.fast.conv.conv1x1_rows` time them against
 their other routes per shape and batch-size bucket and use them only where they win. The module is
@@ -87,6 +90,20 @@ def bound_exit_head(weights: list[Tensor], biases: list[Tensor], linear: torch.n
     (g1, g2), (b1, b2) = [gemm_weight(w) for w in weights], biases
     lin_w, lin_b = linear.weight.detach().contiguous(), _bias(linear.weight, linear.bias).detach()
     return lambda x: tuple(ext.exit_head(x, g1, b1, g2, b2, lin_w, lin_b))
+
+
+def bound_pooled_mlp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                     relu: bool) -> Callable[[Tensor], Tensor] | None:
+    """``W2 act(W1 mean(x) + b1) + b2`` (``w1 [Hd, C]``, ``w2 [K, Hd]``; act = ReLU when ``relu``) as one
+    compiled call with the weights bound: ``run(x [B, C, H, W]) -> [B, K]`` for a contiguous channels-last
+    float32 ``x`` (the mean over positions, then the two layers). ``None`` without the compiled kernels.
+    Valid while the weights are unchanged (the caller checks)."""
+    ext = _extension()
+    if ext is None:
+        return None
+    w1t, w2t = w1.detach().t().contiguous(), w2.detach().t().contiguous()
+    b1, b2 = b1.detach().contiguous(), b2.detach().contiguous()
+    return lambda x: ext.pooled_mlp(x, w1t, b1, w2t, b2, relu)
 
 
 def rows_gemm_applies(x: Tensor, weight: Tensor) -> bool:

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ponder import fast
 from ponder.cost import count_macs
 from ponder.models.base import example_input
 from ponder.models.resnet import ResNet
@@ -129,19 +130,18 @@ class GatedResNet(SkippingModel):
         if features:
             extras["block_features"] = outs
             extras["stage_features"] = [outs[e] for e in self.stage_ends]
-        return self._output(x, self.backbone.head(h), logits, options, torch.stack(masks, 1), extras)
+        return self._output(x, self.backbone.head(h), logits, torch.stack(options, 1), torch.stack(masks, 1), extras)
 
     def _infer(self, x: Tensor) -> DynamicOutput:
         """Inference on the sparse executor's kernels (:mod:`ponder.nn.skip_kernels`): channels-last maps,
         BN folded, each router's decision read once per block (one host sync), nothing else per block."""
         k, n = self.num_options, x.shape[0]
         forced = self.forced_keep(x)
+        if n == 1:
+            return self._infer_one(x, forced)
         if forced is not None:
             forced_options = (forced > 0.5).long() * (k - 1)
             forced_counts = (forced > 0.5).sum(0).tolist()
-        one_image = n == 1 and forced is None and self.threshold == 0.5  # decisions read on the host
-        if one_image:
-            single = [torch.tensor([o], device=x.device) for o in range(k)]
         h = stem_on_kernels(self.backbone, x)
         state = self.routers.init_state(h)
         logits, options = [], []
@@ -151,23 +151,57 @@ class GatedResNet(SkippingModel):
             if forced is not None:
                 option = forced_options[:, i]
                 counts = [n - forced_counts[i]] + [0] * (k - 2) + [forced_counts[i]]
-            elif one_image:
-                choice = eval_choice(logit.tolist()[0])
-                option, counts = single[choice], [int(o == choice) for o in range(k)]
             else:
                 option = eval_option(logit, self.threshold)
-                counts = torch.bincount(option, minlength=k).tolist() if n > 1 else \
-                    [int(o == int(option)) for o in range(k)]
+                counts = torch.bincount(option, minlength=k).tolist()
             h = self.skipper.run_option(block, h, option, counts, skip_path=paths.get(i), own=True)
             logits.append(logit)
             options.append(option)
-        masks = F.one_hot(torch.stack(options, 1), k).to(x.dtype)
-        return self._output(x, self.backbone.head(h), logits, options, masks, {})
-
-    def _output(self, x: Tensor, out_logits: Tensor, logits: list[Tensor], options: list[Tensor], masks: Tensor,
-                extras: dict[str, Any]) -> DynamicOutput:
-        k = self.num_options
         option_t = torch.stack(options, 1)
+        masks = F.one_hot(option_t, k).to(x.dtype)
+        return self._output(x, self.backbone.head(h), logits, option_t, masks, {})
+
+    def _infer_one(self, x: Tensor, forced: Tensor | None) -> DynamicOutput:
+        """:meth:`_infer` for one image on the model's batch-1 plan (:func:`ponder.fast.prepared`): every
+        router and every option of every block bound to its kernels once; per block one router call, its
+        decision read on the host, one runner (:func:`ponder.nn.skip_kernels.bound_options`)."""
+        k = self.num_options
+        h = stem_on_kernels(self.backbone, x)
+        relu, nonnegative = self.skipper.skipped == "relu_shortcut", self.skipper.nonnegative
+        key = ("batch1", tuple(h.shape), torch.get_num_threads(), relu, nonnegative)
+        steps, runners = fast.prepared(self, key, lambda: self._plan_one(h, relu, nonnegative))
+        picks = None if forced is None else ((forced[0] > 0.5).long() * (k - 1)).tolist()
+        state = self.routers.init_state(h)
+        logits, choices = [], []
+        for i, (step, options) in enumerate(zip(steps, runners)):
+            logit, state = step(h, state)
+            if picks is not None:
+                choice = picks[i]
+            elif self.threshold == 0.5:
+                choice = eval_choice(logit.tolist()[0])
+            else:
+                choice = int(eval_option(logit, self.threshold))
+            h = options[choice](h)
+            logits.append(logit)
+            choices.append(choice)
+        option_t = torch.tensor([choices], device=x.device)
+        masks = F.one_hot(option_t, k).to(x.dtype)
+        return self._output(x, self.backbone.head(h), logits, option_t, masks, {})
+
+    def _plan_one(self, h: Tensor, relu: bool, nonnegative: bool) -> tuple[list, list[list[skip_kernels.Runner]]]:
+        """The batch-1 plan for stem outputs shaped like ``h``: the routers' bound steps and each block's
+        option runners (holds the model's submodules, never the model)."""
+        paths, runners = self.skip_paths_by_block(), []
+        for i, block in enumerate(self.backbone.blocks):
+            runners.append(skip_kernels.bound_options(block, h, self.num_options, relu=relu, nonnegative=nonnegative,
+                                                      skip_path=paths.get(i)))
+            h = runners[-1][-1](h)
+        return self.routers.bound_steps(), runners
+
+    def _output(self, x: Tensor, out_logits: Tensor, logits: list[Tensor], option_t: Tensor, masks: Tensor,
+                extras: dict[str, Any]) -> DynamicOutput:
+        """The output from the head's logits, each router's logits ``[B, K]`` and the options ``[B, blocks]``."""
+        k = self.num_options
         logit_t = torch.stack(logits, 1)
         extras.update(router_logits=logit_t, router_probs=torch.softmax(logit_t, 2), router_masks=masks,
                       options=option_t, usage=masks @ option_work(k, x.device).to(masks.dtype))

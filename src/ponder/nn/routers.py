@@ -24,9 +24,10 @@ Decisions (:func:`route`):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -159,6 +160,18 @@ class PooledRouter(nn.Module):
         fc2 = self.fc2
         return torch.addmm(fc2.bias, h, fc2.weight.t())
 
+    def bound(self) -> Callable[[Tensor], Tensor]:
+        """:meth:`infer` with BN folded and the weights bound now, as one compiled call where the kernels
+        are built (:func:`ponder.fast.bound_pooled_mlp`; equal up to float rounding):
+        ``run(x [B, C, H, W] contiguous channels-last) -> [B, K]``. Valid while the weights are unchanged
+        (a :mod:`ponder.fast.plan` checks)."""
+        if self.bn is not None:
+            weight_t, bias = fast.fold_linear_bn(self.fc1, self.bn)
+        else:
+            weight_t, bias = self.fc1.weight.t(), self.fc1.bias
+        run = fast.bound_pooled_mlp(weight_t.t(), bias, self.fc2.weight, self.fc2.bias, self.act)
+        return run if run is not None else self.infer
+
 
 class RouterBank(nn.Module):
     """The routers of one network, stepped in block order: ``step(i, x, state) -> (logits [B, K], state)``.
@@ -182,6 +195,11 @@ class RouterBank(nn.Module):
     def infer_step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         """:meth:`step` at inference (eval mode, no autograd, fast paths on: the sparse executor's kernels)."""
         return self.step(i, x, state)
+
+    def bound_steps(self) -> list[Callable[[Tensor, Any], tuple[Tensor, Any]]]:
+        """:meth:`infer_step` of each router, ``step(x, state) -> (logits, state)``, with the weights bound
+        now where a bank can (valid while they are unchanged: a :mod:`ponder.fast.plan` checks)."""
+        return [functools.partial(self.infer_step, i) for i in range(len(self))]
 
     def final_layers(self) -> list[nn.Linear]:  # pragma: no cover - abstract
         """The layers that produce the option logits."""
@@ -217,6 +235,9 @@ class IndependentRouters(RouterBank):
     def infer_step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         return self.routers[i].infer(x), state
 
+    def bound_steps(self) -> list[Callable[[Tensor, Any], tuple[Tensor, Any]]]:
+        return [functools.partial(_bound_step, r.bound()) for r in self.routers]
+
     def final_layers(self) -> list[nn.Linear]:
         return [r.fc2 for r in self.routers]
 
@@ -247,6 +268,13 @@ class RelationalRouters(RouterBank):
     def infer_step(self, i: int, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         return self._relate(i, self.embed[i].infer(x), state)
 
+    def bound_steps(self) -> list[Callable[[Tensor, Any], tuple[Tensor, Any]]]:
+        return [functools.partial(self._bound_relate, i, e.bound()) for i, e in enumerate(self.embed)]
+
+    def _bound_relate(self, i: int, embed: Callable[[Tensor], Tensor], x: Tensor,
+                      state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        return self._relate(i, embed(x), state)
+
     def _relate(self, i: int, r: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The graph layer and output of router ``i`` on its features ``r [B, K]``."""
         prev1, prev2 = state
@@ -258,6 +286,10 @@ class RelationalRouters(RouterBank):
 
     def final_layers(self) -> list[nn.Linear]:
         return list(self.out)
+
+
+def _bound_step(run: Callable[[Tensor], Tensor], x: Tensor, state: Any) -> tuple[Tensor, Any]:
+    return run(x), state
 
 
 def init_router_weights(module: nn.Module) -> None:

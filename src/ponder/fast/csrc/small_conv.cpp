@@ -15,8 +15,9 @@
 // channels (an exit head at batch 1: 16 positions, 128 channels, a 1 MB weight). It gathers the
 // patches (im2col, [P, 9C]) and runs them against the weight pre-blocked as [ceil(Cout/32)][9C][32],
 // 8 positions x 32 output channels per block, vectorised over channels, each weight read once per
-// 8 positions. linear_rows runs the same block GEMM on rows as they are (1x1 convolutions), and
-// exit_head a whole exit classifier (two such convolutions, a mean, a linear layer) in one call.
+// 8 positions. linear_rows runs the same block GEMM on rows as they are (1x1 convolutions),
+// exit_head a whole exit classifier (two such convolutions, a mean, a linear layer) in one call, and
+// pooled_mlp a gated ResNet's router (a mean over positions, two small linear layers) in one call.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -288,6 +289,42 @@ torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& wg, const
   return out;
 }
 
+// A router at inference in one call: logits = W2 act(W1 mean(x) + b1) + b2 for x [B, C, H, W]
+// channels-last, w1t [C, Hd] (W1 transposed, contiguous), b1 [Hd], w2t [Hd, K], b2 [K] -> [B, K];
+// act is ReLU when relu. At batch 1 this replaces five PyTorch calls (~25 us) with one (~2 us).
+torch::Tensor pooled_mlp(const torch::Tensor& x, const torch::Tensor& w1t, const torch::Tensor& b1,
+                         const torch::Tensor& w2t, const torch::Tensor& b2, bool relu) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(1) == 1 && x.stride(3) == x.size(1) && x.stride(2) == x.size(1) * x.size(3)
+              && x.scalar_type() == torch::kFloat32, "x: contiguous channels-last float32");
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Hd = b1.size(0), K = b2.size(0);
+  TORCH_CHECK(w1t.is_contiguous() && w1t.size(0) == C && w1t.size(1) == Hd && w2t.is_contiguous()
+              && w2t.size(0) == Hd && w2t.size(1) == K && b1.is_contiguous() && b2.is_contiguous(),
+              "w1t [C, Hd], b1 [Hd], w2t [Hd, K], b2 [K], contiguous");
+  auto logits = torch::empty({B, K}, x.options());
+  std::vector<float> mean(C), hidden(Hd);
+  const float scale = 1.f / static_cast<float>(HW);
+  const float *pw1 = w1t.data_ptr<float>(), *pb1 = b1.data_ptr<float>();
+  const float *pw2 = w2t.data_ptr<float>(), *pb2 = b2.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* px = x.data_ptr<float>() + b * x.stride(0);
+    std::fill(mean.begin(), mean.end(), 0.f);
+    for (int64_t q = 0; q < HW; ++q)
+      for (int64_t c = 0; c < C; ++c) mean[c] += px[q * C + c];
+    std::copy(pb1, pb1 + Hd, hidden.begin());
+    for (int64_t c = 0; c < C; ++c) {
+      const float m = mean[c] * scale;
+      for (int64_t j = 0; j < Hd; ++j) hidden[j] += m * pw1[c * Hd + j];
+    }
+    float* out = logits.data_ptr<float>() + b * K;
+    std::copy(pb2, pb2 + K, out);
+    for (int64_t j = 0; j < Hd; ++j) {
+      const float h = relu ? std::max(hidden[j], 0.f) : hidden[j];
+      for (int64_t k = 0; k < K; ++k) out[k] += h * pw2[j * K + k];
+    }
+  }
+  return logits;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -295,4 +332,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv3x3_gemm", &conv3x3_gemm, "the same as patches x blocked weight (few positions, many channels)");
   m.def("exit_head", &exit_head, "two 3x3/2 convolutions + ReLU, mean, linear: {feature, logits}");
   m.def("linear_rows", &linear_rows, "act(x @ W^T + b) on rows with a blocked weight (1x1 convolutions)");
+  m.def("pooled_mlp", &pooled_mlp, "a router: W2 act(W1 mean(x) + b1) + b2 on channels-last x");
 }
