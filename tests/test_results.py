@@ -281,3 +281,18 @@ def test_config_hash_groups_the_seeds_of_runs_that_start_from_the_run_of_their_s
     assert run(0, "runs/dense20/seed1") != run(1, "runs/dense20/seed1")  # another seed's run: a real difference
     assert run(0, "runs/dense20/seed0") != run(0, "runs/dense32/seed0")
     assert run(0, "runs/seed0x/w.pth") != run(1, "runs/seed1x/w.pth")  # only whole folder names
+
+
+def test_budget_points_are_named_by_target_so_seeds_match(tmp_path):
+    """Each seed's knob lands elsewhere for the same target: the points are named by the target (and
+    matched over seeds by that name); only a model's discrete choices are named by the knob's value."""
+    ctx = _ctx(tmp_path, "msdnet_cifar_budgeted", {"n_blocks": 3, "n_channels": 8, "growth_rate": 4, "head_width": 16})
+
+    def report(knob_value: float, by: str) -> dict:
+        return {"protocol": "budget", "knob": "threshold", "points_by": by, "dense_macs": 1e8, "points": [
+            {"target_macs": 3.5e7, "knob": knob_value, "held_out_macs": 3.5e7, "accuracy": 0.5, "macs_mean": 3.4e7,
+             "macs_std": 1e6}]}
+
+    labels = {result_from_report(ctx, "budget", report(v, "target")).points[0].label for v in (0.77, 0.74)}
+    assert labels == {"budget 35.00M"}
+    assert result_from_report(ctx, "budget", report(0.3, "choice")).points[0].label == "threshold 0.3"

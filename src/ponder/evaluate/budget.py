@@ -81,7 +81,8 @@ def budget(ctx: EvalContext) -> dict:
         set_executor(model, before_executor)
     report: dict[str, Any] = {"protocol": "budget", "model": ctx.config.model.name, "family": model.family,
                               "knob": model.knob.name, "calibration_images": n_cal, "dense_macs": dense,
-                              "macs_unit": "conv+linear MACs", "points": points}
+                              "macs_unit": "conv+linear MACs", "points_by": "target" if choices is None else "choice",
+                              "points": points}
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     (ctx.out_dir / "eval_budget.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, ctx)

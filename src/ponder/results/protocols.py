@@ -38,10 +38,11 @@ def result_from_report(ctx: EvalContext, protocol: str, report: dict[str, Any]) 
         head = {"accuracy": last.accuracy, "macs_mean": last.macs_mean, "macs_std": 0.0}
     costs = report.get("exit_macs")
     for p in report.get("points") or []:
-        if "q" not in p:  # ``budget``: one point per target, at the knob set_budget chose
+        if "q" not in p:  # ``budget``: one point per target, at the knob set_budget chose; named by the
+            # target (the same over seeds), or by the knob's value where the points are its discrete choices
             knob, value = report.get("knob"), p.get("knob")
-            label = f"{knob} {value:g}" if knob and isinstance(value, (int, float)) else \
-                f"budget {format_count(p['target_macs'])}"
+            by_choice = report.get("points_by") == "choice" and knob and isinstance(value, (int, float))
+            label = f"{knob} {value:g}" if by_choice else f"budget {format_count(p['target_macs'])}"
             points.append(OperatingPoint(label=label, macs_mean=p["macs_mean"], accuracy=p["accuracy"],
                                          macs_std=p.get("macs_std"), knob=knob,
                                          value=value if isinstance(value, (int, float)) else None,
