@@ -5,7 +5,7 @@
 # evaluated with the skip protocol (at its own keep threshold, 0.5: accuracy, MACs, open rates per layer) and the budget
 # protocol (accuracy at matched MACs: 35M and 50M per image, fitted on the held-out split); the result files
 # are copied to results/gates/<run>/ (never weights).
-#   bash benchmarks/gates_evidence.sh [DATA_DIR] [RUNS_DIR]
+#   [SEEDS="0 1 2"] bash benchmarks/gates_evidence.sh [DATA_DIR] [RUNS_DIR]
 set -euo pipefail
 DATA=${1:-../shared/data}
 RUNS=${2:-runs/gates}
@@ -30,7 +30,7 @@ run() {  # NAME SEED RECIPE [--set ...]: train, evaluate, keep the result files
 [ -f "$RUNS/resnet32/weights.safetensors" ] || $PONDER train recipes/cifar10/resnet32.yaml --out "$RUNS/resnet32" \
   --overwrite "${COMMON[@]}" --set schedule.name=cosine --set model.kwargs.shortcut=avgpool
 
-for s in 0 1 2; do
+for s in ${SEEDS:-0 1 2}; do
   run aig $s recipes/cifar10/aig_resnet32_cpu_subset.yaml
   run aig_spnet $s recipes/cifar10/spnet_resnet32_cpu_subset.yaml
   run codinet $s recipes/cifar10/codinet_resnet32_cpu_subset.yaml
