@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
 from ponder import create_model
 from ponder.nn.thresholds import assign_by_proportions, exit_proportions
@@ -17,47 +16,17 @@ from l2w_reference import virtual_parameters
 from ponder.methods.l2w_meta import (build_wpn_optimizer, exit_losses, l2w_iteration, meta_gradient, meta_loss,
                                      weighted_exit_loss)
 from ponder.methods.virtual_sgd import virtual_sgd_step
-from ponder.models.multi_exit import MultiExitModel
 from ponder.nn.wpn import WeightPredictionNetwork
+from toy_models import ToyExits
 
 CLASSES = 5
 
 
-class TinyExits(MultiExitModel):
-    """Three exits on 8x8 inputs: conv-BN-ReLU blocks (the second strided), each exit a pooled Linear."""
-
-    def __init__(self, width: int = 4):
-        super().__init__()
-        self.num_classes, self.num_exits, self.default_input_size = CLASSES, 3, (3, 8, 8)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(cin, width, 3, stride, 1, bias=False),
-                                                  nn.BatchNorm2d(width), nn.ReLU())
-                                    for cin, stride in [(3, 1), (width, 2), (width, 1)])
-        self.heads = nn.ModuleList(nn.Linear(width, CLASSES) for _ in range(3))
-
-    def run_block(self, k, state):
-        return self.blocks[k](state)
-
-    def exit_features(self, k, state):
-        return state.mean((2, 3))
-
-    def exit_classifier(self, k, feat):
-        return self.heads[k](feat)
-
-    def exit_feature_dims(self):
-        return [self.heads[0].in_features] * 3
-
-    def stage_modules(self, k):
-        return [self.blocks[k]]
-
-    def exit_modules(self, k):
-        return [self.heads[k]]
-
-
 def _model(seed: int = 0, tiny: bool = False):
-    """A float64 multi-exit model in training mode: :class:`TinyExits` or a small two-scale MSDNet (16x16)."""
+    """A float64 multi-exit model in training mode: :class:`~toy_models.ToyExits` (8x8, BatchNorm) or a small two-scale MSDNet (16x16)."""
     torch.manual_seed(seed)
     if tiny:
-        return TinyExits().double().train()
+        return ToyExits(CLASSES, width=4, strides=(1, 2, 1), norm=True, size=8).double().train()
     model = create_model("msdnet_cifar_budgeted", n_blocks=3, n_channels=4, growth_rate=2, head_width=8,
                          gr_factor=(1, 2), bn_factor=(1, 2), num_classes=CLASSES)
     return model.double().train()

@@ -28,6 +28,7 @@ from ponder.methods.l2w_meta import build_wpn_optimizer, exit_losses, l2w_iterat
 from ponder.nn.thresholds import exit_proportions
 from ponder.nn.wpn import WeightPredictionNetwork
 from run_states import assert_states_equal, strip_time
+from toy_models import ToyExits
 
 TESTS = Path(__file__).parent
 RECIPES = TESTS.parent / "recipes"
@@ -169,7 +170,7 @@ def test_resume_after_a_kill_is_bit_identical_wpn_and_its_adam_included(setting,
     meta_steps = {"col": 2 * 4 * 3, "row": 2 * 3}[setting]  # both orders x 4 full batches; alternate, every 2nd
     assert int(adam["state"][0]["step"]) == meta_steps
     assert adam["param_groups"][0]["lr"] < 0.01 * 0.05  # cosine-decayed with the run (the last batch's lr)
-    initial = l2w_runs.KillableL2W(l2w_runs.PlainExits(), wpn_width=16, **l2w_runs.SETTINGS[setting]).wpn
+    initial = l2w_runs.KillableL2W(ToyExits(), wpn_width=16, **l2w_runs.SETTINGS[setting]).wpn
     assert set(a["owned"]["modules"]["wpn"]) == set(initial.state_dict())
     assert strip_time(read_metrics(tmp_path / "full")) == strip_time(read_metrics(tmp_path / "killed"))
     record = read_metrics(tmp_path / "full")[-1]
@@ -218,7 +219,7 @@ def test_two_processes_train_what_one_process_trains(cifar_dir, tmp_path):
         for k, v in s1["model"].items():
             torch.testing.assert_close(s2["model"][k], v, rtol=1e-4, atol=1e-5, msg=f"{setting}: {k}")
         wpn1, wpn2 = s1["owned"]["modules"]["wpn"], s2["owned"]["modules"]["wpn"]
-        initial = l2w_runs.KillableL2W(l2w_runs.PlainExits(), wpn_width=16, **l2w_runs.SETTINGS[setting]).wpn
+        initial = l2w_runs.KillableL2W(ToyExits(), wpn_width=16, **l2w_runs.SETTINGS[setting]).wpn
         for k, v in wpn1.items():
             torch.testing.assert_close(wpn2[k], v, rtol=1e-4, atol=1e-6, msg=f"{setting}: wpn.{k}")
         assert any(not torch.equal(v, initial.state_dict()[k]) for k, v in wpn1.items())  # the WPN was trained
@@ -261,7 +262,7 @@ def test_l2w_refuses_other_optimizers_and_bad_options(cifar_dir):
     from ponder.data import build_datasets, build_loaders
     from ponder.engine.trainer import Trainer
 
-    model = l2w_runs.PlainExits()
+    model = ToyExits()
     with pytest.raises(ValueError, match="orders must be one of alternate, both"):
         create_method("l2w", model, orders="swap")
     with pytest.raises(ValueError, match="meta_interval >= 1"):

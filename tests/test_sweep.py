@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ponder.engine.sweep import fill, finished, load_sweep_file, plan_file, plan_grid, point_name, run_sweep
+from ponder.engine.sweep import (fill, finished, load_sweep_file, plan_file, plan_grid, point_name, read_sweep_file,
+                                 run_sweep)
 from ponder.report.collect import differing_settings
+from ponder.weights import RunDirError
 
 
 def test_plan_is_the_product_of_the_axes_times_the_seeds(tmp_path):
@@ -151,6 +153,28 @@ def test_finished_runs_and_evaluations_are_skipped(tmp_path):
     logged = []
     run_sweep([run], log=logged.append)  # nothing left to do: nothing trains or evaluates
     assert logged == [f"[1/1] {run.run_dir}: trained"]
+
+
+def test_finished_goes_by_the_training_state(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert not finished(run, 1)  # no state yet
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')  # killed after logging epoch 2, before its state
+    torch.save({"epoch": 1, "model": {"w": torch.zeros(1000)}}, run / "state.pt")
+    assert finished(run, 1) and not finished(run, 2)
+    data = (run / "state.pt").read_bytes()
+    (run / "state.pt").write_bytes(data[: len(data) // 2])  # cut short
+    with pytest.raises(RunDirError, match="state.pt is corrupt"):
+        finished(run, 1)
+
+
+def test_read_sweep_file_tells_a_sweep_file_from_a_recipe(tmp_path):
+    spec = _sweep_file(tmp_path, [{"name": "a"}], seeds=[0])
+    assert read_sweep_file(tmp_path / "s.yaml") == spec
+    assert read_sweep_file(tmp_path / "r.yaml") is None and read_sweep_file(tmp_path / "missing.yaml") is None
+    (tmp_path / "s.yaml").write_text("runs: [{name: a}]\n")
+    with pytest.raises(ConfigError, match="needs a name and a recipe"):
+        read_sweep_file(tmp_path / "s.yaml")
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("sweeps/*.yaml")), ids=lambda p: p.stem)

@@ -334,11 +334,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from ponder.engine import sweep
     from ponder.report import report_command
 
-    if sweep.is_sweep_file(args.spec):
+    spec = sweep.read_sweep_file(args.spec)
+    if spec is not None:
         if args.grid or args.set or args.protocol or args.option or args.vary != "all":
             raise CLIError(f"{args.spec} is a sweep file: its runs name their grids, overrides and evaluations; "
                               f"--grid, --vary, --set, --protocol and --option apply to a recipe")
-        spec = sweep.load_sweep_file(args.spec)
         spec["root"] = args.out or spec["root"]
         spec["seeds"] = list(range(args.seeds)) if args.seeds else spec["seeds"]
         runs = sweep.plan_file(spec, args.only)

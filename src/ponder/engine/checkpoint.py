@@ -66,16 +66,23 @@ def save_state(state: dict[str, Any], path: str | Path) -> None:
     atomic_write(path, lambda p: torch.save(state, p))
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
-    """Read ``state.pt`` with ``weights_only=True`` (no code can run); errors name the file."""
+def load_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read ``state.pt`` with ``weights_only=True`` (no code can run); errors name the file. ``mmap``: map the
+    tensors' storage instead of reading it (for a caller that reads only plain entries: :func:`saved_epoch`)."""
     path = Path(path)
     if not path.is_file():
         raise RunDirError(f"training state {path} does not exist; the run has not finished an epoch yet")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise RunDirError(f"training state {path} is corrupt or holds non-tensor objects ({first_line(e)}); "
                           f"start a new run or restore the file") from None
+
+
+def saved_epoch(path: str | Path) -> int:
+    """The number of finished epochs ``state.pt`` records (0 when it has none), without reading its tensors;
+    errors as :func:`load_state`."""
+    return int(load_state(path, mmap=True).get("epoch", 0))
 
 
 def append_metrics(run_dir: str | Path, record: dict[str, Any]) -> None:

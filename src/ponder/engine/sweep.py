@@ -129,13 +129,26 @@ def plan_grid(recipe: str | Path, grid: Sequence[str], seeds: int, out: str | Pa
 
 
 # the sweep-file form ----------------------------------------------------------------------------------
-def is_sweep_file(path: str | Path) -> bool:
-    """Whether ``path`` is a sweep file (a YAML mapping with ``runs``) rather than a recipe."""
+def _sweep_mapping(path: str | Path) -> dict[str, Any] | None:
+    """``path``'s YAML when it is a sweep file (a mapping with ``runs`` and no ``model``), else ``None`` (a recipe,
+    or a file that cannot be read: the recipe loader names why)."""
     try:
         spec = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(spec, dict) and "runs" in spec and "model" not in spec
+        return None
+    return spec if isinstance(spec, dict) and "runs" in spec and "model" not in spec else None
+
+
+def is_sweep_file(path: str | Path) -> bool:
+    """Whether ``path`` is a sweep file (a YAML mapping with ``runs``) rather than a recipe."""
+    return _sweep_mapping(path) is not None
+
+
+def read_sweep_file(path: str | Path) -> dict[str, Any] | None:
+    """The sweep file at ``path`` read once and checked (:func:`load_sweep_file`), or ``None`` when ``path`` is
+    not a sweep file (:func:`is_sweep_file`)."""
+    spec = _sweep_mapping(path)
+    return None if spec is None else _checked(spec, path)
 
 
 def fill(value: Any, fields: dict[str, Any]) -> Any:
@@ -159,6 +172,11 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
         spec = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"sweep file {path} cannot be read ({str(e).splitlines()[0]})") from None
+    return _checked(spec, path)
+
+
+def _checked(spec: Any, path: str | Path) -> dict[str, Any]:
+    """A sweep file's YAML ``spec`` after checking it, with the defaults of ``root`` and ``seeds``."""
     if not isinstance(spec, dict) or not isinstance(spec.get("runs"), list) or not spec["runs"]:
         raise ConfigError(f"sweep file {path} needs a list of runs (each with name and recipe)")
     for run in spec["runs"]:
@@ -209,11 +227,12 @@ def _yaml(value: Any) -> str:
 
 # running ----------------------------------------------------------------------------------------------
 def finished(run_dir: Path, epochs: int) -> bool:
-    """Whether ``run_dir`` holds a run trained for ``epochs`` epochs."""
-    from ponder.engine.checkpoint import STATE_FILE, load_state
+    """Whether ``run_dir`` holds a run trained for ``epochs`` epochs (its training state says so: the metrics file
+    is written before the state, so it may count an epoch whose state a kill lost)."""
+    from ponder.engine.checkpoint import STATE_FILE, saved_epoch
 
     path = run_dir / STATE_FILE
-    return path.is_file() and int(load_state(path).get("epoch", 0)) >= epochs
+    return path.is_file() and saved_epoch(path) >= epochs
 
 
 def run_sweep(runs: Sequence[SweepRun], data_dir: str | None = None,

@@ -18,17 +18,13 @@ ResNet-101 ``[1] * 8 + [t] * 25`` (layers targeted at 1 are left out of the loss
 from __future__ import annotations
 
 from ponder.models.gated import GatedResNet
-from ponder.models.resnet import Bottleneck, CifarResNet, ImageNetResNet, ResNet
+from ponder.models.gated_builders import block_in_channels, register_gated_cifar
+from ponder.models.resnet import Bottleneck, ImageNetResNet, ResNet
 from ponder.nn.routers import IndependentRouters, PooledRouter
 from ponder.registry import register_model
 
 #: the gate's hidden width, and its last layer's initial bias and weight std (about 85 % open)
 AIG_HIDDEN, AIG_BIAS, AIG_WEIGHT_STD = 16, [0.1, 2.0], 0.001
-
-
-def block_in_channels(backbone: ResNet) -> list[int]:
-    """Channels of each block's input (what its router reads)."""
-    return [b.conv1.in_channels for b in backbone.blocks]
 
 
 def aig_routers(backbone: ResNet) -> IndependentRouters:
@@ -61,13 +57,9 @@ class AIGResNet(GatedResNet):
 
 
 def _aig_cifar(depth: int):
-    def factory(num_classes: int = 10, shortcut: str = "B", threshold: float = 0.5, in_chans: int = 3) -> AIGResNet:
-        return AIGResNet(CifarResNet(depth, num_classes=num_classes, shortcut=shortcut, in_chans=in_chans), threshold)
-
-    factory.__name__ = f"aig_resnet{depth}_cifar"
-    factory.__doc__ = (f"ConvNet-AIG on CIFAR ResNet-{depth} ({3 * ((depth - 2) // 6)} gated blocks; projection "
-                       f"shortcuts as the paper, 'A' / 'avgpool' also accepted).")
-    return register_model(factory)
+    return register_gated_cifar(f"aig_resnet{depth}_cifar", AIGResNet, depth, "B",
+                                f"ConvNet-AIG on CIFAR ResNet-{depth} ({3 * ((depth - 2) // 6)} gated blocks; "
+                                f"projection shortcuts as the paper, 'A' / 'avgpool' also accepted).")
 
 
 aig_resnet32_cifar = _aig_cifar(32)

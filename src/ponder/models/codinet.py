@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ponder.models.aig import block_in_channels
 from ponder.models.gated import GatedResNet
-from ponder.models.resnet import CifarResNet, ResNet, conv1x1
-from ponder.nn.routers import IndependentRouters, PooledRouter, init_router_weights
-from ponder.registry import register_model
+from ponder.models.gated_builders import kaiming_routers, register_gated_cifar
+from ponder.models.resnet import ResNet, conv1x1
+from ponder.nn.routers import IndependentRouters, PooledRouter
 
 
 def codinet_routers(backbone: ResNet) -> IndependentRouters:
     """CoDiNet's routers (two linear maps on the pooled block input) for every block of ``backbone``."""
-    bank = IndependentRouters([PooledRouter(c, c, 2, norm=False, act=False) for c in block_in_channels(backbone)])
-    init_router_weights(bank)
-    return bank
+    return kaiming_routers(backbone, lambda chans: IndependentRouters(
+        [PooledRouter(c, c, 2, norm=False, act=False) for c in chans]))
 
 
 def projection_skip(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -49,14 +47,9 @@ class CoDiNetResNet(GatedResNet):
 
 
 def _codinet(depth: int):
-    def factory(num_classes: int = 10, shortcut: str = "A", threshold: float = 0.5, in_chans: int = 3) -> CoDiNetResNet:
-        return CoDiNetResNet(CifarResNet(depth, num_classes=num_classes, shortcut=shortcut, in_chans=in_chans),
-                             threshold)
-
-    factory.__name__ = f"codinet_resnet{depth}_cifar"
-    factory.__doc__ = (f"CoDiNet on CIFAR ResNet-{depth} ({3 * ((depth - 2) // 6)} routed blocks; option-A "
-                       f"shortcuts, 1x1 conv + BN + ReLU skip paths on the two downsampling blocks).")
-    return register_model(factory)
+    return register_gated_cifar(f"codinet_resnet{depth}_cifar", CoDiNetResNet, depth, "A",
+                                f"CoDiNet on CIFAR ResNet-{depth} ({3 * ((depth - 2) // 6)} routed blocks; option-A "
+                                f"shortcuts, 1x1 conv + BN + ReLU skip paths on the two downsampling blocks).")
 
 
 codinet_resnet20_cifar = _codinet(20)

@@ -32,7 +32,7 @@ same ResNet loads with ``train.init_from`` (the mask units keep their fresh init
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -236,35 +236,37 @@ class DynConvImageNetResNet(DynConvMixin, ImageNetResNet):
         self._init_dynconv((budget,))
 
 
-def register_variant(name: str, cls: type, build, doc: str):
-    """Register ``build(**kw)`` as ``name`` returning ``cls`` (what the registry lists without building)."""
-    def factory(num_classes: int | None = None, **kw) -> nn.Module:
-        return build(**({} if num_classes is None else {"num_classes": num_classes}), **kw)
+IMAGENET_LAYERS = {18: (BasicBlock, [2, 2, 2, 2]), 50: (Bottleneck, [3, 4, 6, 3]), 101: (Bottleneck, [3, 4, 23, 3])}
 
-    factory.__name__, factory.__doc__ = name, doc
+
+def register_resnet_variant(prefix: str, cls: type[CifarResNet] | type[ImageNetResNet], depth: int,
+                            doc: str) -> Callable[..., nn.Module]:
+    """Register ``cls`` at ``depth``: a CIFAR ResNet as ``{prefix}_resnet{depth}_cifar`` (``cls(depth, **kw)``), an
+    ImageNet one as ``{prefix}_resnet{depth}`` (``cls(block, layers, **kw)`` from :data:`IMAGENET_LAYERS`); the
+    factory's return annotation is ``cls`` (what the registry lists without building).
+
+    ``doc`` is a template: ``{depth}``, and ``{per_stage}`` (blocks per CIFAR stage) or ``{layers}`` and ``{block}``.
+    """
+    if issubclass(cls, CifarResNet):
+        name, args, fields = f"{prefix}_resnet{depth}_cifar", (depth,), {"per_stage": (depth - 2) // 6}
+    else:
+        block, layers = IMAGENET_LAYERS[depth]
+        name, args, fields = f"{prefix}_resnet{depth}", (block, layers), {"layers": layers, "block": block.__name__}
+
+    def factory(num_classes: int | None = None, **kw) -> nn.Module:
+        return cls(*args, **({} if num_classes is None else {"num_classes": num_classes}), **kw)
+
+    factory.__name__, factory.__doc__ = name, doc.format(depth=depth, **fields)
     factory.__annotations__["return"] = cls
     return register_model(factory)
 
 
-IMAGENET_LAYERS = {18: (BasicBlock, [2, 2, 2, 2]), 50: (Bottleneck, [3, 4, 6, 3]), 101: (Bottleneck, [3, 4, 23, 3])}
+_CIFAR_DOC = ("DynConv CIFAR ResNet-{depth} ({per_stage} BasicBlocks per stage, 1x1-conv shortcuts; option budget, "
+              "default 0.5).")
+_IMAGENET_DOC = ("DynConv ResNet-{depth} (torchvision layout, {layers} {block} units; every block conditional; option "
+                 "budget, default 0.5).")
 
-
-def _cifar(depth: int):
-    return register_variant(f"dynconv_resnet{depth}_cifar", DynConvCifarResNet,
-                            lambda **kw: DynConvCifarResNet(depth, **kw),
-                            f"DynConv CIFAR ResNet-{depth} ({(depth - 2) // 6} BasicBlocks per stage, 1x1-conv "
-                            f"shortcuts; option budget, default 0.5).")
-
-
-def _imagenet(depth: int):
-    block, layers = IMAGENET_LAYERS[depth]
-    return register_variant(f"dynconv_resnet{depth}", DynConvImageNetResNet,
-                            lambda **kw: DynConvImageNetResNet(block, layers, **kw),
-                            f"DynConv ResNet-{depth} (torchvision layout, {layers} {block.__name__} units; every "
-                            f"block conditional; option budget, default 0.5).")
-
-
-dynconv_resnet20_cifar = _cifar(20)
-dynconv_resnet32_cifar = _cifar(32)
-dynconv_resnet50 = _imagenet(50)
-dynconv_resnet101 = _imagenet(101)
+dynconv_resnet20_cifar = register_resnet_variant("dynconv", DynConvCifarResNet, 20, _CIFAR_DOC)
+dynconv_resnet32_cifar = register_resnet_variant("dynconv", DynConvCifarResNet, 32, _CIFAR_DOC)
+dynconv_resnet50 = register_resnet_variant("dynconv", DynConvImageNetResNet, 50, _IMAGENET_DOC)
+dynconv_resnet101 = register_resnet_variant("dynconv", DynConvImageNetResNet, 101, _IMAGENET_DOC)

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ponder.cost import count_params
 from ponder.models.base import Knob
-from ponder.models.dynconv import IMAGENET_LAYERS, DynConvMixin, register_variant
+from ponder.models.dynconv import DynConvMixin, register_resnet_variant
 from ponder.models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetResNet, Shortcut
 from ponder.nn.budget_norms import BudgetNorms
 
@@ -120,23 +120,13 @@ class MultiBudgetImageNetResNet(MultiBudgetMixin, ImageNetResNet):
         self._init_multi(budgets, share_affine)
 
 
-def _cifar(depth: int):
-    return register_variant(f"dynconv_multi_resnet{depth}_cifar", MultiBudgetCifarResNet,
-                            lambda **kw: MultiBudgetCifarResNet(depth, **kw),
-                            f"Budget-aware multi-target CIFAR ResNet-{depth} (DynConv masks and BatchNorms per "
-                            f"budget, shared convs; options budgets, default [0.3, 0.5, 0.7], and share_affine).")
+_CIFAR_DOC = ("Budget-aware multi-target CIFAR ResNet-{depth} (DynConv masks and BatchNorms per budget, shared convs; "
+              "options budgets, default [0.3, 0.5, 0.7], and share_affine).")
+_IMAGENET_DOC = ("Budget-aware multi-target ResNet-{depth} (torchvision layout; options budgets, default [0.3, 0.5, 0.7], "
+                 "and share_affine, default true).")
 
-
-def _imagenet(depth: int):
-    block, layers = IMAGENET_LAYERS[depth]
-    return register_variant(f"dynconv_multi_resnet{depth}", MultiBudgetImageNetResNet,
-                            lambda **kw: MultiBudgetImageNetResNet(block, layers, **kw),
-                            f"Budget-aware multi-target ResNet-{depth} (torchvision layout; options budgets, "
-                            f"default [0.3, 0.5, 0.7], and share_affine, default true).")
-
-
-dynconv_multi_resnet20_cifar = _cifar(20)
-dynconv_multi_resnet32_cifar = _cifar(32)
-dynconv_multi_resnet18 = _imagenet(18)
-dynconv_multi_resnet50 = _imagenet(50)
-dynconv_multi_resnet101 = _imagenet(101)
+dynconv_multi_resnet20_cifar = register_resnet_variant("dynconv_multi", MultiBudgetCifarResNet, 20, _CIFAR_DOC)
+dynconv_multi_resnet32_cifar = register_resnet_variant("dynconv_multi", MultiBudgetCifarResNet, 32, _CIFAR_DOC)
+dynconv_multi_resnet18 = register_resnet_variant("dynconv_multi", MultiBudgetImageNetResNet, 18, _IMAGENET_DOC)
+dynconv_multi_resnet50 = register_resnet_variant("dynconv_multi", MultiBudgetImageNetResNet, 50, _IMAGENET_DOC)
+dynconv_multi_resnet101 = register_resnet_variant("dynconv_multi", MultiBudgetImageNetResNet, 101, _IMAGENET_DOC)

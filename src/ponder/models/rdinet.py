@@ -11,11 +11,10 @@ then the network with the routers frozen.
 
 from __future__ import annotations
 
-from ponder.models.aig import block_in_channels
 from ponder.models.gated import GatedResNet
-from ponder.models.resnet import CifarResNet, ResNet
-from ponder.nn.routers import RelationalRouters, init_router_weights
-from ponder.registry import register_model
+from ponder.models.gated_builders import kaiming_routers, register_gated_cifar
+from ponder.models.resnet import ResNet
+from ponder.nn.routers import RelationalRouters
 
 
 class RDINetResNet(GatedResNet):
@@ -24,20 +23,13 @@ class RDINetResNet(GatedResNet):
     paper = "Wang et al., ICCV 2021 (RDI-Net)"
 
     def __init__(self, backbone: ResNet, threshold: float = 0.5):
-        routers = RelationalRouters(block_in_channels(backbone))
-        init_router_weights(routers)
-        super().__init__(backbone, routers, skipped="relu_shortcut", mix="inside", threshold=threshold)
+        super().__init__(backbone, kaiming_routers(backbone, RelationalRouters), skipped="relu_shortcut", mix="inside", threshold=threshold)
 
 
 def _rdinet(depth: int):
-    def factory(num_classes: int = 10, shortcut: str = "A", threshold: float = 0.5, in_chans: int = 3) -> RDINetResNet:
-        return RDINetResNet(CifarResNet(depth, num_classes=num_classes, shortcut=shortcut, in_chans=in_chans),
-                            threshold)
-
-    factory.__name__ = f"rdinet_resnet{depth}_cifar"
-    factory.__doc__ = (f"RDI-Net on CIFAR ResNet-{depth} ({3 * ((depth - 2) // 6)} routed blocks, each skip / first "
-                       f"conv only / whole; option-A shortcuts).")
-    return register_model(factory)
+    return register_gated_cifar(f"rdinet_resnet{depth}_cifar", RDINetResNet, depth, "A",
+                                f"RDI-Net on CIFAR ResNet-{depth} ({3 * ((depth - 2) // 6)} routed blocks, each skip / "
+                                f"first conv only / whole; option-A shortcuts).")
 
 
 rdinet_resnet32_cifar = _rdinet(32)

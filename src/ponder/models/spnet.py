@@ -14,10 +14,10 @@ CoDiNet and RDI-Net models trained with method ``spnet`` are "SP-Net on that bac
 
 from __future__ import annotations
 
-from ponder.models.aig import block_in_channels
 from ponder.models.gated import GatedResNet
+from ponder.models.gated_builders import kaiming_routers
 from ponder.models.resnet import Bottleneck, CifarResNet, ImageNetResNet, ResNet
-from ponder.nn.routers import IndependentRouters, PooledRouter, init_router_weights
+from ponder.nn.routers import IndependentRouters, PooledRouter
 from ponder.registry import register_model
 
 #: the router's hidden width, dropout and last layer's initial bias
@@ -26,9 +26,8 @@ SPNET_HIDDEN, SPNET_DROPOUT, SPNET_BIAS = 128, 0.4, [0.1, 2.0]
 
 def spnet_routers(backbone: ResNet) -> IndependentRouters:
     """SP-Net's routers for every block of ``backbone``, initialised as its official code."""
-    bank = IndependentRouters([PooledRouter(c, SPNET_HIDDEN, 2, norm=True, act=True, dropout=SPNET_DROPOUT)
-                               for c in block_in_channels(backbone)])
-    init_router_weights(bank)
+    bank = kaiming_routers(backbone, lambda chans: IndependentRouters(
+        [PooledRouter(c, SPNET_HIDDEN, 2, norm=True, act=True, dropout=SPNET_DROPOUT) for c in chans]))
     bank.init_final(bias=SPNET_BIAS)
     return bank
 

@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ponder.nn.routers import RouterBank
+
 DecisionMode = Literal["straight_through", "sample", "soft"]
 DECISION_MODES = ("straight_through", "sample", "soft")
 GATE_TYPES = ("ffgate1", "ffgate2", "rnn")
@@ -132,26 +134,14 @@ class FFGateII(nn.Module):
         return _two_way_logit(pooled_linear(self.body(x), self.out))
 
 
-class GateBank(nn.Module):
-    """The gates of one network, stepped in block order: ``step(i, x, state) -> (logit [B], state)``.
+class GateBank(RouterBank):
+    """The gates of one network: a :class:`~ponder.nn.routers.RouterBank` whose ``step(i, x, state)`` returns one
+    **keep logit** ``[B]`` per sample (not ``[B, K]`` option logits).
 
     ``i`` indexes the gates (0 .. ``len(self) - 1``), ``x [B, C_i, H, W]`` is what gate ``i`` reads,
-    ``state`` comes from :meth:`init_state` (``None`` for feed-forward gates).
+    ``state`` comes from :meth:`init_state` (``None`` for feed-forward gates); :meth:`final_layers` are the
+    layers that produce the keep logits (1x1 convs or a Linear; scaled by :meth:`sharpen`).
     """
-
-    def __len__(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def init_state(self, x: Tensor) -> Any:
-        """State before the first gate for a batch like ``x`` (recomputed every forward)."""
-        return None
-
-    def step(self, i: int, x: Tensor, state: Any) -> tuple[Tensor, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def final_layers(self) -> list[nn.Module]:  # pragma: no cover - abstract
-        """The layers that produce the keep logits (scaled by :meth:`sharpen`)."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def bias_towards_keep(self, prob: float) -> None:
