@@ -263,3 +263,24 @@ def test_sact_imagenet_sparse_executor_agrees_with_masked_stem_included():
     assert 0 < sparse.masks[2].float().mean() < 1  # unit 2 of stage 2 runs on part of the map
     torch.testing.assert_close(sparse.logits, masked.logits, atol=1e-3, rtol=1e-3)
     assert torch.equal(masked.macs, sparse.macs)
+
+
+@pytest.mark.parametrize("break_even", [0.0, None])  # every unit on its bound dense fall-back; every unit sparse
+def test_sact_prepared_units_follow_weight_changes(break_even):
+    """The sparse executor prepares each unit once per input shape (ponder.fast.prepared); a change to the
+    weights after that first forward must reach the next one."""
+    model = _small(True, depth=20)
+    model.break_even = break_even
+    x = torch.randn(1, 3, 32, 32)
+    set_executor(model, "sparse")
+    with torch.no_grad():
+        model(x)
+        model.blocks[4].conv2.weight.mul_(-2.0)
+        model.blocks[8].bn1.running_var.mul_(3.0)
+        sparse = model(x)
+    set_executor(model, "masked")
+    with torch.no_grad():
+        masked = model(x)
+    for a, b in zip(masked.masks, sparse.masks):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(sparse.logits, masked.logits, atol=1e-4, rtol=1e-4)

@@ -57,7 +57,7 @@ from ponder.nn.dense_units import dense_unit_channels_last, stem_on_kernels
 from ponder.nn.forced import sample_keys
 from ponder.nn.halting import HALT_EPS, ACTAccumulator, HaltingBranch, SpatialHaltingBranch
 from ponder.nn.sparse_cost import position_units, unit_masks_and_macs
-from ponder.nn.sparse_residual import sparse_residual
+from ponder.nn.sparse_residual import get_default_break_even, plan_unit, sparse_residual
 from ponder.nn.sparse_units import masked_residual
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
@@ -233,9 +233,14 @@ class ACTResNetMixin(SpatialModel):
         """:meth:`_sact_stage` at inference on the compiled kernels (the caller checked
         :func:`ponder.fast.sact_step_applies`): after each unit one call computes its halting scores, the ACT
         step and the next unit's dilated mask, MACs and active counts (:meth:`ACTAccumulator.step_fused`), so a
-        unit costs its dense fall-back (or its sparse kernel) plus that call."""
+        unit costs its dense fall-back (or its sparse kernel) plus that call. The units' break-even fractions
+        and dense fall-backs are prepared once per input shape (:func:`ponder.nn.sparse_residual.plan_unit`,
+        a :func:`ponder.fast.prepared` plan), so no unit looks up a route or a folded weight per call."""
         num = len(blocks)
         x = dense_unit_channels_last(blocks[0], x)
+        be = get_default_break_even() if self.break_even == "default" else self.break_even
+        units = fast.prepared(self, ("sact", s, tuple(x.shape), torch.get_num_threads(), be),
+                              lambda: [None] + [plan_unit(blk, x, "shortcut", be) for blk in blocks[1:]])
         b, _, hgt, wid = x.shape
         acc = ACTAccumulator(num, (b, hgt, wid), x.device, eps=self.halt_eps)
         keep = None if keys is None else self.forced_positions(keys, (hgt, wid), s)
@@ -256,7 +261,7 @@ class ACTResNetMixin(SpatialModel):
                 break
             masks.append(mask)
             x = sparse_residual(blocks[l], x, mask, break_even=self.break_even, first=conv1_mask, overwrite=True,
-                                active=(n_mask, n_first))
+                                active=(n_mask, n_first), plan=units[l])
             macs = macs + unit_macs
             last = l == num - 1
             halting = None if last else branches[l].folded_weights()

@@ -177,7 +177,8 @@ class RouterBank(nn.Module):
     """The routers of one network, stepped in block order: ``step(i, x, state) -> (logits [B, K], state)``.
 
     ``x [B, C_i, H, W]`` is block ``i``'s input; ``state`` comes from :meth:`init_state` (``None`` for
-    independent routers).
+    independent routers). SkipNet's :class:`~ponder.nn.gates.GateBank` is one with a single keep logit
+    ``[B]`` per step and 1x1-conv or linear final layers.
     """
 
     num_options: int
@@ -201,8 +202,8 @@ class RouterBank(nn.Module):
         now where a bank can (valid while they are unchanged: a :mod:`ponder.fast.plan` checks)."""
         return [functools.partial(self.infer_step, i) for i in range(len(self))]
 
-    def final_layers(self) -> list[nn.Linear]:  # pragma: no cover - abstract
-        """The layers that produce the option logits."""
+    def final_layers(self) -> list[nn.Module]:  # pragma: no cover - abstract
+        """The layers that produce the option logits (each with a ``weight`` and a ``bias``)."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -20,8 +20,6 @@ input is a ReLU output, as in the gated ResNets), so skipping such a block costs
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,7 +28,7 @@ from torch import Tensor
 from ponder import fast
 from ponder.nn.dense_units import dense_unit_channels_last
 from ponder.nn.protocols import ResidualBlock
-from ponder.nn.sparse_units import folded_branch, folded_shortcut, is_basic, unit_layout
+from ponder.nn.sparse_units import Runner, bound_branch, folded_branch, folded_shortcut, unit_layout
 
 CL = torch.channels_last
 
@@ -113,50 +111,25 @@ def run_options(block: ResidualBlock, x: Tensor, option: Tensor, counts: list[in
     return out
 
 
-Runner = Callable[[Tensor], Tensor]
-
-
 def bound_options(block: ResidualBlock, x: Tensor, num_options: int, *, relu: bool, nonnegative: bool,
                   skip_path: nn.Module | None = None) -> list[Runner]:
     """One runner per option (skip, [first conv,] whole block) for inputs shaped like channels-last ``x`` on
-    which every sample takes that option (batch 1), each ``run(x) -> `` the channels-last output
-    :func:`run_options` gives (``own``: a skipped identity block returns ``x``). The 3x3 convolutions are
-    folded and bound to their routes' kernels now (:func:`ponder.fast.conv2d_runner`); valid while the
-    block's weights are unchanged (the caller's :mod:`ponder.fast.plan` checks)."""
+    which every sample takes that option (batch 1), each ``run(x) ->`` the channels-last output
+    :func:`run_options` gives (``own``: a skipped identity block returns ``x``), the convolutions bound to
+    their kernels now (:func:`~ponder.nn.sparse_units.bound_branch`); valid while the block's weights are
+    unchanged (the caller's :mod:`ponder.fast.plan` checks)."""
     identity = block.downsample is None
 
     def residual(y: Tensor, t: Tensor) -> Tensor:
         return y.add_(t if identity else folded_shortcut(block, t)).relu_()
 
-    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-    if not is_basic(block):
-        pairs.append((block.conv3, block.bn3))
     runners: list[Runner] = [lambda t: skip_output(block, t, relu, nonnegative, True, skip_path)]
     if num_options == 3:
-        first = _bound_conv(*pairs[0], x, relu=False)
+        first = bound_branch(block, x, upto=1)
         runners.append(lambda t: residual(first(t), t))
     if unit_layout(block, x) == "nchw":
         runners.append(lambda t: dense_unit_channels_last(block, t))
         return runners
-    convs, y = [], x
-    for i, (conv, bn) in enumerate(pairs):
-        convs.append(_bound_conv(conv, bn, y, relu=i < len(pairs) - 1))
-        y = convs[-1](y)
-
-    def whole(t: Tensor) -> Tensor:
-        y = t
-        for conv in convs:
-            y = conv(y)
-        return residual(y, t).contiguous(memory_format=CL)
-
-    runners.append(whole)
+    branch = bound_branch(block, x)
+    runners.append(lambda t: residual(branch(t), t).contiguous(memory_format=CL))
     return runners
-
-
-def _bound_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool) -> Runner:
-    """:func:`ponder.fast.conv_bn` on channels-last inputs shaped like ``x``, its kernel bound now where it
-    runs through :func:`ponder.fast.conv2d_runner` (all but 1x1 convolutions, which keep their call)."""
-    if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
-        return lambda t: fast.conv_bn(t, conv, bn, relu)
-    weight, bias = fast.fold_conv_bn_dense(conv, bn, channels_last=True)
-    return fast.conv2d_runner(x, weight, bias, conv.stride[0], conv.padding[0], relu)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -239,6 +239,11 @@ def dense_fallback(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: str)
         out = folded_branch(block, x.contiguous(memory_format=torch.channels_last))
     else:
         out = folded_branch(block, x)
+    return _masked_epilogue(out, s, mask, inactive)
+
+
+def _masked_epilogue(out: Tensor, s: Tensor, mask: Tensor, inactive: str) -> Tensor:
+    """The dense fall-back's ``relu(s + mask * out)`` (the inactive positions as the rule says), in ``out``."""
     fused = fast.residual_epilogue(out, s, mask, inactive == "relu")
     if fused is not None:
         return fused
@@ -251,6 +256,52 @@ def dense_fallback(block: ResidualBlock, x: Tensor, mask: Tensor, inactive: str)
         out.permute(0, 2, 3, 1).view(-1, out.shape[1]).index_copy_(0, rows, rows_view(s).index_select(0, rows))
         return out
     return torch.where(mask[:, None], out, s, out=out)
+
+
+Runner = Callable[[Tensor], Tensor]
+
+
+def bound_branch(block: ResidualBlock, x: Tensor, upto: int | None = None) -> Runner:
+    """:func:`folded_branch` (its first ``upto`` convs, each with ReLU but the last) for channels-last inputs
+    shaped like ``x``, the 3x3 convolutions bound to their routes' kernels now
+    (:func:`ponder.fast.conv2d_runner`; 1x1 ones keep their call): ``run(x) -> y``, the same result.
+    Valid while the block's weights are unchanged (the caller's :mod:`ponder.fast.plan` checks)."""
+    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if not is_basic(block):
+        pairs.append((block.conv3, block.bn3))
+    pairs = pairs[:upto]
+    convs, y = [], x
+    for i, (conv, bn) in enumerate(pairs):
+        convs.append(_bound_conv(conv, bn, y, relu=i < len(pairs) - 1))
+        y = convs[-1](y)
+
+    def run(t: Tensor) -> Tensor:
+        for conv in convs:
+            t = conv(t)
+        return t
+
+    return run
+
+
+def _bound_conv(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, x: Tensor, relu: bool) -> Runner:
+    if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
+        return lambda t: fast.conv_bn(t, conv, bn, relu)
+    weight, bias = fast.fold_conv_bn_dense(conv, bn, channels_last=True)
+    return fast.conv2d_runner(x, weight, bias, conv.stride[0], conv.padding[0], relu)
+
+
+def bound_dense_fallback(block: ResidualBlock, x: Tensor, inactive: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """:func:`dense_fallback` for inputs shaped like ``x`` with the branch bound (:func:`bound_branch`) where
+    the unit runs channels-last: ``run(x, mask) -> out``, the same result. Valid while the weights are unchanged."""
+    if unit_layout(block, x) != "channels_last":
+        return lambda t, mask: dense_fallback(block, t, mask, inactive)
+    branch = bound_branch(block, x.contiguous(memory_format=torch.channels_last))
+
+    def run(t: Tensor, mask: Tensor) -> Tensor:
+        s = folded_shortcut(block, t)
+        return _masked_epilogue(branch(t.contiguous(memory_format=torch.channels_last)), s, mask, inactive)
+
+    return run
 
 
 def _finish(out: Tensor, rows: Tensor, y: Tensor, inactive: str) -> None:
