@@ -177,3 +177,32 @@ def test_forced_decisions_are_a_pure_function_of_seed_and_sample(name):
         for a, b, c in zip(first.masks, shuffled.masks, masked.masks):
             assert torch.equal(a[order], b) and torch.equal(a, c)
     assert torch.equal(first.macs[order], shuffled.macs)
+
+
+@pytest.mark.parametrize("name", ["resnet20_cifar", "msdnet_cifar_budgeted", "ranet_cifar_c1", "skipnet_resnet38_cifar",
+                                  "blockdrop_resnet32_cifar", "aig_resnet32_cifar", "rdinet_resnet32_cifar",
+                                  "sact_resnet32_cifar", "dynconv_multi_resnet20_cifar"])
+def test_a_used_model_pickles_and_deep_copies_to_the_same_answers(name):
+    """``torch.save(model)`` and ``copy.deepcopy`` work on a model that has run (ledgers, plans and caches
+    built), and the copy gives the same logits and per-sample MACs."""
+    import copy
+    import io
+
+    model = _build(name)
+    if isinstance(model, DynamicModel):
+        set_executor(model, "sparse")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x[:1]), model(x)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        for copied in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+            for a, b in zip(before, (copied(x[:1]), copied(x))):
+                torch.testing.assert_close(_logits(b), _logits(a))
+                if isinstance(a, DynamicOutput):
+                    assert torch.equal(a.macs, b.macs)
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits if isinstance(out, DynamicOutput) else out

@@ -8,9 +8,8 @@ as ``2 x MACs`` for comparison with papers that use that convention.
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -147,18 +146,18 @@ class LedgerCache:
     """Caches one :class:`CostLedger` per input size for a model (costs scale with resolution).
 
     A ledger is measured :func:`unobserved`: the first forward pass of a fresh model inside a user's
-    ``FlopCounterMode`` counts that forward pass only, and the user's hooks see only it.
+    ``FlopCounterMode`` counts that forward pass only, and the user's hooks see only it. Holds the model
+    (``measure`` is usually its bound method anyway), so a model with its cache pickles and deep-copies.
     """
 
     def __init__(self, model: nn.Module, measure: Callable[[tuple[int, int, int]], CostLedger]):
-        self._model, self._measure = weakref.ref(model), measure
+        self._model, self._measure = model, measure
         self._cache: dict[tuple[int, int, int], CostLedger] = {}
 
     def get(self, input_size: tuple[int, int, int]) -> CostLedger:
         key = tuple(int(s) for s in input_size)
         if key not in self._cache:
-            model = self._model()
-            with unobserved(model) if model is not None else nullcontext():
+            with unobserved(self._model):
                 self._cache[key] = self._measure(key)  # type: ignore[arg-type]
         return self._cache[key]
 
