@@ -211,3 +211,34 @@ def test_plain_resnet_weights_load_into_the_backbone():
         torch.testing.assert_close(m.backbone.forward_logits(x), plain.eval().forward_logits(x))
     assert torch.equal(m.gate_bank.out.weight, gate_w)
     m.load_state_dict(small("rnn", seed=1).state_dict())  # its own keys still load strictly
+
+
+@pytest.mark.parametrize("gate_type", GATES)
+def test_batch1_plan_matches_the_masked_executor_and_follows_changes(gate_type):
+    """One image at a time on the sparse executor (the batch-1 plan) gives the masked executor's gates,
+    logits, extras and MACs, learned and forced, also after weights change once the plan is built."""
+    m = small(gate_type)
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+    def compare():
+        for rate in (None, 0.5):
+            m.force_keep_rate(rate, 1)
+            set_executor(m, "masked")
+            with torch.no_grad():
+                a = m(x)
+            set_executor(m, "sparse")
+            with torch.no_grad():
+                ones = [m(x[j:j + 1]) for j in range(len(x))]
+            assert torch.equal(torch.cat([o.gates for o in ones]), a.gates)
+            torch.testing.assert_close(torch.cat([o.logits for o in ones]), a.logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.cat([o.macs for o in ones]), a.macs)
+            torch.testing.assert_close(torch.cat([o.extras["gate_logits"] for o in ones]), a.extras["gate_logits"],
+                                       atol=1e-5, rtol=1e-5)
+        return a
+
+    first = compare()
+    with torch.no_grad():
+        m.backbone.blocks[2].conv2.weight.mul_(-1.0)
+        for layer in m.gate_bank.final_layers():
+            layer.bias.add_(0.3)
+    assert not torch.equal(compare().logits, first.logits)

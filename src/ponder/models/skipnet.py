@@ -23,11 +23,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ponder import fast
 from ponder.cost import count_macs
 from ponder.models.base import example_input
 from ponder.models.resnet import CifarResNet, ResNet
 from ponder.models.skipping import SkippingModel
-from ponder.nn.gates import DECISION_MODES, GATE_TYPES, GateBank, decide, make_gate_bank
+from ponder.nn import skip_kernels
+from ponder.nn.dense_units import dense_unit_channels_last, stem_on_kernels
+from ponder.nn.gates import DECISION_MODES, GATE_TYPES, GateBank, decide, make_gate_bank, threshold_logit
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
 
@@ -81,6 +84,9 @@ class SkipNet(SkippingModel):
             raise ValueError(f"decision_mode must be one of {DECISION_MODES}, got {self.decision_mode!r}")
         blocks = self.backbone.blocks
         forced = self.forced_keep(x, first=1)
+        if (x.shape[0] == 1 and not self.training and self.skipper.executor == "sparse"
+                and skip_kernels.applies(blocks[0], x)):
+            return self._infer_one(x, forced)
         h = blocks[0](self.backbone.stem(x))
         state = self.gate_bank.init_state(h)
         gate_logits, actions, log_probs = [], [], []
@@ -100,6 +106,39 @@ class SkipNet(SkippingModel):
         if self.training:
             extras["gate_log_probs"] = torch.stack(log_probs, 1)
         return DynamicOutput(logits=logits, macs=self.charge(x, gates), gates=gates, extras=extras)
+
+    def _infer_one(self, x: Tensor, forced: Tensor | None) -> DynamicOutput:
+        """Inference for one image on the sparse executor's kernels and the model's batch-1 plan
+        (:func:`ponder.fast.prepared`): every block's options bound to their kernels once
+        (:func:`ponder.nn.skip_kernels.bound_options`); per gate one step and one read of its logit."""
+        h = dense_unit_channels_last(self.backbone.blocks[0], stem_on_kernels(self.backbone, x))
+        relu, nonnegative = self.skipper.skipped == "relu_shortcut", self.skipper.nonnegative
+        key = ("batch1", tuple(h.shape), torch.get_num_threads(), relu, nonnegative)
+        steps, runners = fast.prepared(self, key, lambda: self._plan_one(h, relu, nonnegative))
+        picks = None if forced is None else (forced[0] > 0.5).tolist()
+        bar = torch.tensor(threshold_logit(self.threshold), dtype=x.dtype).item()  # as decide() compares: in x's dtype
+        state = self.gate_bank.init_state(h)
+        gate_logits, actions = [], []
+        for j, (step, options) in enumerate(zip(steps, runners)):
+            logit, state = step(h, state)
+            keep = picks[j] if picks is not None else logit.item() >= bar  # decide()'s eval rule
+            h = options[int(keep)](h)
+            gate_logits.append(logit)
+            actions.append(float(keep))
+        actions_t = torch.tensor([actions], dtype=x.dtype, device=x.device)
+        gates = torch.cat([actions_t.new_ones(1, 1), actions_t], 1)
+        logits_t = torch.stack(gate_logits, 1)
+        extras = {"gate_logits": logits_t, "gate_probs": torch.sigmoid(logits_t), "gate_actions": actions_t}
+        return DynamicOutput(logits=self.backbone.head(h), macs=self.charge(x, gates), gates=gates, extras=extras)
+
+    def _plan_one(self, h: Tensor, relu: bool, nonnegative: bool) -> tuple[list, list[list[skip_kernels.Runner]]]:
+        """The batch-1 plan for block-0 outputs shaped like ``h``: the gates' steps and the option runners
+        of blocks 1 .. N-1 (holds the model's submodules, never the model)."""
+        runners = []
+        for block in self.backbone.blocks[1:]:
+            runners.append(skip_kernels.bound_options(block, h, 2, relu=relu, nonnegative=nonnegative))
+            h = runners[-1][-1](h)
+        return self.gate_bank.bound_steps(), runners
 
     # cost ------------------------------------------------------------------------------------
     def measure_decision_units(self, input_size: tuple[int, int, int]) -> dict[str, int]:
