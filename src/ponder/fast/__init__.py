@@ -4,7 +4,8 @@ What lives here: the compiled C++ kernels (:mod:`~ponder.fast.native`, built ahe
 ``ponder kernels build``), routes chosen by timing and stored per machine (:mod:`~ponder.fast.routes`),
 BatchNorm folded into convolutions and weights packed for oneDNN or blocked for the kernels, cached
 with their weights (:mod:`~ponder.fast.fold`, :mod:`~ponder.fast.weight_cache`), exit-head plans, and
-whole-model plans checked once per call (:mod:`~ponder.fast.plan`: batch-1 gated ResNets).
+whole-model plans checked once per call (:mod:`~ponder.fast.plan`: gated ResNets and SkipNet at
+batch 1, SACT's units).
 Model and layer code calls the plain operations below and never sees a route.
 
 One switch turns all of it off: ``PONDER_FAST=0`` in the environment, or :func:`set_enabled` /
