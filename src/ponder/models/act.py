@@ -99,9 +99,7 @@ class ACTResNetMixin(SpatialModel):
         return 1.0 - self.halt_eps
 
     def set_knob(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{type(self).__name__}'s native knob is a halting threshold in [0, 1], got {value!r}")
-        self.halt_eps = 1.0 - float(value)
+        self.halt_eps = 1.0 - self.knob.checked(self, value, "halting threshold")
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> DynamicOutput:

@@ -137,6 +137,14 @@ class Knob:
     doc: str
     choices: tuple[float, ...] | None = None
 
+    def checked(self, owner: object, value: Any, what: str) -> float:
+        """``value`` as a float when it is a number in ``[low, high]``; otherwise one sentence naming
+        ``owner``'s knob (``what``: e.g. "keep threshold")."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= float(value) <= self.high:
+            raise ValueError(f"{type(owner).__name__}'s native knob is a {what} in [{self.low:g}, {self.high:g}], "
+                             f"got {value!r}")
+        return float(value)
+
 
 class DynamicModel(PonderModel):
     """The hooks every dynamic family shares (see the module docstring).

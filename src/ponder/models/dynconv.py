@@ -96,9 +96,7 @@ class DynConvMixin(SpatialModel):
         return self.threshold
 
     def set_knob(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{type(self).__name__}'s native knob is a mask threshold in [0, 1], got {value!r}")
-        self.threshold = float(value)
+        self.threshold = self.knob.checked(self, value, "mask threshold")
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> DynamicOutput:
