@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from cifar_fixtures import write_fake_cifar
+from run_states import assert_states_equal
 from ponder.config import config_from_dict
 from ponder.engine.checkpoint import load_state
 from ponder.engine.trainer import Trainer, seed_everything
@@ -238,26 +239,11 @@ def test_spnet_on_each_backbone_trains_and_resumes_exactly(backbone, tmp_path):
     _train(model_fn, kw, data, tmp_path / "killed", resume=True)
     a, b = load_state(tmp_path / "full" / "state.pt"), load_state(tmp_path / "killed" / "state.pt")
     assert a["step"] == 4 and set(a["owned"]["modules"]) == {"teacher", "stage_heads"}
-    _assert_equal(a["model"], b["model"], "model")
-    _assert_equal(a["optimizer"], b["optimizer"], "optimizer")
-    _assert_equal(a["owned"], b["owned"], "owned")
+    assert_states_equal(a["model"], b["model"], "model")
+    assert_states_equal(a["optimizer"], b["optimizer"], "optimizer")
+    assert_states_equal(a["owned"], b["owned"], "owned")
     teacher, student = a["owned"]["modules"]["teacher"], a["model"]
     moved = [k for k in student if k.endswith("weight") and not torch.equal(teacher[k], student[k])]
     assert moved, "the auxiliary module follows the student, but is not it"
     assert full.method.teacher is not None
 
-
-def _assert_equal(a, b, path):
-    """Nested training states equal, tensors bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
