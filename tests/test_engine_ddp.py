@@ -2,16 +2,13 @@
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import yaml
 
 from cifar_fixtures import write_fake_cifar
+from two_processes import run_two_processes
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -57,12 +54,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_training(tmp_path):
     data = write_fake_cifar(tmp_path / "data", "cifar10", n_train=40, n_test=21, seed=0)
     recipe = tmp_path / "tiny.yaml"
@@ -71,14 +62,8 @@ def test_two_process_ddp_training(tmp_path):
         "data": {"dataset": "cifar10", "data_dir": str(data), "batch_size": 10, "eval_batch_size": 8},
         "optim": {"lr": 0.05}, "method": {"name": "ddp_probe"}, "train": {"epochs": 1, "device": "cpu"},
     }))
-    script = tmp_path / "ddp_train.py"
-    script.write_text(SCRIPT)
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(recipe), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_processes(SCRIPT, tmp_path / "ddp_train.py", recipe, out, timeout=120)
 
     assert {"config.yaml", "metrics.jsonl", "weights.safetensors", "state.pt"} <= {p.name for p in out.iterdir()}
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -160,13 +145,8 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(tmp_path):
             "optim": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}, "schedule": {"name": "cosine"},
             "train": {"epochs": 2, "max_steps_per_epoch": 1, "device": "cpu", "sync_batchnorm": sync},
         }))
-    script = tmp_path / "equal.py"
-    script.write_text(EQUAL_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(recipes["two"]), str(tmp_path / "two"),
-           str(recipes["two_plain_bn"]), str(tmp_path / "two_plain_bn")]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_processes(EQUAL_SCRIPT, tmp_path / "equal.py", recipes["two"], tmp_path / "two", recipes["two_plain_bn"],
+                      tmp_path / "two_plain_bn", timeout=180)
     train(load_config(recipes["one"]), tmp_path / "one", verbose=False)
 
     one, two, plain = (load_state(tmp_path / name / "state.pt") for name in ("one", "two", "two_plain_bn"))

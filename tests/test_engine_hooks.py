@@ -3,10 +3,6 @@ second optimizer, an EMA teacher, round-robin budgets, held-out reads at epoch e
 bit for bit after a kill, and two processes train what one process trains at the same global batch."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,7 +13,8 @@ import engine_toys
 from cifar_fixtures import write_fake_cifar
 from ponder.engine import RunDirError
 from ponder.engine.checkpoint import load_state, read_metrics, read_weights
-from run_states import assert_states_equal, strip_time
+from run_states import assert_metrics_close, assert_states_equal, strip_time
+from two_processes import run_two_processes
 
 TESTS = Path(__file__).parent
 
@@ -98,21 +95,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_what_one_process_trains(cifar_dir, tmp_path):
     torch.set_num_threads(1)
-    script = tmp_path / "toys_ddp.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(TESTS), str(cifar_dir), str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_processes(SCRIPT, tmp_path / "toys_ddp.py", TESTS, cifar_dir, tmp_path / "two", timeout=300)
     for kind in sorted(engine_toys.TOYS):
         one = engine_toys.run_toy(kind, cifar_dir, tmp_path / "one" / kind, batch_size=8)
         two = tmp_path / "two" / kind
@@ -124,11 +109,7 @@ def test_two_processes_train_what_one_process_trains(cifar_dir, tmp_path):
             for k, v in module.items():
                 torch.testing.assert_close(s2["owned"]["modules"][name][k], v, rtol=1e-4, atol=1e-5,
                                            msg=f"{kind}: {name}.{k}")
-        m1, m2 = read_metrics(tmp_path / "one" / kind), read_metrics(two)
-        for r1, r2 in zip(m1, m2, strict=True):
-            for k, v in r1.items():
-                if k != "time_s":
-                    assert r2[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (kind, k)
+        assert_metrics_close(read_metrics(tmp_path / "one" / kind), read_metrics(two), kind)
         seen = [torch.load(two / f"seen{r}.pt")["seen"] for r in (0, 1)]
         assert seen[0] == seen[1] == one.model.seen  # every rank trained the budget one process trained
     assert json.loads((tmp_path / "two" / "toy_held_out" / "metrics.jsonl").read_text().splitlines()[0])["loss_weights"]

@@ -5,10 +5,6 @@ IMTA stages 1 and 2, RANet), it trains through the trainer's hooks, resumes bit 
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -27,8 +23,9 @@ from ponder.methods import create_method
 from ponder.methods.l2w_meta import build_wpn_optimizer, exit_losses, l2w_iteration, meta_gradient, weighted_exit_loss
 from ponder.nn.thresholds import exit_proportions
 from ponder.nn.wpn import WeightPredictionNetwork
-from run_states import assert_states_equal, strip_time
+from run_states import assert_metrics_close, assert_states_equal, strip_time
 from toy_models import ToyExits
+from two_processes import run_two_processes
 
 TESTS = Path(__file__).parent
 RECIPES = TESTS.parent / "recipes"
@@ -195,23 +192,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_what_one_process_trains(cifar_dir, tmp_path):
     """The virtual step, the meta-gradient, the WPN's update and the backbone's steps of 2 processes
     x 4 images equal those of 1 process x 8 images (gloo; every normalisation, both orders, I = 1 and 2)."""
     torch.set_num_threads(1)
-    script = tmp_path / "l2w_ddp.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(TESTS), str(cifar_dir), str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_processes(SCRIPT, tmp_path / "l2w_ddp.py", TESTS, cifar_dir, tmp_path / "two", timeout=600)
     for setting in sorted(l2w_runs.SETTINGS):
         l2w_runs.run_l2w(setting, cifar_dir, tmp_path / "one" / setting, batch_size=8)
         s1, s2 = load_state(tmp_path / "one" / setting / "state.pt"), load_state(tmp_path / "two" / setting / "state.pt")
@@ -227,11 +212,8 @@ def test_two_processes_train_what_one_process_trains(cifar_dir, tmp_path):
         for i in adam1:
             m = adam1[i]["exp_avg"]
             torch.testing.assert_close(adam2[i]["exp_avg"], m, rtol=1e-3, atol=1e-4 * float(m.abs().max()))
-        m1, m2 = read_metrics(tmp_path / "one" / setting), read_metrics(tmp_path / "two" / setting)
-        for r1, r2 in zip(m1, m2, strict=True):
-            for k, v in r1.items():
-                if k != "time_s":
-                    assert r2[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (setting, k)
+        assert_metrics_close(read_metrics(tmp_path / "one" / setting), read_metrics(tmp_path / "two" / setting),
+                             setting)
 
 
 # ---- models and recipes --------------------------------------------------------------------------------
