@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ponder.config import config_from_dict
+from ponder.config import RunConfig, config_from_dict
 from ponder.engine.distributed import DistInfo
 from ponder.methods.virtual_sgd import virtual_sgd_step
 from ponder.engine.trainer import Trainer, seed_everything
-from ponder.methods.base import CrossEntropy, StepOutput
+from ponder.methods.base import CrossEntropy, Method, StepOutput
 from ponder.output import DynamicOutput
 
 KILL = {"at_epoch": None}
@@ -176,18 +177,28 @@ def toy_config(data_dir: str | Path, batch_size: int):
 def run_toy(kind: str, data_dir: str | Path, out: str | Path, batch_size: int, dist: DistInfo | None = None,
             resume: bool = False) -> Trainer:
     """Train toy ``kind`` into ``out`` (``batch_size`` per process; ``resume`` continues ``out``)."""
+    def build() -> tuple[nn.Module, Method]:
+        model = ToyNet()
+        return model, TOYS[kind](model)
+
+    return fit_run(toy_config(data_dir, batch_size), build, out, dist, resume)
+
+
+def fit_run(cfg: RunConfig, build: Callable[[], tuple[nn.Module, Method]], out: str | Path,
+            dist: DistInfo | None = None, resume: bool = False) -> Trainer:
+    """Train what ``build()`` gives (model, method; built after ``torch.manual_seed(0)``) on ``cfg``'s data
+    into ``out``, seeded per rank (``resume`` continues ``out``); returns the trainer."""
     from ponder.data import build_datasets, build_loaders
 
     dist = dist or DistInfo()
-    cfg = toy_config(data_dir, batch_size)
     seed_everything(cfg.train.seed + dist.rank)
     bundle = build_datasets(cfg.data, cfg.train.seed)
     train, val, test = build_loaders(bundle, cfg.data, cfg.train.seed, distributed=dist.enabled)
     torch.manual_seed(0)
-    model = ToyNet()
+    model, method = build()
     Path(out).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, model, TOYS[kind](model), train, test_loader=test, val_loader=val, run_dir=out,
-                      device="cpu", dist=dist, verbose=False)
+    trainer = Trainer(cfg, model, method, train, test_loader=test, val_loader=val, run_dir=out, device="cpu",
+                      dist=dist, verbose=False)
     if resume:
         trainer.resume(out)
     trainer.fit()

@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ponder.config import config_from_dict
 from ponder.engine.distributed import DistInfo
-from ponder.engine.trainer import Trainer, seed_everything
+from ponder.engine.trainer import Trainer
 from ponder.methods.l2w import L2W
+from engine_toys import fit_run
 from toy_models import ToyExits
 
 KILL = {"at_epoch": None}
@@ -48,20 +48,8 @@ def run_l2w(setting: str, data_dir: str | Path, out: str | Path, batch_size: int
             resume: bool = False, **options: Any) -> Trainer:
     """Train ``ToyExits()`` (no BatchNorm) with ``l2w`` (``SETTINGS[setting]`` plus ``options``) into ``out``
     (``batch_size`` per process; ``resume`` continues ``out``)."""
-    from ponder.data import build_datasets, build_loaders
+    def build() -> tuple[ToyExits, KillableL2W]:
+        model = ToyExits()
+        return model, KillableL2W(model, wpn_width=16, q=0.75, wpn_lr=0.01, **{**SETTINGS[setting], **options})
 
-    dist = dist or DistInfo()
-    cfg = l2w_config(data_dir, batch_size)
-    seed_everything(cfg.train.seed + dist.rank)
-    bundle = build_datasets(cfg.data, cfg.train.seed)
-    train, val, test = build_loaders(bundle, cfg.data, cfg.train.seed, distributed=dist.enabled)
-    torch.manual_seed(0)
-    model = ToyExits()
-    method = KillableL2W(model, wpn_width=16, q=0.75, wpn_lr=0.01, **{**SETTINGS[setting], **options})
-    Path(out).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, model, method, train, test_loader=test, val_loader=val, run_dir=out, device="cpu",
-                      dist=dist, verbose=False)
-    if resume:
-        trainer.resume(out)
-    trainer.fit()
-    return trainer
+    return fit_run(l2w_config(data_dir, batch_size), build, out, dist, resume)
