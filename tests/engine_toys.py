@@ -184,6 +184,32 @@ def run_toy(kind: str, data_dir: str | Path, out: str | Path, batch_size: int, d
     return fit_run(toy_config(data_dir, batch_size), build, out, dist, resume)
 
 
+def assert_resume_is_exact(run: Callable[..., Trainer], kill: dict, root: Path) -> tuple[Trainer, Trainer, dict]:
+    """``run(out)`` (a toy run, ``resume=`` as :func:`run_toy`'s) whole into ``root/full``, then into
+    ``root/killed`` killed before epoch 1 (``kill``: the toy's KILL switch) and resumed there under other RNG
+    states; assert the two final states (model, optimizer, method, owned, step, epoch) are equal bit for bit
+    and so are their metrics but for timings. Returns the full and the resumed trainers and the full state."""
+    import pytest
+    from ponder.engine.checkpoint import load_state, read_metrics
+    from run_states import assert_states_equal, strip_time
+
+    torch.set_num_threads(1)
+    full = run(root / "full")
+    kill["at_epoch"] = 1
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(root / "killed")
+    finally:
+        kill["at_epoch"] = None
+    torch.manual_seed(1234)  # a fresh process would start from other RNG states
+    resumed = run(root / "killed", resume=True)
+    a, b = load_state(root / "full" / "state.pt"), load_state(root / "killed" / "state.pt")
+    for key in ("model", "optimizer", "method", "owned", "step", "epoch"):
+        assert_states_equal(a[key], b[key], key)
+    assert strip_time(read_metrics(root / "full")) == strip_time(read_metrics(root / "killed"))
+    return full, resumed, a
+
+
 def fit_run(cfg: RunConfig, build: Callable[[], tuple[nn.Module, Method]], out: str | Path,
             dist: DistInfo | None = None, resume: bool = False) -> Trainer:
     """Train what ``build()`` gives (model, method; built after ``torch.manual_seed(0)``) on ``cfg``'s data
