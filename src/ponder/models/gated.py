@@ -32,7 +32,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ponder import fast
 from ponder.cost import count_macs
 from ponder.models.base import example_input
 from ponder.models.resnet import ResNet
@@ -167,9 +166,8 @@ class GatedResNet(SkippingModel):
         decision read on the host, one runner (:func:`ponder.nn.skip_kernels.bound_options`)."""
         k = self.num_options
         h = stem_on_kernels(self.backbone, x)
-        relu, nonnegative = self.skipper.skipped == "relu_shortcut", self.skipper.nonnegative
-        key = ("batch1", tuple(h.shape), torch.get_num_threads(), relu, nonnegative)
-        steps, runners = fast.prepared(self, key, lambda: self._plan_one(h, relu, nonnegative))
+        steps, runners = self.batch_one_plan(h, self.backbone.blocks, k, self.routers.bound_steps,
+                                             self.skip_paths_by_block())
         picks = None if forced is None else ((forced[0] > 0.5).long() * (k - 1)).tolist()
         state = self.routers.init_state(h)
         logits, choices = [], []
@@ -187,16 +185,6 @@ class GatedResNet(SkippingModel):
         option_t = torch.tensor([choices], device=x.device)
         masks = F.one_hot(option_t, k).to(x.dtype)
         return self._output(x, self.backbone.head(h), logits, option_t, masks, {})
-
-    def _plan_one(self, h: Tensor, relu: bool, nonnegative: bool) -> tuple[list, list[list[skip_kernels.Runner]]]:
-        """The batch-1 plan for stem outputs shaped like ``h``: the routers' bound steps and each block's
-        option runners (holds the model's submodules, never the model)."""
-        paths, runners = self.skip_paths_by_block(), []
-        for i, block in enumerate(self.backbone.blocks):
-            runners.append(skip_kernels.bound_options(block, h, self.num_options, relu=relu, nonnegative=nonnegative,
-                                                      skip_path=paths.get(i)))
-            h = runners[-1][-1](h)
-        return self.routers.bound_steps(), runners
 
     def _output(self, x: Tensor, out_logits: Tensor, logits: list[Tensor], option_t: Tensor, masks: Tensor,
                 extras: dict[str, Any]) -> DynamicOutput:

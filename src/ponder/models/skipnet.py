@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ponder import fast
 from ponder.cost import count_macs
 from ponder.models.base import example_input
 from ponder.models.resnet import CifarResNet, ResNet
@@ -112,9 +111,7 @@ class SkipNet(SkippingModel):
         (:func:`ponder.fast.prepared`): every block's options bound to their kernels once
         (:func:`ponder.nn.skip_kernels.bound_options`); per gate one step and one read of its logit."""
         h = dense_unit_channels_last(self.backbone.blocks[0], stem_on_kernels(self.backbone, x))
-        relu, nonnegative = self.skipper.skipped == "relu_shortcut", self.skipper.nonnegative
-        key = ("batch1", tuple(h.shape), torch.get_num_threads(), relu, nonnegative)
-        steps, runners = fast.prepared(self, key, lambda: self._plan_one(h, relu, nonnegative))
+        steps, runners = self.batch_one_plan(h, self.backbone.blocks[1:], 2, self.gate_bank.bound_steps)
         picks = None if forced is None else (forced[0] > 0.5).tolist()
         bar = torch.tensor(threshold_logit(self.threshold), dtype=x.dtype).item()  # as decide() compares: in x's dtype
         state = self.gate_bank.init_state(h)
@@ -130,15 +127,6 @@ class SkipNet(SkippingModel):
         logits_t = torch.stack(gate_logits, 1)
         extras = {"gate_logits": logits_t, "gate_probs": torch.sigmoid(logits_t), "gate_actions": actions_t}
         return DynamicOutput(logits=self.backbone.head(h), macs=self.charge(x, gates), gates=gates, extras=extras)
-
-    def _plan_one(self, h: Tensor, relu: bool, nonnegative: bool) -> tuple[list, list[list[skip_kernels.Runner]]]:
-        """The batch-1 plan for block-0 outputs shaped like ``h``: the gates' steps and the option runners
-        of blocks 1 .. N-1 (holds the model's submodules, never the model)."""
-        runners = []
-        for block in self.backbone.blocks[1:]:
-            runners.append(skip_kernels.bound_options(block, h, 2, relu=relu, nonnegative=nonnegative))
-            h = runners[-1][-1](h)
-        return self.gate_bank.bound_steps(), runners
 
     # cost ------------------------------------------------------------------------------------
     def measure_decision_units(self, input_size: tuple[int, int, int]) -> dict[str, int]:

@@ -16,17 +16,20 @@ first conv only (:attr:`SkippingModel.has_half_option`); and the decision networ
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ponder import fast
 from ponder.cost import CostLedger
 from ponder.models.act import DenseResNetKernels
 from ponder.models.base import DynamicModel, Knob
 from ponder.models.resnet import ResNet
+from ponder.nn import skip_kernels
 from ponder.nn.forced import keep_matrix, sample_keys
+from ponder.nn.protocols import ResidualBlock
 from ponder.nn.skip import BlockSkipper, SkippedOutput, SoftMix, half_units, skip_units
 
 
@@ -92,6 +95,27 @@ class SkippingModel(DynamicModel):
         keys = sample_keys(x)
         n = self.num_blocks - first
         return keep_matrix(keys, n, self.forced.rate, self.forced.seed, first=first).to(x.dtype)
+
+    # ---- batch-1 inference -------------------------------------------------------------------
+    def batch_one_plan(self, h: Tensor, blocks: Sequence[ResidualBlock], num_options: int,
+                       steps: Callable[[], list], skip_paths: Mapping[int, nn.Module] | None = None
+                       ) -> tuple[list, list[list[skip_kernels.Runner]]]:
+        """The model's batch-1 plan (:func:`ponder.fast.prepared`) for channels-last inputs shaped like ``h``
+        entering ``blocks``: ``steps()`` (its routers' or gates' bound steps) and each block's option runners
+        (:func:`ponder.nn.skip_kernels.bound_options`; ``skip_paths`` by index into ``blocks``), built once
+        per shape, thread count and skip rule and reused while the model is unchanged."""
+        relu, nonnegative = self.skipper.skipped == "relu_shortcut", self.skipper.nonnegative
+        paths = skip_paths or {}
+
+        def build() -> tuple[list, list[list[skip_kernels.Runner]]]:  # (holds submodules, never the model)
+            runners, x = [], h
+            for i, block in enumerate(blocks):
+                runners.append(skip_kernels.bound_options(block, x, num_options, relu=relu, nonnegative=nonnegative,
+                                                          skip_path=paths.get(i)))
+                x = runners[-1][-1](x)
+            return steps(), runners
+
+        return fast.prepared(self, ("batch1", tuple(h.shape), torch.get_num_threads(), relu, nonnegative), build)
 
     # ---- cost ------------------------------------------------------------------------------
     def measure_decision_units(self, input_size: tuple[int, int, int]) -> dict[str, int]:  # pragma: no cover
