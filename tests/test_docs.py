@@ -50,7 +50,7 @@ def test_the_docs_show_commands_at_all():
 @pytest.mark.parametrize("where,command", COMMANDS, ids=[f"{p}:{c[:60]}" for p, c in COMMANDS])
 def test_every_documented_command_parses_and_names_what_exists(where, command, monkeypatch):
     from ponder.config import load_config
-    from ponder.engine.sweep import is_sweep_file, load_sweep_file
+    from ponder.engine.sweep import read_sweep_file
     from ponder.registry import list_models
 
     argv = shlex.split(command)[1:]
@@ -64,10 +64,8 @@ def test_every_documented_command_parses_and_names_what_exists(where, command, m
     recipe = getattr(args, "recipe", None) or getattr(args, "spec", None)
     if recipe and recipe.startswith("recipes/"):  # a shipped recipe or sweep file (others are the reader's own)
         assert (ROOT / recipe).is_file(), f"{where}: `{command}` names a missing recipe"
-        if is_sweep_file(ROOT / recipe):
-            monkeypatch.chdir(ROOT)  # a sweep file's recipes are read from the repository root
-            load_sweep_file(ROOT / recipe)
-        else:
+        monkeypatch.chdir(ROOT)  # a sweep file's recipes are read from the repository root
+        if read_sweep_file(ROOT / recipe) is None:  # (checked when it is a sweep file)
             load_config(ROOT / recipe)
 
 

@@ -139,14 +139,9 @@ def _sweep_mapping(path: str | Path) -> dict[str, Any] | None:
     return spec if isinstance(spec, dict) and "runs" in spec and "model" not in spec else None
 
 
-def is_sweep_file(path: str | Path) -> bool:
-    """Whether ``path`` is a sweep file (a YAML mapping with ``runs``) rather than a recipe."""
-    return _sweep_mapping(path) is not None
-
-
 def read_sweep_file(path: str | Path) -> dict[str, Any] | None:
     """The sweep file at ``path`` read once and checked (:func:`load_sweep_file`), or ``None`` when ``path`` is
-    not a sweep file (:func:`is_sweep_file`)."""
+    not a sweep file (a recipe: a mapping without ``runs``, or with ``model``) or cannot be read."""
     spec = _sweep_mapping(path)
     return None if spec is None else _checked(spec, path)
 
