@@ -14,16 +14,27 @@ from ponder.registry import create_model
 from ponder.weights import WEIGHTS_FILE, RunDirError, first_line, read_weights
 
 
-def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch (``batchmean``).
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
+    """``T^2 KL(softmax(teacher/T) || softmax(student/T))`` for logits ``[B, K]``; teacher detached, so
+    gradients reach ``student`` only; the ``T^2`` keeps the gradient's scale independent of ``T`` (Hinton et al.).
 
-    ``student``, ``teacher``: logits ``[B, K]``; the ``T^2`` keeps the gradient's scale independent of ``T``
-    (Hinton et al.). Gradients reach ``student`` only.
+    ``reduction``: ``"batchmean"`` (sum over classes, mean over batch) or ``"mean"`` (official IMTA:
+    mean over batch *and* classes).
     """
+    return kd_per_sample(student, teacher, temperature, reduction).mean()
+
+
+def kd_per_sample(student: Tensor, teacher: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
+    """The per-sample terms ``[B]`` whose mean is :func:`kd_loss`: ``T^2 KL`` of each sample, divided by
+    the number of classes for ``reduction="mean"`` (official IMTA)."""
     if temperature <= 0:
         raise ValueError(f"the distillation temperature must be > 0, got {temperature}")
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher.detach() / t, 1), reduction="batchmean") * t * t
+    if reduction not in ("batchmean", "mean"):
+        raise ValueError(f"kd_reduction must be 'batchmean' or 'mean' (official IMTA), got {reduction!r}")
+    log_p = F.log_softmax(student / temperature, dim=1)
+    q = F.softmax(teacher.detach() / temperature, dim=1)
+    per_sample = F.kl_div(log_p, q, reduction="none").sum(dim=1)
+    return per_sample / (q.shape[1] if reduction == "mean" else 1) * temperature ** 2
 
 
 def load_teacher(source: str | Path, device: torch.device | str = "cpu") -> nn.Module:

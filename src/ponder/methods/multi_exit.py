@@ -30,28 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ponder.methods.base import Method, StepOutput, register_method
+from ponder.methods.distill import kd_loss, kd_per_sample
 from ponder.models.multi_exit import MultiExitModel
 from ponder.output import DynamicOutput
-
-
-def kd_loss(student: Tensor, teacher: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
-    """``T^2 KL(softmax(teacher/T) || softmax(student/T))`` for logits ``[B, K]``; teacher detached.
-
-    ``reduction``: ``"batchmean"`` (sum over classes, mean over batch) or ``"mean"`` (official IMTA:
-    mean over batch *and* classes).
-    """
-    return kd_per_sample(student, teacher, temperature, reduction).mean()
-
-
-def kd_per_sample(student: Tensor, teacher: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
-    """The per-sample terms ``[B]`` whose mean is :func:`kd_loss`: ``T^2 KL`` of each sample, divided by
-    the number of classes for ``reduction="mean"`` (official IMTA)."""
-    if reduction not in ("batchmean", "mean"):
-        raise ValueError(f"kd_reduction must be 'batchmean' or 'mean' (official IMTA), got {reduction!r}")
-    log_p = F.log_softmax(student / temperature, dim=1)
-    q = F.softmax(teacher.detach() / temperature, dim=1)
-    per_sample = F.kl_div(log_p, q, reduction="none").sum(dim=1)
-    return per_sample / (q.shape[1] if reduction == "mean" else 1) * temperature ** 2
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
