@@ -21,7 +21,8 @@ from ponder.models.dynconv import DynConvCifarResNet, DynConvImageNetResNet
 from ponder.models.dynconv_multi import MultiBudgetCifarResNet
 from ponder.models.resnet import Bottleneck, CifarResNet
 from ponder.nn.executor import set_executor
-from ponder.nn.mask_unit import gumbel_mask, logit_threshold, threshold_mask
+from ponder.nn.mask_unit import gumbel_mask, threshold_mask
+from ponder.nn.thresholds import probability_logit
 from ponder.nn.sparse_units import first_conv_mask, soft_first_conv_mask
 
 
@@ -122,9 +123,9 @@ def test_threshold_mask_is_the_knob():
     assert threshold_mask(logits).tolist() == [[False, False, True, True, True]]
     assert threshold_mask(logits, 0.0).all() and not threshold_mask(logits, 1.0).any()
     assert threshold_mask(logits, 0.6).tolist() == [[False] * 3 + [True] * 2]  # logit(0.6) = 0.405
-    assert logit_threshold(0.5) == 0.0
+    assert probability_logit(0.5) == 0.0
     with pytest.raises(ValueError, match="probability"):
-        logit_threshold(1.5)
+        probability_logit(1.5)
 
 
 def test_eval_masks_have_no_noise_and_training_masks_do():

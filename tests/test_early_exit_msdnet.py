@@ -262,7 +262,7 @@ def test_dense_baseline_runs_last_exit_only():
 @fast_paths
 @pytest.mark.parametrize("whole", [False, True])
 def test_exit_head_inference_path_equals_the_module_path_after_training_steps(monkeypatch, whole):
-    import ponder.fast.early_exit as fast_head
+    import ponder.fast.plan as fast_plan
     from ponder.models.exit_head import ExitHead
 
     if whole and native.load("small_conv") is None:
@@ -287,8 +287,9 @@ def test_exit_head_inference_path_equals_the_module_path_after_training_steps(mo
             want = head.m(x).flatten(1)
             torch.testing.assert_close(feat, want.detach(), rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(logits, head(x).detach(), rtol=1e-4, atol=1e-5)
-    (plan,) = fast_head._PLANS[head.m[0].net[0]].values()
-    assert ("bound_exit_head" in plan[-1].__qualname__) == whole
+    (entry,) = fast_plan._PLANS[head].values()  # (snapshot, plan): one plan for the one input shape
+    assert ("bound_exit_head" in entry[1].__qualname__) == whole
+    plan = entry[1]
     gone = weakref.ref(head)
     del head, plan
     gc.collect()

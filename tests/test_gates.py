@@ -154,3 +154,28 @@ def test_bias_towards_keep_sets_the_keep_logit_of_a_zero_feature(gate_type):
         torch.testing.assert_close(torch.sigmoid(keep_logit), torch.tensor([0.9]))
     with pytest.raises(ValueError, match="keep probability"):
         bank.bias_towards_keep(1.0)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.77, 1.0])
+def test_every_family_tests_a_probability_threshold_on_the_same_logit(threshold):
+    """Gates, routers and spatial masks turn a probability threshold into a logit in one place
+    (``probability_logit``), so at the same threshold and logits they take the same decisions."""
+    from ponder.nn.mask_unit import threshold_mask
+    from ponder.nn.routers import eval_option
+    from ponder.nn.thresholds import probability_logit
+
+    bar = probability_logit(threshold)
+    logits = torch.tensor([-30.0, -1.0, -0.2, 0.0, 0.2, 1.2, 30.0])
+    if abs(bar) < 10:  # values on the boundary itself and one float step either side
+        edge = torch.tensor(bar, dtype=torch.float32)
+        logits = torch.cat([logits, torch.stack([edge.nextafter(torch.tensor(-99.0)), edge,
+                                                 edge.nextafter(torch.tensor(99.0))])])
+    expected = logits >= bar
+    assert torch.equal(decide(logits, threshold=threshold).action.bool(), expected)
+    assert torch.equal(threshold_mask(logits[None, None], threshold)[0, 0], expected)
+    two_options = torch.stack([torch.zeros_like(logits), logits], dim=1)  # skip, keep
+    assert torch.equal(eval_option(two_options, threshold).bool(), expected)
+    assert probability_logit(0.5) == 0.0 and torch.sigmoid(torch.tensor(bar, dtype=torch.float64)).item() == \
+        pytest.approx(threshold)
+    with pytest.raises(ValueError, match="probability"):
+        probability_logit(1.5)

@@ -4,7 +4,7 @@ bookkeeping after an exit as one compiled call (``csrc/exit_step.cpp``).
 **Exit heads** (MSDNet / RANet: two 3x3/2 conv-BN-ReLU, 2x2 mean, linear) are work only early exit
 does, and at batch 1 the route lookups, the pooling and the linear call cost as much as a
 convolution. :func:`exit_head` keeps, per head, input shape, batch bucket and thread count, a *plan*
-until a weight changes: the faster, timed once per machine (a stored route), of the two folded
+(:func:`ponder.fast.prepared`, kept until a weight changes): the faster, timed once per machine (a stored route), of the two folded
 convolutions as prepared calls (:func:`ponder.fast.conv.conv2d_runner`) then the mean and the linear
 layer, and the whole head as one compiled call (:func:`ponder.fast.small_conv.bound_exit_head`, where
 it applies). At batch 1 the latter (head 0: 43 -> 33 us per call on this project's CPU).
@@ -12,7 +12,6 @@ it applies). At batch 1 the latter (head 0: 43 -> 33 us per call on this project
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Callable
 
 import torch
@@ -22,15 +21,13 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ponder.fast.conv import conv2d_runner
-from ponder.fast.fold import fold_conv_bn_dense, fold_key
+from ponder.fast.fold import fold_conv_bn_dense
 from ponder.fast.native import load
+from ponder.fast.plan import prepared
 from ponder.fast.routes import choose
 from ponder.fast.small_conv import bound_exit_head, conv3x3_applies
 from ponder.fast.switch import cpu_inference
 from ponder.layout import is_channels_last
-
-#: first conv of a head -> {(batch bucket, input C H W, threads): (fold keys, linear weight, bias, plan)}
-_PLANS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
 
 Pairs = list[tuple[nn.Conv2d, nn.BatchNorm2d]]
 
@@ -47,20 +44,18 @@ def applies(x: Tensor) -> bool:
     return is_channels_last(x) and x.dtype == torch.float32 and cpu_inference(x)
 
 
-def exit_head(x: Tensor, pairs: Pairs, avg: nn.AvgPool2d, linear: nn.Linear) -> tuple[Tensor, Tensor]:
+def exit_head(head: nn.Module, x: Tensor, pairs: Pairs, avg: nn.AvgPool2d,
+              linear: nn.Linear) -> tuple[Tensor, Tensor]:
     """(pooled feature ``[B, C]``, logits ``[B, N]``) of the head ``pairs`` (two (conv, BN) with ReLU),
-    ``avg``, ``linear`` on ``x [B, C_in, h, w]``, from its plan. Only where :func:`applies` (the caller checks)."""
-    (c1, n1), (c2, n2) = pairs
-    stamp = (fold_key(c1, n1), fold_key(c2, n2))  # the folded weights' cache key: same stamp, same weights
-    plans = _PLANS.get(c1)
-    if plans is None:
-        plans = _PLANS[c1] = {}
-    key = (1 << (x.shape[0] - 1).bit_length(), tuple(x.shape[1:]), torch.get_num_threads())
-    plan = plans.get(key)
-    if plan is None or plan[0] != stamp or plan[1] is not linear.weight or plan[2] is not linear.bias:
+    ``avg``, ``linear`` (all within the module ``head``) on ``x [B, C_in, h, w]``, from its plan. Only
+    where :func:`applies` (the caller checks)."""
+    key = ("exit_head", 1 << (x.shape[0] - 1).bit_length(), tuple(x.shape[1:]), torch.get_num_threads())
+
+    def build() -> Callable[[Tensor], tuple[Tensor, Tensor]]:
         folded = [fold_conv_bn_dense(conv, bn, channels_last=True) for conv, bn in pairs]
-        plan = plans[key] = (stamp, linear.weight, linear.bias, _plan(x, pairs, folded, avg, linear))
-    return plan[3](x)
+        return _plan(x, pairs, folded, avg, linear)
+
+    return prepared(head, key, build)(x)
 
 
 def _plan(x: Tensor, pairs: Pairs, folded: list[tuple[Tensor, Tensor]], avg: nn.AvgPool2d,
@@ -70,19 +65,19 @@ def _plan(x: Tensor, pairs: Pairs, folded: list[tuple[Tensor, Tensor]], avg: nn.
         runners.append(conv2d_runner(y, weight, bias, conv.stride[0], conv.padding[0], relu=True))
         y = runners[-1](y)
 
-    def prepared(t: Tensor) -> tuple[Tensor, Tensor]:  # (holds no module that keys _PLANS)
+    def layer_by_layer(t: Tensor) -> tuple[Tensor, Tensor]:  # (holds no module that keys a plan)
         for run in runners:
             t = run(t)
         feat = pool_flat(t, avg)
         return feat, F.linear(feat, linear.weight, linear.bias)
 
     if y.shape[2:] != (2, 2) or not all(conv3x3_applies(t, w, b, 2, 1) for t, (w, b) in zip((x, y), folded)):
-        return prepared
+        return layer_by_layer
     whole = bound_exit_head([w for w, _ in folded], [b for _, b in folded], linear)
     key = (tuple(x.shape), tuple(folded[0][0].shape), tuple(folded[1][0].shape), tuple(linear.weight.shape),
            torch.get_num_threads())
-    route = choose("exit_head", key, lambda: [("prepared", lambda: prepared(x)), ("whole", lambda: whole(x))])
-    return whole if route == "whole" else prepared
+    route = choose("exit_head", key, lambda: [("prepared", lambda: layer_by_layer(x)), ("whole", lambda: whole(x))])
+    return whole if route == "whole" else layer_by_layer
 
 
 def exit_step(leave: Tensor, here: Tensor, logits: Tensor, out_logits: Tensor, exit_index: Tensor, k: int,

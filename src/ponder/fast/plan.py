@@ -3,7 +3,9 @@
 A *plan* is what a model's inference would otherwise redo on every call: BatchNorm folded, weights
 blocked for the kernels, routes looked up, each layer bound to its kernel. Per layer those lookups
 cost a few microseconds (:func:`ponder.fast.fold.fold_key`, the route table, the weight caches), and at
-batch 1 a network of a hundred small layers spends as long on them as on its arithmetic.
+batch 1 a network of a hundred small layers spends as long on them as on its arithmetic. Plans serve
+whole models (gated ResNets, SkipNet, SACT at batch 1) and single modules alike (an exit head, a halting
+branch's or a mask unit's folded weights): any weight-derived value a module keeps for inference.
 :func:`prepared` keeps one plan per (model, key) and checks it with one :class:`Snapshot` per call:
 a plan is rebuilt when any parameter, buffer or submodule of the model is replaced, moved to new
 storage (``.to()``, ``.data =``) or changed in place (an optimizer step, ``load_state_dict``, a

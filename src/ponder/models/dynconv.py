@@ -44,7 +44,8 @@ from ponder.models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetRe
 from ponder.models.spatial import DenseResNetKernels, DenseResNetView, SpatialModel, block_input_sizes
 from ponder.nn.dense_units import stem_on_kernels
 from ponder.nn.forced import sample_keys
-from ponder.nn.mask_unit import MaskUnit, gumbel_mask, logit_threshold, threshold_mask
+from ponder.nn.mask_unit import MaskUnit, gumbel_mask, threshold_mask
+from ponder.nn.thresholds import probability_logit
 from ponder.nn.sparse_cost import position_units, unit_masks_and_macs
 from ponder.nn.sparse_residual import sparse_residual
 from ponder.nn.sparse_units import first_conv_mask, is_basic, masked_residual, output_hw, soft_first_conv_mask, unit_info
@@ -145,7 +146,7 @@ class DynConvMixin(SpatialModel):
         (active positions, first-conv positions) over the batch or None)``, in one compiled call where it applies
         (:meth:`MaskUnit.decide`), else by the mask unit's forward and PyTorch ops."""
         base, per_first, per_rest, same_grid = self._decision_costs(led)[i]
-        decided = unit.decide(h, logit_threshold(self.threshold), forced, same_grid, base, per_first, per_rest)
+        decided = unit.decide(h, probability_logit(self.threshold), forced, same_grid, base, per_first, per_rest)
         if decided is None:
             logits = unit(h)  # run (and paid for) under forced decisions too
             hard = forced if forced is not None else threshold_mask(logits, self.threshold)

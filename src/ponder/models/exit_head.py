@@ -71,7 +71,7 @@ class ExitHead(nn.Module):
         if self.training or torch.is_grad_enabled():
             feat = self.m(x).flatten(1)
         elif fast.exit_head_applies(x):
-            return fast.exit_head(x, self._folded, self.m[2], self.linear)
+            return fast.exit_head(self, x, self._folded, self.m[2], self.linear)
         else:
             for conv, bn in self._folded:  # the same as self.m[:2], without the module calls
                 x = fast.conv_bn(x, conv, bn, relu=True)

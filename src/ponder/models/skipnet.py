@@ -29,7 +29,8 @@ from ponder.models.resnet import CifarResNet, ResNet
 from ponder.models.skipping import SkippingModel
 from ponder.nn import skip_kernels
 from ponder.nn.dense_units import dense_unit_channels_last, stem_on_kernels
-from ponder.nn.gates import DECISION_MODES, GATE_TYPES, GateBank, decide, make_gate_bank, threshold_logit
+from ponder.nn.gates import DECISION_MODES, GATE_TYPES, GateBank, decide, make_gate_bank
+from ponder.nn.thresholds import probability_logit
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
 
@@ -113,7 +114,7 @@ class SkipNet(SkippingModel):
         h = dense_unit_channels_last(self.backbone.blocks[0], stem_on_kernels(self.backbone, x))
         steps, runners = self.batch_one_plan(h, self.backbone.blocks[1:], 2, self.gate_bank.bound_steps)
         picks = None if forced is None else (forced[0] > 0.5).tolist()
-        bar = torch.tensor(threshold_logit(self.threshold), dtype=x.dtype).item()  # as decide() compares: in x's dtype
+        bar = torch.tensor(probability_logit(self.threshold), dtype=x.dtype).item()  # as decide() compares: in x's dtype
         state = self.gate_bank.init_state(h)
         gate_logits, actions = [], []
         for j, (step, options) in enumerate(zip(steps, runners)):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ponder.nn.routers import RouterBank
+from ponder.nn.thresholds import probability_logit
 
 DecisionMode = Literal["straight_through", "sample", "soft"]
 DECISION_MODES = ("straight_through", "sample", "soft")
@@ -58,20 +59,11 @@ class Decision:
     log_prob: Tensor | None
 
 
-def threshold_logit(threshold: float) -> float:
-    """The logit of a probability threshold: ``p >= t`` iff ``logit >= threshold_logit(t)`` (t in [0, 1])."""
-    if threshold <= 0.0:
-        return -math.inf
-    if threshold >= 1.0:
-        return math.inf
-    return math.log(threshold / (1.0 - threshold))
-
-
 def decide(logit: Tensor, *, mode: DecisionMode = "straight_through", threshold: float = 0.5,
            training: bool = False, forced: Tensor | None = None) -> Decision:
     """Turn keep logits ``[B]`` into a :class:`Decision` (rules in the module docstring).
 
-    The threshold test is done on the logit (``logit >= threshold_logit(threshold)``), so it is exact
+    The threshold test is done on the logit (``logit >= probability_logit(threshold)``), so it is exact
     even where ``sigmoid`` saturates, and inference costs one comparison per gate.
     ``forced [B]`` (0/1) overrides the decision (random keep-rate benchmarks); its mask has no gradient.
     """
@@ -82,7 +74,7 @@ def decide(logit: Tensor, *, mode: DecisionMode = "straight_through", threshold:
     elif training and mode == "sample":
         action = mask = torch.bernoulli(torch.sigmoid(logit.detach()))
     else:
-        action = (logit.detach() >= threshold_logit(threshold)).to(logit.dtype)
+        action = (logit.detach() >= probability_logit(threshold)).to(logit.dtype)
         if training and mode == "soft":
             mask = torch.sigmoid(logit)
         elif training:
@@ -148,7 +140,7 @@ class GateBank(RouterBank):
         """Set the final layers' biases so that a zero feature gives keep probability ``prob`` in (0, 1)."""
         if not 0.0 < prob < 1.0:
             raise ValueError(f"initial keep probability must be in (0, 1), got {prob}")
-        keep_logit = math.log(prob / (1.0 - prob))
+        keep_logit = probability_logit(prob)
         for layer in self.final_layers():
             layer.bias.zero_()
             layer.bias[-1] = keep_logit  # the keep logit is the last output (drop, keep)

@@ -274,7 +274,6 @@ class SpatialHaltingBranch(nn.Module):
         nn.init.zeros_(self.local.weight)
         nn.init.constant_(self.local.bias, HALT_BIAS_INIT)
         nn.init.zeros_(self.glob.weight)
-        self._folded: tuple[tuple, tuple[Tensor, Tensor, float, float]] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training or not fast.enabled():  # (the plain reference: fast paths off)
@@ -323,29 +322,18 @@ class SpatialHaltingBranch(nn.Module):
         return out
 
     def folded_weights(self) -> tuple[Tensor, Tensor, float, float]:
-        """BN folded into both terms for :func:`~ponder.fast.spatial_halting`, cached until a
-        parameter or running statistic changes: ``(weights [10, C], shifts [10], glob_shift, bias)``."""
-        lp, bp, bb = self._modules["local"]._parameters, self._modules["bn"]._parameters, self._modules["bn"]._buffers
-        t0, t1, t2, t3 = lp["weight"], lp["bias"], bp["weight"], bp["bias"]
-        t4, t5, t6, t7 = bb["running_mean"], bb["running_var"], bb["num_batches_tracked"], \
-            self._modules["glob"]._parameters["weight"]
-        # identity, address (a moved or cast tensor) and version (in-place updates) of every input; a train-mode
-        # forward moves the running statistics without a version bump, but bumps num_batches_tracked's. Written
-        # out (no generator): this runs once per SACT unit and image batch
-        key = (id(t0), id(t1), id(t2), id(t3), id(t4), id(t5), id(t6), id(t7),
-               t0.data_ptr(), t1.data_ptr(), t2.data_ptr(), t3.data_ptr(), t4.data_ptr(), t5.data_ptr(),
-               t6.data_ptr(), t7.data_ptr(),
-               t0._version, t1._version, t2._version, t3._version, t4._version, t5._version, t6._version,
-               t7._version)
-        folded = self.__dict__.get("_folded")  # (absent on a module unpickled from before it existed)
-        if folded is None or folded[0] != key:
-            with torch.no_grad():
-                scale, shift = bn_affine(self.bn)
-                w9, wg = self._tap_weights(), self.glob.weight[0]
-                weights = torch.cat([w9 * scale, (wg * scale)[None]]).contiguous()
-                shifts = torch.cat([w9 @ shift, shift.new_zeros(1)])
-                folded = self._folded = (key, (weights, shifts, float(wg @ shift), float(self.local.bias)))
-        return folded[1]
+        """BN folded into both terms for :func:`~ponder.fast.spatial_halting`, a plan
+        (:func:`ponder.fast.prepared`: kept until a parameter or running statistic changes):
+        ``(weights [10, C], shifts [10], glob_shift, bias)``."""
+        return fast.prepared(self, "folded", self._fold)
+
+    def _fold(self) -> tuple[Tensor, Tensor, float, float]:
+        with torch.no_grad():
+            scale, shift = bn_affine(self.bn)
+            w9, wg = self._tap_weights(), self.glob.weight[0]
+            weights = torch.cat([w9 * scale, (wg * scale)[None]]).contiguous()
+            shifts = torch.cat([w9 @ shift, shift.new_zeros(1)])
+            return weights, shifts, float(wg @ shift), float(self.local.bias)
 
     def _tap_weights(self) -> Tensor:
         """The local conv's weights as ``[9, C]``: row ``3 kh + kw`` is tap ``(kh, kw)``."""

@@ -11,13 +11,13 @@ Training samples a hard 0/1 mask with the binary Gumbel-sigmoid and a straight-t
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ponder import fast
+from ponder.nn.thresholds import probability_logit
 
 GUMBEL_EPS = 1e-8
 """Inside both logarithms of a Gumbel sample ``-log(-log(U + eps) + eps)`` (the official code's guard)."""
@@ -56,18 +56,15 @@ class MaskUnit(nn.Module):
 
     def _inference_weights(self, with_stride: bool = False) -> tuple:
         """``(weights [10, C], global bias, local bias[, stride])``: rows ``3 kh + kw`` of the weights are the local
-        conv's taps, row 9 the global weight (kept until a parameter changes: its tensors' versions are the key)."""
-        lp, gp = self._modules["local"]._parameters, self._modules["glob"]._parameters  # (no Module.__getattr__)
-        w, g, gb, lb = lp["weight"], gp["weight"], gp["bias"], lp["bias"]
-        versions = (w._version, g._version, gb._version, lb._version)
-        cached = self.__dict__.get("_weights")
-        if cached is None or cached[1] != versions or not (
-                cached[0][0] is w and cached[0][1] is g and cached[0][2] is gb and cached[0][3] is lb):
-            with torch.no_grad():
-                w10 = torch.cat([w[0].permute(1, 2, 0).reshape(9, -1), g]).contiguous()
-                stride = self._modules["local"].stride[0]
-                cached = self.__dict__["_weights"] = ((w, g, gb, lb), versions, (w10, float(gb), float(lb), stride))
-        return cached[2] if with_stride else cached[2][:3]
+        conv's taps, row 9 the global weight (a plan, :func:`ponder.fast.prepared`: kept until a parameter changes)."""
+        weights = fast.prepared(self, "inference_weights", self._fold_weights)
+        return weights if with_stride else weights[:3]
+
+    def _fold_weights(self) -> tuple[Tensor, float, float, int]:
+        local, glob = self.local, self.glob
+        with torch.no_grad():
+            w10 = torch.cat([local.weight[0].permute(1, 2, 0).reshape(9, -1), glob.weight]).contiguous()
+            return w10, float(glob.bias), float(local.bias), local.stride[0]
 
 
 def gumbel_noise(shape: torch.Size | tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -92,17 +89,6 @@ def gumbel_mask(logits: Tensor, temperature: float = 1.0, noise: bool = True,
     return hard - soft.detach() + soft
 
 
-def logit_threshold(threshold: float) -> float:
-    """The logit at which ``sigmoid(logit) = threshold``: ``-inf`` at 0 (every position active), ``+inf`` at 1 (none)."""
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"a mask threshold is a probability in [0, 1], got {threshold!r}")
-    if threshold == 0.0:
-        return -math.inf
-    if threshold == 1.0:
-        return math.inf
-    return math.log(threshold) - math.log1p(-threshold)
-
-
 def threshold_mask(logits: Tensor, threshold: float = 0.5) -> Tensor:
     """Inference mask ``[B, Ho, Wo]`` (bool): ``sigmoid(logits) >= threshold``, tested on the logits (0.5: ``logits >= 0``)."""
-    return logits >= logit_threshold(threshold)
+    return logits >= probability_logit(threshold)

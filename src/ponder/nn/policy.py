@@ -12,7 +12,6 @@ Blocks outside ``decided`` (curriculum learning) are forced to 1 and add no log-
 
 from __future__ import annotations
 
-import math
 
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from ponder.nn.dense_units import resnet_on_kernels
 from ponder.nn.protocols import ResNet
+from ponder.nn.thresholds import probability_logit
 
 
 PROB_EPS = 1e-15  # BlockDrop clamps probabilities to [eps, 1 - eps] before taking logs (float64 value)
@@ -93,7 +93,7 @@ class ResNetPolicy(nn.Module):
         if init_keep_prob is not None:
             if not 0.0 < init_keep_prob < 1.0:
                 raise ValueError(f"init_keep_prob must be in (0, 1), got {init_keep_prob}")
-            nn.init.constant_(self.fc.bias, math.log(init_keep_prob / (1.0 - init_keep_prob)))
+            nn.init.constant_(self.fc.bias, probability_logit(init_keep_prob))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.downsample > 1:

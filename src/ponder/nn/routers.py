@@ -25,7 +25,6 @@ Decisions (:func:`route`):
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ponder import fast
+from ponder.nn.thresholds import probability_logit
 
 RouteMode = Literal["gumbel", "gumbel_soft", "argmax", "uniform"]
 ROUTE_MODES = ("gumbel", "gumbel_soft", "argmax", "uniform")
@@ -61,11 +61,6 @@ def gumbel_noise(like: Tensor) -> Tensor:
     return -torch.log(GUMBEL_EPS - torch.log(u + GUMBEL_EPS))
 
 
-def threshold_bias(threshold: float) -> float:
-    """``b = log((1 - t) / t)``: the bias per unit of work that the keep threshold ``t`` in (0, 1) adds."""
-    return math.log((1.0 - threshold) / threshold)
-
-
 def eval_option(logits: Tensor, threshold: float = 0.5) -> Tensor:
     """The deterministic decision ``[B]`` (long) for option logits ``[B, K]`` at keep threshold ``threshold``
     (module docstring; ties to the option with more work)."""
@@ -76,7 +71,7 @@ def eval_option(logits: Tensor, threshold: float = 0.5) -> Tensor:
         return torch.zeros(logits.shape[:1], dtype=torch.long, device=logits.device)
     scores = logits.detach()
     if threshold != 0.5:
-        scores = scores + threshold_bias(threshold) * option_work(k, logits.device).to(scores.dtype)
+        scores = scores - probability_logit(threshold) * option_work(k, logits.device).to(scores.dtype)
     if k == 2:
         return (scores[:, 1] >= scores[:, 0]).long()
     return (k - 1) - scores.flip(1).argmax(1)  # argmax returns the first maximum: flipped, the costliest

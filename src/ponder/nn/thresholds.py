@@ -1,4 +1,8 @@
-"""Exit thresholds for budgeted batch classification (the official MSDNet procedure, vectorized).
+"""Thresholds: a probability threshold as a logit, and exit thresholds for budgeted batch
+classification (the official MSDNet procedure, vectorized).
+
+:func:`probability_logit` is the one place a probability (a gate's keep threshold, a mask threshold, an
+initial keep probability) becomes a logit, so every family tests ``sigmoid(z) >= t`` as ``z >= logit(t)``.
 
 Used by the early-exit models' budget knob, the ``budgeted`` protocol and L2W's meta loss
 (:func:`assign_by_proportions`: each exit's most confident share of a half-batch, by exact counts).
@@ -16,6 +20,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+
+def probability_logit(p: float) -> float:
+    """``log(p / (1 - p))``, the logit at which ``sigmoid`` equals ``p`` in [0, 1]: ``-inf`` at 0, ``+inf`` at 1.
+
+    ``sigmoid(z) >= p`` iff ``z >= probability_logit(p)``, exact where ``sigmoid`` saturates.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"a probability threshold must be in [0, 1], got {p!r}")
+    if p == 0.0:
+        return -math.inf
+    if p == 1.0:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
 
 
 def p_grid(points: int = 39, denominator: float = 20.0) -> list[float]:
