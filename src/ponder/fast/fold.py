@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn as nn
@@ -18,6 +19,8 @@ from torch import Tensor
 
 from ponder.fast.plan import clear_plans
 from ponder.fast.switch import enabled
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,24 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedCon
     if bn is not None and bn.training:
         raise ValueError("sparse convolution folds BatchNorm with running statistics; call model.eval() "
                          "(or use the masked executor to train).")
-    cache = enabled()
-    if cache:
-        key = fold_key(conv, bn)
-        hit = _FOLD_CACHE.get(conv)
-        if hit is not None and hit[0] == key:
-            return hit[1]
+    return _cached(_FOLD_CACHE, conv, bn, lambda: _fold_conv_bn(conv, bn))
+
+
+def _cached(cache: weakref.WeakKeyDictionary, layer: nn.Module, bn: nn.Module | None, make: Callable[[], T]) -> T:
+    """``make()``, the folding of ``layer`` and ``bn``, kept in ``cache`` while :func:`fold_key` is the same
+    (fast paths on; off, computed on every call)."""
+    if not enabled():
+        return make()
+    key = fold_key(layer, bn)
+    hit = cache.get(layer)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = make()
+    cache[layer] = (key, value)
+    return value
+
+
+def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> FoldedConv:
     k = conv.kernel_size[0]
     if isinstance(conv.padding, str) or conv.groups != 1 or conv.dilation != (1, 1) \
             or conv.kernel_size[0] != conv.kernel_size[1] or conv.stride[0] != conv.stride[1] \
@@ -95,10 +110,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> FoldedCon
             w = w * scale[:, None, None, None]
             bias = (bias - bn.running_mean) * scale + shift
         weight = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
-        folded = FoldedConv(weight, bias.detach().clone(), k, conv.stride[0], conv.padding[0])
-    if cache:
-        _FOLD_CACHE[conv] = (key, folded)
-    return folded
+        return FoldedConv(weight, bias.detach().clone(), k, conv.stride[0], conv.padding[0])
 
 
 def bn_scale_shift(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -142,16 +154,11 @@ def fold_linear_bn(linear: nn.Linear, bn: nn.BatchNorm1d) -> tuple[Tensor, Tenso
     x, weight^T)``; cached until a parameter or running statistic changes (:func:`fold_key`; fast paths on)."""
     if bn.training or bn.running_mean is None:
         raise ValueError("folding BatchNorm1d needs it in eval mode with running statistics; call model.eval()")
-    cache = enabled()
-    if cache:
-        key = fold_key(linear, bn)
-        hit = _LINEAR_FOLD.get(linear)
-        if hit is not None and hit[0] == key:
-            return hit[1]
+    return _cached(_LINEAR_FOLD, linear, bn, lambda: _fold_linear_bn(linear, bn))
+
+
+def _fold_linear_bn(linear: nn.Linear, bn: nn.BatchNorm1d) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         scale, shift = bn_scale_shift(bn)
         bias = linear.bias if linear.bias is not None else torch.zeros_like(scale)
-        folded = ((linear.weight * scale[:, None]).t().contiguous(), (bias - bn.running_mean) * scale + shift)
-    if cache:
-        _LINEAR_FOLD[linear] = (key, folded)
-    return folded
+        return (linear.weight * scale[:, None]).t().contiguous(), (bias - bn.running_mean) * scale + shift
