@@ -179,3 +179,31 @@ def test_every_family_tests_a_probability_threshold_on_the_same_logit(threshold)
         pytest.approx(threshold)
     with pytest.raises(ValueError, match="probability"):
         probability_logit(1.5)
+
+
+def test_compiled_recurrent_gate_steps_equal_the_module_steps():
+    """SkipNet's RNN gate as one compiled call per step (mean, projection, LSTM cell, keep logit) gives
+    the module's logits and LSTM states to float rounding, step after step, at batch 1 and 3."""
+    from ponder.fast.native import load
+    from ponder.fast.small_conv import bound_lstm_gate
+
+    if load("small_conv") is None:
+        pytest.skip("the compiled kernels are not built here (`ponder kernels build`)")
+    torch.manual_seed(0)
+    bank = make_gate_bank("rnn", [16, 16, 32]).eval()
+    with torch.no_grad():
+        for p in bank.lstm.parameters():  # (non-zero biases and larger weights: every term matters)
+            p.normal_(0.0, 0.5)
+        steps = bank.bound_steps()
+        assert all("bound_lstm_gate" in s.__qualname__ for s in steps)
+        for batch in (1, 3):
+            xs = [torch.randn(batch, c, s, s).contiguous(memory_format=torch.channels_last)
+                  for c, s in ((16, 8), (16, 8), (32, 4))]
+            ours = want = bank.init_state(xs[0])
+            for j, x in enumerate(xs):
+                got, ours = steps[j](x, ours)
+                logit, want = bank.step(j, x, want)
+                torch.testing.assert_close(got, logit, rtol=1e-5, atol=1e-6)
+                for a, b in zip(ours, want):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert bound_lstm_gate(bank.proj[0].double(), bank.lstm, bank.out) is None  # float32 only

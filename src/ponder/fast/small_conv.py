@@ -12,8 +12,9 @@ on 32x32 maps, 12-24 on 16x16 and 8x8; at batch 1 those took 15-50 us for 0.1-1.
   exit head at batch 1 (208 -> 128 channels on 8x8: 55 -> 34 us);
 - :func:`rows_gemm`: that block GEMM on the rows of a 1x1 convolution;
 
-and, bound to its weights, a gated ResNet's router (a mean and two small linear layers) as one call
-(:func:`bound_pooled_mlp`).
+and, bound to their weights, a gated ResNet's router (a mean and two small linear layers) as one call
+(:func:`bound_pooled_mlp`) and a SkipNet recurrent gate step (a mean, a projection, an LSTM cell and
+the keep logit: :func:`bound_lstm_gate`).
 
 :func:`ponder.fast.conv.conv2d` and :func:`~ponder.fast.conv.conv1x1_rows` time them against
 their other routes per shape and batch-size bucket and use them only where they win. The module is
@@ -104,6 +105,30 @@ def bound_pooled_mlp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     w1t, w2t = w1.detach().t().contiguous(), w2.detach().t().contiguous()
     b1, b2 = b1.detach().contiguous(), b2.detach().contiguous()
     return lambda x: ext.pooled_mlp(x, w1t, b1, w2t, b2, relu)
+
+
+def bound_lstm_gate(proj: torch.nn.Conv2d, cell: torch.nn.LSTMCell, out: torch.nn.Linear
+                    ) -> Callable[[Tensor, tuple[Tensor, Tensor]], tuple[Tensor, tuple[Tensor, Tensor]]] | None:
+    """SkipNet's recurrent gate step as one compiled call with the weights bound: the 1x1 ``proj`` of the
+    mean of ``x``, one step of ``cell`` and the keep logit ``out`` (one output):
+    ``run(x [B, C, H, W], (h, c) [B, Hd]) -> (logit [B], (h', c'))`` for a contiguous channels-last float32
+    ``x``. ``None`` without the compiled kernels or for float64 weights. Valid while the weights are
+    unchanged (the caller checks)."""
+    ext = _extension()
+    if ext is None or proj.weight.dtype != torch.float32 or out.out_features != 1:
+        return None
+    with torch.no_grad():
+        wpt = proj.weight.flatten(1).t().contiguous()
+        bp = _bias(proj.weight, proj.bias).contiguous()
+        wih_t, whh_t = cell.weight_ih.t().contiguous(), cell.weight_hh.t().contiguous()
+        b4 = (_bias(cell.weight_ih, cell.bias_ih) + _bias(cell.weight_hh, cell.bias_hh)).contiguous()
+        wo, bo = out.weight[0].contiguous(), _bias(out.weight, out.bias).contiguous()
+
+    def run(x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        logit, h, c = ext.pooled_lstm_gate(x, state[0], state[1], wpt, bp, wih_t, whh_t, b4, wo, bo)
+        return logit, (h, c)
+
+    return run
 
 
 def rows_gemm_applies(x: Tensor, weight: Tensor) -> bool:

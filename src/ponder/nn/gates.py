@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ponder import fast
 from ponder.nn.routers import RouterBank
 from ponder.nn.thresholds import probability_logit
 
@@ -193,6 +194,12 @@ class RecurrentGates(GateBank):
     def step(self, i: int, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         h, c = self.lstm(pooled_linear(x, self.proj[i]), state)
         return F.linear(h, self.out.weight, self.out.bias).squeeze(1), (h, c)
+
+    def bound_steps(self) -> list[Callable[[Tensor, Any], tuple[Tensor, Any]]]:
+        """Each gate's step as one compiled call where the kernels are built (:func:`ponder.fast.bound_lstm_gate`:
+        mean, projection, LSTM cell, keep logit; equal up to float rounding), else :meth:`step`."""
+        steps = [fast.bound_lstm_gate(proj, self.lstm, self.out) for proj in self.proj]
+        return super().bound_steps() if None in steps else steps  # type: ignore[return-value]
 
     def final_layers(self) -> list[nn.Module]:
         return [self.out]
