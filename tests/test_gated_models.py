@@ -180,10 +180,11 @@ def test_router_inference_follows_weight_and_statistics_changes():
         torch.testing.assert_close(router.infer(x), router(x))
 
 
-def test_the_batch_one_plan_follows_changes_and_matches_the_masked_executor():
+@pytest.mark.parametrize("family", ["aig", "rdinet"])  # independent routers, and relational ones (with a state)
+def test_the_batch_one_plan_follows_changes_and_matches_the_masked_executor(family):
     from ponder.fast import plan
 
-    model = tiny("aig")
+    model = tiny(family)
     x = images(1)
     set_executor(model, "sparse")
     with torch.no_grad():
@@ -192,7 +193,7 @@ def test_the_batch_one_plan_follows_changes_and_matches_the_masked_executor():
             pytest.skip("batch-1 plans need fast paths on")
         block = model.backbone.blocks[1]
         block.conv2.weight.mul_(-1.5)  # changes after the plan was built
-        model.routers.routers[2].fc1.weight.add_(0.5)
+        model.routers.final_layers()[2].weight.add_(0.5)
         model.train()
         model.backbone(images(8, seed=3))  # new BN running statistics
         model.eval()
@@ -206,3 +207,22 @@ def test_the_batch_one_plan_follows_changes_and_matches_the_masked_executor():
             torch.testing.assert_close(sparse.logits, masked.logits, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(sparse.extras["router_logits"], masked.extras["router_logits"], rtol=1e-5,
                                        atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_bound_router_steps_equal_the_module_steps(family):
+    """Each bank's batch-1 steps (one compiled call per router where the kernels are built: the pooled MLP,
+    and RDI-Net's graph and output layers too) give the module's logits and states, step after step."""
+    model = tiny(family)
+    bank, blocks = model.routers, model.backbone.blocks
+    h = model.backbone.stem(images(1)).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        steps = bank.bound_steps()
+        ours = want = bank.init_state(h)
+        for j, block in enumerate(blocks):
+            got, ours = steps[j](h, ours)
+            logits, want = bank.step(j, h, want)
+            torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
+            for a, b in zip(ours or (), want or ()):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            h = block(h).contiguous(memory_format=torch.channels_last)

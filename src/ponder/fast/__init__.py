@@ -23,11 +23,11 @@ from ponder.fast.plan import prepared
 from ponder.fast.routes import choose, decide
 from ponder.fast.spatial import (act_step, mask_decide, mask_logits, residual_epilogue, sact_step, sact_step_applies,
                                  scatter_residual, spatial_halting, spatial_halting_applies, unit_masks)
-from ponder.fast.small_conv import bound_lstm_gate, bound_pooled_mlp
+from ponder.fast.small_conv import bound_lstm_gate, bound_pooled_mlp, bound_relational_router
 from ponder.fast.switch import cpu_inference, disabled, enabled, set_enabled
 
 __all__ = [
-    "act_step", "bound_lstm_gate", "bound_pooled_mlp", "choose", "conv2d_runner", "conv_bn", "cpu_inference", "decide", "disabled",
+    "act_step", "bound_lstm_gate", "bound_pooled_mlp", "bound_relational_router", "choose", "conv2d_runner", "conv_bn", "cpu_inference", "decide", "disabled",
     "enabled", "exit_head", "exit_head_applies", "exit_step", "fold_conv_bn", "fold_conv_bn_dense", "fold_key",
     "fold_linear_bn", "FoldedConv", "linear_rows", "mask_decide", "mask_logits", "pool_flat", "prepared",
     "residual_epilogue", "sact_step", "sact_step_applies", "scatter_residual", "set_enabled", "spatial_halting",

@@ -13,7 +13,8 @@ on 32x32 maps, 12-24 on 16x16 and 8x8; at batch 1 those took 15-50 us for 0.1-1.
 - :func:`rows_gemm`: that block GEMM on the rows of a 1x1 convolution;
 
 and, bound to their weights, a gated ResNet's router (a mean and two small linear layers) as one call
-(:func:`bound_pooled_mlp`) and a SkipNet recurrent gate step (a mean, a projection, an LSTM cell and
+(:func:`bound_pooled_mlp`), RDI-Net's relational router step (that router, the mean of it and the two
+before, a linear layer: :func:`bound_relational_router`) and a SkipNet recurrent gate step (a mean, a projection, an LSTM cell and
 the keep logit: :func:`bound_lstm_gate`).
 
 :func:`ponder.fast.conv.conv2d` and :func:`~ponder.fast.conv.conv1x1_rows` time them against
@@ -105,6 +106,26 @@ def bound_pooled_mlp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     w1t, w2t = w1.detach().t().contiguous(), w2.detach().t().contiguous()
     b1, b2 = b1.detach().contiguous(), b2.detach().contiguous()
     return lambda x: ext.pooled_mlp(x, w1t, b1, w2t, b2, relu)
+
+
+def bound_relational_router(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, relu: bool, out: torch.nn.Linear
+                            ) -> Callable[[Tensor, tuple[Tensor, Tensor]], tuple[Tensor, tuple[Tensor, Tensor]]] | None:
+    """RDI-Net's router step as one compiled call with the weights bound: ``r`` = :func:`bound_pooled_mlp`'s
+    result, then ``out((r + prev1 + prev2) / 3)``: ``run(x [B, C, H, W], (prev1, prev2) [B, K]) -> (logits
+    [B, K'], (r, prev1))`` for a contiguous channels-last float32 ``x``. ``None`` without the compiled
+    kernels. Valid while the weights are unchanged (the caller checks)."""
+    ext = _extension()
+    if ext is None:
+        return None
+    w1t, w2t = w1.detach().t().contiguous(), w2.detach().t().contiguous()
+    b1, b2 = b1.detach().contiguous(), b2.detach().contiguous()
+    wot, bo = out.weight.detach().t().contiguous(), _bias(out.weight, out.bias).detach().contiguous()
+
+    def run(x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        logits, r = ext.relational_router(x, w1t, b1, w2t, b2, relu, state[0], state[1], wot, bo)
+        return logits, (r, state[0])
+
+    return run
 
 
 def bound_lstm_gate(proj: torch.nn.Conv2d, cell: torch.nn.LSTMCell, out: torch.nn.Linear

@@ -145,10 +145,7 @@ class PooledRouter(nn.Module):
     def infer(self, x: Tensor) -> Tensor:
         """:meth:`forward` at inference (eval mode, no autograd) in plain ops: BN folded into ``fc1``
         (:func:`ponder.fast.fold_linear_bn`), no module calls. ``x [B, C, H, W]`` -> ``[B, K]``."""
-        if self.bn is not None:
-            weight_t, bias = fast.fold_linear_bn(self.fc1, self.bn)
-        else:
-            weight_t, bias = self.fc1.weight.t(), self.fc1.bias
+        weight_t, bias = self.folded_fc1()
         h = torch.addmm(bias, x.mean((2, 3)), weight_t)
         if self.act:
             h = h.relu_()
@@ -160,12 +157,15 @@ class PooledRouter(nn.Module):
         are built (:func:`ponder.fast.bound_pooled_mlp`; equal up to float rounding):
         ``run(x [B, C, H, W] contiguous channels-last) -> [B, K]``. Valid while the weights are unchanged
         (a :mod:`ponder.fast.plan` checks)."""
-        if self.bn is not None:
-            weight_t, bias = fast.fold_linear_bn(self.fc1, self.bn)
-        else:
-            weight_t, bias = self.fc1.weight.t(), self.fc1.bias
+        weight_t, bias = self.folded_fc1()
         run = fast.bound_pooled_mlp(weight_t.t(), bias, self.fc2.weight, self.fc2.bias, self.act)
         return run if run is not None else self.infer
+
+    def folded_fc1(self) -> tuple[Tensor, Tensor]:
+        """``(weight^T [C, hidden], bias [hidden])`` of ``fc1`` with eval-mode BN folded in (inference only)."""
+        if self.bn is not None:
+            return fast.fold_linear_bn(self.fc1, self.bn)
+        return self.fc1.weight.t(), self.fc1.bias
 
 
 class RouterBank(nn.Module):
@@ -265,11 +265,13 @@ class RelationalRouters(RouterBank):
         return self._relate(i, self.embed[i].infer(x), state)
 
     def bound_steps(self) -> list[Callable[[Tensor, Any], tuple[Tensor, Any]]]:
-        return [functools.partial(self._bound_relate, i, e.bound()) for i, e in enumerate(self.embed)]
-
-    def _bound_relate(self, i: int, embed: Callable[[Tensor], Tensor], x: Tensor,
-                      state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        return self._relate(i, embed(x), state)
+        """Each router's whole step as one compiled call where the kernels are built
+        (:func:`ponder.fast.bound_relational_router`; equal up to float rounding), else :meth:`infer_step`."""
+        steps = []
+        for e, out in zip(self.embed, self.out):
+            weight_t, bias = e.folded_fc1()
+            steps.append(fast.bound_relational_router(weight_t.t(), bias, e.fc2.weight, e.fc2.bias, e.act, out))
+        return super().bound_steps() if None in steps else steps  # type: ignore[return-value]
 
     def _relate(self, i: int, r: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The graph layer and output of router ``i`` on its features ``r [B, K]``."""

@@ -18,7 +18,8 @@
 // 8 positions. linear_rows runs the same block GEMM on rows as they are (1x1 convolutions),
 // exit_head a whole exit classifier (two such convolutions, a mean, a linear layer) in one call, and
 // pooled_mlp a gated ResNet's router (a mean over positions, two small linear layers) in one call,
-// and pooled_lstm_gate a SkipNet recurrent gate step (a mean, a projection, an LSTM cell, a linear layer).
+// relational_router RDI-Net's (that router, a mean of three, a linear layer), and pooled_lstm_gate a SkipNet
+// recurrent gate step (a mean, a projection, an LSTM cell, a linear layer).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -333,6 +334,35 @@ torch::Tensor pooled_mlp(const torch::Tensor& x, const torch::Tensor& w1t, const
   return logits;
 }
 
+// RDI-Net's relational router at inference in one call: r = pooled_mlp(x, ...) [B, K], then the graph
+// layer g = (r + prev1 + prev2) / 3 and logits = Wo g + bo (wot [K, Ko] = Wo transposed, bo [Ko]);
+// prev1, prev2 [B, K] are the two previous routers' r -> {logits [B, Ko], r}.
+std::vector<torch::Tensor> relational_router(const torch::Tensor& x, const torch::Tensor& w1t, const torch::Tensor& b1,
+                                             const torch::Tensor& w2t, const torch::Tensor& b2, bool relu,
+                                             const torch::Tensor& prev1, const torch::Tensor& prev2,
+                                             const torch::Tensor& wot, const torch::Tensor& bo) {
+  auto r = pooled_mlp(x, w1t, b1, w2t, b2, relu);
+  const int64_t B = r.size(0), K = r.size(1), Ko = bo.size(0);
+  TORCH_CHECK(prev1.is_contiguous() && prev2.is_contiguous() && prev1.sizes() == r.sizes()
+              && prev2.sizes() == r.sizes() && prev1.scalar_type() == torch::kFloat32
+              && prev2.scalar_type() == torch::kFloat32, "prev1, prev2 [B, K] float32, contiguous");
+  TORCH_CHECK(wot.is_contiguous() && wot.size(0) == K && wot.size(1) == Ko && bo.is_contiguous(),
+              "wot [K, Ko], bo [Ko], contiguous");
+  auto logits = torch::empty({B, Ko}, r.options());
+  const float *pr = r.data_ptr<float>(), *p1 = prev1.data_ptr<float>(), *p2 = prev2.data_ptr<float>();
+  const float *pwo = wot.data_ptr<float>(), *pbo = bo.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    float* out = logits.data_ptr<float>() + b * Ko;
+    std::copy(pbo, pbo + Ko, out);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = b * K + k;
+      const float g = (pr[i] + p1[i] + p2[i]) / 3.f;
+      for (int64_t o = 0; o < Ko; ++o) out[o] += g * pwo[k * Ko + o];
+    }
+  }
+  return {logits, r};
+}
+
 // A SkipNet recurrent gate step at inference in one call, for x [B, C, H, W] channels-last and the
 // LSTM state h, c [B, Hd]: p = Wp mean(x) + bp (wpt [C, P], bp [P]); one LSTM cell step in PyTorch's
 // gate order (i, f, g, o) with wih_t [P, 4Hd], whh_t [Hd, 4Hd], b4 [4Hd] = b_ih + b_hh; then the keep
@@ -387,5 +417,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("exit_head", &exit_head, "two 3x3/2 convolutions + ReLU, mean, linear: {feature, logits}");
   m.def("linear_rows", &linear_rows, "act(x @ W^T + b) on rows with a blocked weight (1x1 convolutions)");
   m.def("pooled_mlp", &pooled_mlp, "a router: W2 act(W1 mean(x) + b1) + b2 on channels-last x");
+  m.def("relational_router", &relational_router, "RDI-Net's router: pooled_mlp, graph layer, output layer");
   m.def("pooled_lstm_gate", &pooled_lstm_gate, "a SkipNet RNN gate step: mean, projection, LSTM cell, keep logit");
 }
