@@ -2,8 +2,8 @@
 
 For comparing speed before and after a change on a shared, noisy machine: rounds are interleaved so
 drift hits both alike, and the summary gives each side's median and range. The command must print
-JSON (one document, or JSON lines); ``--field`` names the number to compare (dotted keys for nested values), ``--where``
-selects lines (``key=value``).
+JSON (one document, or JSON lines); ``--field`` names the number to compare (dotted keys for nested values;
+repeat it to summarise several figures of the same runs), ``--where`` selects lines (``key=value``).
 
     python benchmarks/interleave.py --a ../old --b . --rounds 5 --field efficiency --where batch=64 -- \\
         python benchmarks/early_exit_speed.py --batch-sizes 64 1 --json
@@ -48,20 +48,21 @@ def main() -> None:
     ap.add_argument("--a", type=Path, required=True, help="first checkout (e.g. the old commit)")
     ap.add_argument("--b", type=Path, required=True, help="second checkout")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--field", required=True)
+    ap.add_argument("--field", action="append", required=True, help="a figure to compare (repeatable)")
     ap.add_argument("--where", action="append", default=[])
     ap.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    values: dict[str, list[float]] = {"a": [], "b": []}
+    values: dict[tuple[str, str], list[float]] = {(side, f): [] for f in args.field for side in ("a", "b")}
     for r in range(args.rounds):
         for side in ("a", "b"):
-            got = pick(run(getattr(args, side).resolve(), command), args.field, args.where)
-            values[side] += got
-            print(f"round {r + 1} {side}: {', '.join(f'{v:.3f}' for v in got)}", flush=True)
-    for side in ("a", "b"):
-        v = values[side]
-        print(json.dumps({"side": side, "checkout": str(getattr(args, side)), "field": args.field,
+            rows = run(getattr(args, side).resolve(), command)
+            for field in args.field:
+                got = pick(rows, field, args.where)
+                values[side, field] += got
+                print(f"round {r + 1} {side} {field}: {', '.join(f'{v:.3f}' for v in got)}", flush=True)
+    for (side, field), v in values.items():
+        print(json.dumps({"side": side, "checkout": str(getattr(args, side)), "field": field,
                           "median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}))
 
 
