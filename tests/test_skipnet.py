@@ -242,3 +242,21 @@ def test_batch1_plan_matches_the_masked_executor_and_follows_changes(gate_type):
         for layer in m.gate_bank.final_layers():
             layer.bias.add_(0.3)
     assert not torch.equal(compare().logits, first.logits)
+
+
+@pytest.mark.parametrize("depth, gates", [(18, 7), (50, 15)])
+def test_imagenet_skipnets_gate_every_block_but_the_first_and_load_a_torchvision_resnet(depth, gates):
+    """``skipnet_resnet{18..152}``: torchvision's ResNet under ``backbone.`` (a plain ResNet's weights load
+    strictly), one recurrent gate per block after the first; every block kept equals the plain ResNet."""
+    torch.manual_seed(0)
+    m = create_model(f"skipnet_resnet{depth}", num_classes=10).eval()
+    plain = create_model(f"resnet{depth}", num_classes=10).eval()
+    assert m.gate_type == "rnn" and len(m.gate_bank) == gates == m.num_blocks - 1
+    m.backbone.load_state_dict(plain.state_dict())
+    m.force_keep_rate(1.0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = m(x)
+        assert out.gates.all()
+        torch.testing.assert_close(out.logits, plain(x).logits, rtol=1e-4, atol=1e-4)
+    assert {"skipnet_resnet34", "skipnet_resnet101", "skipnet_resnet152"} <= set(list_models("skipnet_resnet*"))

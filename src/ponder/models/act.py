@@ -44,6 +44,7 @@ from ponder import fast
 from ponder.cost import CostLedger, eval_unit_macs
 from ponder.models.base import Knob, example_input
 from ponder.models.resnet import (
+    IMAGENET_LAYOUTS,
     BasicBlock,
     Bottleneck,
     CifarResNet,
@@ -383,8 +384,8 @@ def _cifar(depth: int, spatial: bool):
                      f"{kind} CIFAR ResNet-{depth} ({(depth - 2) // 6} units per stage, parameter-free shortcuts).")
 
 
-def _imagenet(depth: int, layers: list[int], spatial: bool):
-    kind = "SACT" if spatial else "ACT"
+def _imagenet(depth: int, spatial: bool):
+    kind, layers = "SACT" if spatial else "ACT", IMAGENET_LAYOUTS[depth][1]
     return _register(f"{kind.lower()}_resnet{depth}", ACTImageNetResNet,
                      lambda **kw: ACTImageNetResNet(Bottleneck, layers, spatial=spatial, **kw),
                      f"{kind} ResNet-{depth} (torchvision layout, {layers} bottleneck units; fully convolutional).")
@@ -394,7 +395,7 @@ act_resnet32_cifar = _cifar(32, False)
 act_resnet110_cifar = _cifar(110, False)
 sact_resnet32_cifar = _cifar(32, True)
 sact_resnet110_cifar = _cifar(110, True)
-act_resnet50 = _imagenet(50, [3, 4, 6, 3], False)
-act_resnet101 = _imagenet(101, [3, 4, 23, 3], False)
-sact_resnet50 = _imagenet(50, [3, 4, 6, 3], True)
-sact_resnet101 = _imagenet(101, [3, 4, 23, 3], True)
+act_resnet50 = _imagenet(50, False)
+act_resnet101 = _imagenet(101, False)
+sact_resnet50 = _imagenet(50, True)
+sact_resnet101 = _imagenet(101, True)

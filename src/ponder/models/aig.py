@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ponder.models.gated import GatedResNet
 from ponder.models.gated_builders import block_in_channels, register_gated_cifar
-from ponder.models.resnet import Bottleneck, ImageNetResNet, ResNet
+from ponder.models.resnet import IMAGENET_LAYOUTS, ImageNetResNet, ResNet
 from ponder.nn.routers import IndependentRouters, PooledRouter
 from ponder.registry import register_model
 
@@ -70,12 +70,12 @@ aig_resnet110_cifar = _aig_cifar(110)
 def aig_resnet50(num_classes: int = 1000, threshold: float = 0.5) -> AIGResNet:
     """ConvNet-AIG on ImageNet ResNet-50 (16 gated bottlenecks; torchvision keys under ``backbone.``), with the
     paper's per-layer target schedule ``[1, 1, 0.8, 1, t, t, t, 1, t, t, t, t, t, 1, 0.7, 1]``."""
-    return AIGResNet(ImageNetResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes), threshold, schedule="resnet50")
+    return AIGResNet(ImageNetResNet(*IMAGENET_LAYOUTS[50], num_classes=num_classes), threshold, schedule="resnet50")
 
 
 @register_model
 def aig_resnet101(num_classes: int = 1000, threshold: float = 0.5) -> AIGResNet:
     """ConvNet-AIG on ImageNet ResNet-101 (33 gated bottlenecks), with the paper's per-layer target schedule
     ``[1] * 8 + [t] * 25``."""
-    return AIGResNet(ImageNetResNet(Bottleneck, [3, 4, 23, 3], num_classes=num_classes), threshold,
+    return AIGResNet(ImageNetResNet(*IMAGENET_LAYOUTS[101], num_classes=num_classes), threshold,
                      schedule="resnet101")

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ponder.cost import count_macs
 from ponder.models.base import example_input
-from ponder.models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetResNet, ResNet
+from ponder.models.resnet import IMAGENET_LAYOUTS, BasicBlock, CifarResNet, ImageNetResNet, ResNet
 from ponder.models.skipping import SkippingModel
 from ponder.nn.policy import PolicyDecision, PooledLinearGates, ResNetPolicy, bernoulli_log_prob, decide_blocks
 from ponder.output import DynamicOutput
@@ -184,7 +184,7 @@ def blockdrop_resnet101(num_classes: int = 1000, threshold: float = 0.5,
                         policy_init: str | None = None) -> BlockDropResNet:
     """BlockDrop on ImageNet ResNet-101 (33 blocks; torchvision keys under ``backbone.``), ResNet-10 policy
     at 112 px; ``policy_init``: ResNet-18 weights (torchvision layout) for the policy's stem and first blocks."""
-    backbone = ImageNetResNet(Bottleneck, [3, 4, 23, 3], num_classes=num_classes)
+    backbone = ImageNetResNet(*IMAGENET_LAYOUTS[101], num_classes=num_classes)
     model = BlockDropResNet(backbone, imagenet_policy(len(backbone.blocks)), threshold)
     if policy_init:
         model.init_policy_trunk(policy_init)

@@ -40,7 +40,8 @@ from torch import Tensor
 
 from ponder.cost import CostLedger, eval_unit_macs
 from ponder.models.base import Knob, example_input
-from ponder.models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetResNet, ResidualBlock, Shortcut, _MethodUnit
+from ponder.models.resnet import (IMAGENET_LAYOUTS, BasicBlock, Bottleneck, CifarResNet, ImageNetResNet, ResidualBlock,
+                                  Shortcut, _MethodUnit)
 from ponder.models.spatial import DenseResNetKernels, DenseResNetView, SpatialModel, block_input_sizes
 from ponder.nn.dense_units import stem_on_kernels
 from ponder.nn.forced import sample_keys
@@ -235,13 +236,11 @@ class DynConvImageNetResNet(DynConvMixin, ImageNetResNet):
         self._init_dynconv((budget,))
 
 
-IMAGENET_LAYERS = {18: (BasicBlock, [2, 2, 2, 2]), 50: (Bottleneck, [3, 4, 6, 3]), 101: (Bottleneck, [3, 4, 23, 3])}
-
-
 def register_resnet_variant(prefix: str, cls: type[CifarResNet] | type[ImageNetResNet], depth: int,
                             doc: str) -> Callable[..., nn.Module]:
     """Register ``cls`` at ``depth``: a CIFAR ResNet as ``{prefix}_resnet{depth}_cifar`` (``cls(depth, **kw)``), an
-    ImageNet one as ``{prefix}_resnet{depth}`` (``cls(block, layers, **kw)`` from :data:`IMAGENET_LAYERS`); the
+    ImageNet one as ``{prefix}_resnet{depth}`` (``cls(block, layers, **kw)`` from
+    :data:`ponder.models.resnet.IMAGENET_LAYOUTS`); the
     factory's return annotation is ``cls`` (what the registry lists without building).
 
     ``doc`` is a template: ``{depth}``, and ``{per_stage}`` (blocks per CIFAR stage) or ``{layers}`` and ``{block}``.
@@ -249,7 +248,7 @@ def register_resnet_variant(prefix: str, cls: type[CifarResNet] | type[ImageNetR
     if issubclass(cls, CifarResNet):
         name, args, fields = f"{prefix}_resnet{depth}_cifar", (depth,), {"per_stage": (depth - 2) // 6}
     else:
-        block, layers = IMAGENET_LAYERS[depth]
+        block, layers = IMAGENET_LAYOUTS[depth]
         name, args, fields = f"{prefix}_resnet{depth}", (block, layers), {"layers": layers, "block": block.__name__}
 
     def factory(num_classes: int | None = None, **kw) -> nn.Module:

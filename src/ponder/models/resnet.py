@@ -320,8 +320,13 @@ resnet32_cifar = _cifar(32)
 resnet44_cifar = _cifar(44)
 resnet56_cifar = _cifar(56)
 resnet110_cifar = _cifar(110)
-resnet18 = _imagenet("resnet18", BasicBlock, [2, 2, 2, 2])
-resnet34 = _imagenet("resnet34", BasicBlock, [3, 4, 6, 3])
-resnet50 = _imagenet("resnet50", Bottleneck, [3, 4, 6, 3])
-resnet101 = _imagenet("resnet101", Bottleneck, [3, 4, 23, 3])
-resnet152 = _imagenet("resnet152", Bottleneck, [3, 8, 36, 3])
+#: torchvision's ImageNet ResNets: depth -> (block, blocks per stage); every family's ImageNet presets use these
+IMAGENET_LAYOUTS: dict[int, tuple[type[ResidualBlock], list[int]]] = {
+    18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]), 50: (Bottleneck, [3, 4, 6, 3]),
+    101: (Bottleneck, [3, 4, 23, 3]), 152: (Bottleneck, [3, 8, 36, 3])}
+
+resnet18 = _imagenet("resnet18", *IMAGENET_LAYOUTS[18])
+resnet34 = _imagenet("resnet34", *IMAGENET_LAYOUTS[34])
+resnet50 = _imagenet("resnet50", *IMAGENET_LAYOUTS[50])
+resnet101 = _imagenet("resnet101", *IMAGENET_LAYOUTS[101])
+resnet152 = _imagenet("resnet152", *IMAGENET_LAYOUTS[152])

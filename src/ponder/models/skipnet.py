@@ -19,17 +19,20 @@ Weights: ``backbone.<ResNet key>`` and ``gate_bank.*``; a plain option-B CIFAR R
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ponder.cost import count_macs
 from ponder.models.base import example_input
-from ponder.models.resnet import CifarResNet, ResNet
+from ponder.models.resnet import IMAGENET_LAYOUTS, CifarResNet, ImageNetResNet, ResNet
 from ponder.models.skipping import SkippingModel
 from ponder.nn import skip_kernels
 from ponder.nn.dense_units import dense_unit_channels_last, stem_on_kernels
-from ponder.nn.gates import DECISION_MODES, GATE_TYPES, GateBank, decide, make_gate_bank
+from ponder.nn.gates import DECISION_MODES, GateBank, decide, make_gate_bank
 from ponder.nn.thresholds import probability_logit
 from ponder.output import DynamicOutput
 from ponder.registry import register_model
@@ -148,20 +151,37 @@ class SkipNet(SkippingModel):
                 for i, row in enumerate(super().profile_blocks(input_size))]
 
 
-def _skipnet(depth: int, doc_gate: str):
-    def factory(num_classes: int = 10, gate_type: str = "rnn", threshold: float = 0.5,
-                init_keep_prob: float | None = None, **kw) -> SkipNet:
-        if gate_type not in GATE_TYPES:
-            raise ValueError(f"gate_type must be one of {GATE_TYPES}, got {gate_type!r}")
-        return SkipNet(CifarResNet(depth, num_classes=num_classes, shortcut="B", **kw),
-                       gate_type=gate_type, threshold=threshold, init_keep_prob=init_keep_prob)
+def _register(name: str, backbone: Callable[..., ResNet], classes: int, doc: str):
+    """Register ``name``: SkipNet on ``backbone(num_classes=..., **kw)`` (its options after the gates')."""
 
-    factory.__name__ = f"skipnet_resnet{depth}_cifar"
-    factory.__doc__ = (f"SkipNet on CIFAR ResNet-{depth} (projection shortcuts); gate_type 'rnn' (default, "
-                       f"recommended), 'ffgate1' or 'ffgate2' (the paper used {doc_gate} for this depth).")
+    def factory(num_classes: int = classes, gate_type: str = "rnn", threshold: float = 0.5,
+                init_keep_prob: float | None = None, **kw) -> SkipNet:
+        return SkipNet(backbone(num_classes=num_classes, **kw), gate_type=gate_type, threshold=threshold,
+                       init_keep_prob=init_keep_prob)
+
+    factory.__name__, factory.__doc__ = name, doc
     return register_model(factory)
+
+
+def _skipnet(depth: int, doc_gate: str):
+    return _register(f"skipnet_resnet{depth}_cifar", functools.partial(CifarResNet, depth, shortcut="B"), 10,
+                     f"SkipNet on CIFAR ResNet-{depth} (projection shortcuts); gate_type 'rnn' (default, "
+                     f"recommended), 'ffgate1' or 'ffgate2' (the paper used {doc_gate} for this depth).")
+
+
+def _skipnet_imagenet(depth: int):
+    block, layers = IMAGENET_LAYOUTS[depth]
+    return _register(f"skipnet_resnet{depth}", functools.partial(ImageNetResNet, block, layers), 1000,
+                     f"SkipNet on ImageNet ResNet-{depth} (torchvision layout, keys under ``backbone.``; "
+                     f"{sum(layers) - 1} gated blocks); gate_type 'rnn' (default: the only gate the paper "
+                     f"uses on ImageNet), 'ffgate1' or 'ffgate2'.")
 
 
 skipnet_resnet38_cifar = _skipnet(38, "FFGate-I")
 skipnet_resnet74_cifar = _skipnet(74, "FFGate-I")
 skipnet_resnet110_cifar = _skipnet(110, "FFGate-II")
+skipnet_resnet18 = _skipnet_imagenet(18)
+skipnet_resnet34 = _skipnet_imagenet(34)
+skipnet_resnet50 = _skipnet_imagenet(50)
+skipnet_resnet101 = _skipnet_imagenet(101)
+skipnet_resnet152 = _skipnet_imagenet(152)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ponder.models.gated import GatedResNet
 from ponder.models.gated_builders import kaiming_routers
-from ponder.models.resnet import Bottleneck, CifarResNet, ImageNetResNet, ResNet
+from ponder.models.resnet import IMAGENET_LAYOUTS, CifarResNet, ImageNetResNet, ResNet
 from ponder.nn.routers import IndependentRouters, PooledRouter
 from ponder.registry import register_model
 
@@ -51,4 +51,4 @@ def spnet_resnet110_cifar(num_classes: int = 10, shortcut: str = "A", threshold:
 @register_model
 def spnet_resnet50(num_classes: int = 1000, threshold: float = 0.5) -> SPNetResNet:
     """SP-Net on ImageNet ResNet-50 (16 routed bottlenecks; torchvision keys under ``backbone.``)."""
-    return SPNetResNet(ImageNetResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes), threshold)
+    return SPNetResNet(ImageNetResNet(*IMAGENET_LAYOUTS[50], num_classes=num_classes), threshold)

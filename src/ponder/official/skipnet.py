@@ -31,7 +31,7 @@ from ponder.official.layout import (Mapped, OfficialCheckpointError, cifar_datas
                                     plain_values)
 
 REPOSITORY = "ucbdrive/skipnet"
-MODELS = "skipnet_*"
+MODELS = "skipnet_resnet*_cifar"  # (the ImageNet SkipNets have no official checkpoint mapping)
 DEPTHS = (38, 74, 110)
 NORMALIZE = [[0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]]
 RNN_DIMS = 10  # ponder's RecurrentGates: projection and LSTM width 10, as every official factory
