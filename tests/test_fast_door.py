@@ -121,3 +121,23 @@ def test_the_same_outputs_with_fast_paths_on_and_off(name):
             off = model(x)
     torch.testing.assert_close(on.logits, off.logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(on.macs, off.macs)
+
+
+
+def test_stored_routes_are_kept_per_kernel_build(monkeypatch):
+    """A changed, new or removed kernel build gets its own routes file: routes timed without a kernel (or
+    with an older one) are never applied to another build."""
+    from ponder.fast import native, routes
+
+    monkeypatch.delenv("PONDER_ROUTES_FILE", raising=False)
+    native.forget_loaded()
+    first = routes.routes_file()
+    assert first.name.endswith(f"-k{native.builds_tag()}.json")
+    gone = next(iter(native.MODULES))
+    built = native.KernelModule.built
+    with monkeypatch.context() as m:
+        m.setattr(native.KernelModule, "built", lambda self: built(self) != (self.name == gone))  # flipped
+        native.forget_loaded()
+        other = routes.routes_file()
+    native.forget_loaded()
+    assert other != first and routes.routes_file() == first

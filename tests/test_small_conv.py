@@ -42,6 +42,26 @@ def test_conv3x3_kernels_equal_f_conv2d(kernel, relu, batch, cin, cout, h, w, st
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("batch, stride", [(1, 1), (1, 2), (3, 1)])
+def test_conv3x3_splits_a_large_layer_over_threads_with_the_same_sums(batch, stride):
+    """With fewer samples than threads, a large layer (ImageNet-sized maps at batch 1) is split over its
+    output-channel blocks: the result is F.conv2d's, and bit for bit the one-thread result."""
+    g = torch.Generator().manual_seed(stride)
+    x = torch.randn(batch, 32, 28, 28, generator=g).contiguous(memory_format=CL)  # 7-14M MACs per sample
+    weight, bias = torch.randn(36, 32, 3, 3, generator=g), torch.randn(36, generator=g)  # 5 blocks, the last of 4
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = small_conv.conv3x3(x, weight, bias, stride, relu=True)
+            torch.set_num_threads(4)
+            split = small_conv.conv3x3(x, weight, bias, stride, relu=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, one)
+    torch.testing.assert_close(split, F.conv2d(x, weight, bias, stride, 1).relu(), atol=1e-4, rtol=1e-4)
+
+
 def test_blocked_weight_follows_in_place_changes_and_goes_with_the_weight():
     from ponder.fast import weight_cache
 

@@ -65,8 +65,9 @@ class KernelModule:
 
 
 MODULES: dict[str, KernelModule] = {m.name: m for m in (
-    KernelModule("spatial", "fused_spatial.cpp", ("-O3", "-ffp-contract=off"), "the fused spatial kernels (SACT)"),
-    KernelModule("small_conv", "small_conv.cpp", ("-O3", "-march=native", "-ffp-contract=fast"),
+    KernelModule("spatial", "fused_spatial.cpp", ("-O3", "-ffp-contract=off", "-fopenmp"),
+                 "the fused spatial kernels (SACT)"),
+    KernelModule("small_conv", "small_conv.cpp", ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"),
                  "the small-convolution kernels (3x3 convolutions, block GEMMs, exit heads)"),
     KernelModule("exit_step", "exit_step.cpp", ("-O3",), "the early-exit step kernel"),
     KernelModule("plan", "plan.cpp", ("-O3",), "the plan fingerprint"),
@@ -113,12 +114,28 @@ def build(name: str, force: bool = False) -> Path:
     directory = mod.build_dir()
     directory.mkdir(parents=True, exist_ok=True)
     compile_and_load(name=mod.module_name, sources=[str(_CSRC / mod.source)], extra_cflags=list(mod.cflags),
+                     extra_ldflags=["-fopenmp"] if "-fopenmp" in mod.cflags else [],
                      build_directory=str(directory), verbose=False)
     _LOADED.pop(name, None)
+    _TAG[0] = None
     return mod.library()
+
+
+def builds_tag() -> str:
+    """A short hash of which kernel builds this process would load (each built module's digest): the
+    stored routes are kept per tag, so a changed or newly built kernel is timed again rather than
+    judged by routes timed without it."""
+    if _TAG[0] is None:
+        digests = [f"{m.name}:{m.digest() if m.built() else '-'}" for m in MODULES.values()]
+        _TAG[0] = hashlib.sha1("|".join(digests).encode()).hexdigest()[:8]
+    return _TAG[0]
+
+
+_TAG: list[str | None] = [None]
 
 
 def forget_loaded() -> None:
     """Drop the loaded-module memo (tests; after a build in this process)."""
     _LOADED.clear()
     _HINTED[0] = False
+    _TAG[0] = None

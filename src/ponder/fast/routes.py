@@ -5,7 +5,7 @@ a unit in channels-last or NCHW, the density above which a sparse unit runs dens
 agree only up to float rounding, so a route chosen by timing in each process would let two runs of
 the same checkpoint differ near a decision threshold. Here every route is decided the first time
 it is needed on this machine (:func:`decide`: timed, outside any ``FlopCounterMode``) and written to
-one JSON file per machine (:func:`routes_file`); every later call, in this process or another, reads
+one JSON file per machine and kernel build (:func:`routes_file`); every later call, in this process or another, reads
 it. ``ponder kernels`` lists the stored routes; ``ponder kernels --clear-routes`` forgets them.
 """
 
@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ponder.files import atomic_write_text
 from ponder.machine import cache_root, cpu_tag
+from ponder.fast.native import builds_tag
 from ponder.fast.timing import fastest
 
 _MEMORY: dict[str, Any] = {}  # key_text -> value: the file's contents as this process last read them
@@ -31,10 +32,11 @@ _OVERRIDE: dict[str, Any] = {}  # op -> value forced for every key (:func:`overr
 
 
 def routes_file() -> Path:
-    """``$PONDER_ROUTES_FILE``, else ``<cache>/routes/<cpu>-torch<version>.json``."""
+    """``$PONDER_ROUTES_FILE``, else ``<cache>/routes/<cpu>-torch<version>-k<kernel builds>.json`` (one file per
+    CPU type, torch version and set of kernel builds: :func:`ponder.fast.native.builds_tag`)."""
     if os.environ.get("PONDER_ROUTES_FILE"):
         return Path(os.environ["PONDER_ROUTES_FILE"]).expanduser()
-    return cache_root() / "routes" / f"{cpu_tag()}-torch{torch.__version__}.json"
+    return cache_root() / "routes" / f"{cpu_tag()}-torch{torch.__version__}-k{builds_tag()}.json"
 
 
 def key_text(op: str, key: Sequence[Any]) -> str:

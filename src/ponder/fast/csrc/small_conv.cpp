@@ -110,6 +110,10 @@ using BlockFn = void (*)(const float*, const Geometry&, const float*, const floa
 constexpr BlockFn kBlocks[kOut + 1] = {nullptr,       out_block<1>, out_block<2>, out_block<3>, out_block<4>,
                                        out_block<5>, out_block<6>, out_block<7>, out_block<8>};
 
+// Below this many multiply-adds per sample a layer is not split over threads within one sample (a
+// parallel region costs ~10 us; MSDNet's small layers take 3-12 us whole).
+constexpr int64_t kSplitMacs = 2000000;
+
 // x [B, C, H, W] (channels-last: channel stride 1), wb [ceil(Cout/8), C*9, 8] (block-major, taps in
 // (c, kh, kw) order, zero-padded), bias [Cout] -> [B, Cout, Ho, Wo] channels-last.
 torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& wb, const torch::Tensor& bias, int64_t stride,
@@ -128,15 +132,30 @@ torch::Tensor conv3x3(const torch::Tensor& x, const torch::Tensor& wb, const tor
   const float* pb = b_.data_ptr<float>();
   float* po = out.data_ptr<float>();
   const int64_t planes = (stride == 1 ? 1 : 4) * g.C * g.plane, sB = x.stride(0), sH = x.stride(2),
-                sW = x.stride(3), oB = g.Ho * g.Wo * Cout;
+                sW = x.stride(3), oB = g.Ho * g.Wo * Cout, blocks = (Cout + kOut - 1) / kOut;
+  auto block = [&](const float* P, int64_t b, int64_t k) {
+    const int64_t o0 = k * kOut;
+    const int ob = static_cast<int>(std::min<int64_t>(kOut, Cout - o0));
+    kBlocks[ob](P, g, pw + k * g.C * 9 * kOut, pb, o0, relu, po + b * oB, g.Wo * Cout, Cout);
+  };
+  const int64_t block_macs = g.Ho * g.Wo * g.C * 9 * kOut;
+  if (B < at::get_num_threads() && blocks > 1 && block_macs * blocks >= kSplitMacs) {
+    // fewer samples than threads and a large layer (ImageNet-sized maps at batch 1): one copy of each
+    // sample's planes, its output-channel blocks split over the threads (the same sums, in the same order)
+    std::vector<float> P(planes, 0.f);
+    for (int64_t b = 0; b < B; ++b) {
+      to_planes(px + b * sB, sH, sW, g, P.data());
+      at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t k = lo; k < hi; ++k) block(P.data(), b, k);
+      });
+    }
+    return out;
+  }
   at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> P(planes, 0.f);
     for (int64_t b = lo; b < hi; ++b) {
       to_planes(px + b * sB, sH, sW, g, P.data());
-      for (int64_t o0 = 0; o0 < Cout; o0 += kOut) {
-        const int ob = static_cast<int>(std::min<int64_t>(kOut, Cout - o0));
-        kBlocks[ob](P.data(), g, pw + (o0 / kOut) * g.C * 9 * kOut, pb, o0, relu, po + b * oB, g.Wo * Cout, Cout);
-      }
+      for (int64_t k = 0; k < blocks; ++k) block(P.data(), b, k);
     }
   });
   return out;
