@@ -141,3 +141,38 @@ def test_stored_routes_are_kept_per_kernel_build(monkeypatch):
         other = routes.routes_file()
     native.forget_loaded()
     assert other != first and routes.routes_file() == first
+
+
+
+def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path, monkeypatch, capsys):
+    """Where ``-fopenmp`` fails (a compiler without OpenMP), a module builds without it and says so in one
+    line; any other build failure is raised as it is."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    from ponder.fast import native
+
+    calls = []
+
+    def compile_and_load(**kw):
+        calls.append(kw["extra_cflags"])
+        if "-fopenmp" in kw["extra_cflags"]:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+        assert kw["extra_ldflags"] == []
+
+    monkeypatch.setattr(cpp_extension, "load", compile_and_load)
+    monkeypatch.setattr(native.KernelModule, "built", lambda self: False)
+    monkeypatch.setattr(native.KernelModule, "build_dir", lambda self: tmp_path / self.name)
+    try:
+        native.build("small_conv")
+        assert len(calls) == 2 and "-fopenmp" in calls[0] and "-fopenmp" not in calls[1]
+        err = capsys.readouterr().err
+        assert "OpenMP" in err and err.count("\n") == 1
+
+        def failing(**kw):
+            raise RuntimeError("error: expected ';'")
+
+        monkeypatch.setattr(cpp_extension, "load", failing)
+        with pytest.raises(RuntimeError, match="expected"):
+            native.build("small_conv")  # (not about OpenMP: no second try)
+    finally:
+        native.forget_loaded()

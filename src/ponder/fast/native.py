@@ -105,7 +105,10 @@ def load(name: str) -> Any:
 
 def build(name: str, force: bool = False) -> Path:
     """Compile module ``name`` into its build directory (a no-op when built, unless ``force``);
-    returns the library path. Raises with the compiler's message when the build fails."""
+    returns the library path. Raises with the compiler's message when the build fails.
+
+    A compiler without OpenMP (``-fopenmp``; Apple's clang, for one) builds the module without it, saying so
+    on stderr: its kernels then run on one thread whatever ``torch.set_num_threads`` says."""
     mod = MODULES[name]
     if mod.built() and not force:
         return mod.library()
@@ -113,9 +116,19 @@ def build(name: str, force: bool = False) -> Path:
 
     directory = mod.build_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    compile_and_load(name=mod.module_name, sources=[str(_CSRC / mod.source)], extra_cflags=list(mod.cflags),
-                     extra_ldflags=["-fopenmp"] if "-fopenmp" in mod.cflags else [],
-                     build_directory=str(directory), verbose=False)
+
+    def compile_with(cflags: list[str]) -> None:
+        compile_and_load(name=mod.module_name, sources=[str(_CSRC / mod.source)], extra_cflags=cflags,
+                         extra_ldflags=["-fopenmp"] if "-fopenmp" in cflags else [],
+                         build_directory=str(directory), verbose=False)
+
+    try:
+        compile_with(list(mod.cflags))
+    except Exception as e:  # (torch raises a RuntimeError holding the compiler's output)
+        if "-fopenmp" not in mod.cflags or not any(k in str(e).lower() for k in ("openmp", "omp.h", "gomp", "libomp")):
+            raise
+        print(f"ponder: {name} does not build with OpenMP here; building it for one thread", file=sys.stderr)
+        compile_with([f for f in mod.cflags if f != "-fopenmp"])
     _LOADED.pop(name, None)
     _TAG[0] = None
     return mod.library()
