@@ -27,7 +27,8 @@ from ponder.fast.small_conv import bound_lstm_gate, bound_pooled_mlp, bound_rela
 from ponder.fast.switch import cpu_inference, disabled, enabled, set_enabled
 
 __all__ = [
-    "act_step", "bound_lstm_gate", "bound_pooled_mlp", "bound_relational_router", "choose", "conv2d_runner", "conv_bn", "cpu_inference", "decide", "disabled",
+    "act_step", "bound_lstm_gate", "bound_pooled_mlp", "bound_relational_router", "choose", "conv2d_runner",
+    "conv_bn", "cpu_inference", "decide", "disabled",
     "enabled", "exit_head", "exit_head_applies", "exit_step", "fold_conv_bn", "fold_conv_bn_dense", "fold_key",
     "fold_linear_bn", "FoldedConv", "linear_rows", "mask_decide", "mask_logits", "pool_flat", "prepared",
     "residual_epilogue", "sact_step", "sact_step_applies", "scatter_residual", "set_enabled", "spatial_halting",

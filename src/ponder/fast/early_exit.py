@@ -4,10 +4,11 @@ bookkeeping after an exit as one compiled call (``csrc/exit_step.cpp``).
 **Exit heads** (MSDNet / RANet: two 3x3/2 conv-BN-ReLU, 2x2 mean, linear) are work only early exit
 does, and at batch 1 the route lookups, the pooling and the linear call cost as much as a
 convolution. :func:`exit_head` keeps, per head, input shape, batch bucket and thread count, a *plan*
-(:func:`ponder.fast.prepared`, kept until a weight changes): the faster, timed once per machine (a stored route), of the two folded
-convolutions as prepared calls (:func:`ponder.fast.conv.conv2d_runner`) then the mean and the linear
-layer, and the whole head as one compiled call (:func:`ponder.fast.small_conv.bound_exit_head`, where
-it applies). At batch 1 the latter (head 0: 43 -> 33 us per call on this project's CPU).
+(:func:`ponder.fast.prepared`, kept until a weight changes): the faster, timed once per machine (a
+stored route), of the two folded convolutions as prepared calls (:func:`ponder.fast.conv.conv2d_runner`)
+then the mean and the linear layer, and the whole head as one compiled call
+(:func:`ponder.fast.small_conv.bound_exit_head`, where it applies). At batch 1 the latter (head 0: 43 ->
+33 us per call on this project's CPU).
 """
 
 from __future__ import annotations

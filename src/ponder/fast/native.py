@@ -125,7 +125,8 @@ def build(name: str, force: bool = False) -> Path:
     try:
         compile_with(list(mod.cflags))
     except Exception as e:  # (torch raises a RuntimeError holding the compiler's output)
-        if "-fopenmp" not in mod.cflags or not any(k in str(e).lower() for k in ("openmp", "omp.h", "gomp", "libomp")):
+        about_openmp = any(k in str(e).lower() for k in ("openmp", "omp.h", "gomp", "libomp"))
+        if "-fopenmp" not in mod.cflags or not about_openmp:
             raise
         print(f"ponder: {name} does not build with OpenMP here; building it for one thread", file=sys.stderr)
         compile_with([f for f in mod.cflags if f != "-fopenmp"])

@@ -5,8 +5,8 @@ a unit in channels-last or NCHW, the density above which a sparse unit runs dens
 agree only up to float rounding, so a route chosen by timing in each process would let two runs of
 the same checkpoint differ near a decision threshold. Here every route is decided the first time
 it is needed on this machine (:func:`decide`: timed, outside any ``FlopCounterMode``) and written to
-one JSON file per machine and kernel build (:func:`routes_file`); every later call, in this process or another, reads
-it. ``ponder kernels`` lists the stored routes; ``ponder kernels --clear-routes`` forgets them.
+one JSON file per machine and kernel build (:func:`routes_file`); every later call, in this process or
+another, reads it. ``ponder kernels`` lists the stored routes; ``ponder kernels --clear-routes`` forgets them.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ on 32x32 maps, 12-24 on 16x16 and 8x8; at batch 1 those took 15-50 us for 0.1-1.
 
 and, bound to their weights, a gated ResNet's router (a mean and two small linear layers) as one call
 (:func:`bound_pooled_mlp`), RDI-Net's relational router step (that router, the mean of it and the two
-before, a linear layer: :func:`bound_relational_router`) and a SkipNet recurrent gate step (a mean, a projection, an LSTM cell and
-the keep logit: :func:`bound_lstm_gate`).
+before, a linear layer: :func:`bound_relational_router`) and a SkipNet recurrent gate step (a mean, a
+projection, an LSTM cell and the keep logit: :func:`bound_lstm_gate`).
 
 :func:`ponder.fast.conv.conv2d` and :func:`~ponder.fast.conv.conv1x1_rows` time them against
 their other routes per shape and batch-size bucket and use them only where they win. The module is
@@ -103,9 +103,14 @@ def bound_pooled_mlp(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     ext = _extension()
     if ext is None:
         return None
-    w1t, w2t = w1.detach().t().contiguous(), w2.detach().t().contiguous()
-    b1, b2 = b1.detach().contiguous(), b2.detach().contiguous()
-    return lambda x: ext.pooled_mlp(x, w1t, b1, w2t, b2, relu)
+    mlp = _mlp_weights(w1, b1, w2, b2)
+    return lambda x: ext.pooled_mlp(x, *mlp, relu)
+
+
+def _mlp_weights(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(w1^T, b1, w2^T, b2)`` detached and contiguous: the pooled MLP's weights as the kernels read them."""
+    return (w1.detach().t().contiguous(), b1.detach().contiguous(), w2.detach().t().contiguous(),
+            b2.detach().contiguous())
 
 
 def bound_relational_router(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, relu: bool, out: torch.nn.Linear
@@ -117,12 +122,11 @@ def bound_relational_router(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, relu
     ext = _extension()
     if ext is None:
         return None
-    w1t, w2t = w1.detach().t().contiguous(), w2.detach().t().contiguous()
-    b1, b2 = b1.detach().contiguous(), b2.detach().contiguous()
+    mlp = _mlp_weights(w1, b1, w2, b2)
     wot, bo = out.weight.detach().t().contiguous(), _bias(out.weight, out.bias).detach().contiguous()
 
     def run(x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        logits, r = ext.relational_router(x, w1t, b1, w2t, b2, relu, state[0], state[1], wot, bo)
+        logits, r = ext.relational_router(x, *mlp, relu, state[0], state[1], wot, bo)
         return logits, (r, state[0])
 
     return run

@@ -11,7 +11,6 @@ Training samples a hard 0/1 mask with the binary Gumbel-sigmoid and a straight-t
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 from torch import Tensor

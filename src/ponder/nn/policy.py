@@ -12,7 +12,6 @@ Blocks outside ``decided`` (curriculum learning) are forced to 1 and add no log-
 
 from __future__ import annotations
 
-
 from dataclasses import dataclass
 
 import torch

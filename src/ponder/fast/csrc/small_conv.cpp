@@ -311,6 +311,12 @@ torch::Tensor linear_rows(const torch::Tensor& x, const torch::Tensor& wg, const
   return out;
 }
 
+// The input of the pooled kernels: x [B, C, H, W] contiguous channels-last float32 (each sample [HW, C] rows).
+void check_pooled_input(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.stride(1) == 1 && x.stride(3) == x.size(1) && x.stride(2) == x.size(1) * x.size(3)
+              && x.scalar_type() == torch::kFloat32, "x: contiguous channels-last float32");
+}
+
 // out[j] = bias[j] + sum_c mean(x)[c] * wt[c, j] for one channels-last sample x [HW, C] and wt [C, J]
 // (mean: scratch of C floats).
 void pooled_affine(const float* px, int64_t HW, int64_t C, const float* wt, const float* bias, int64_t J,
@@ -331,8 +337,7 @@ void pooled_affine(const float* px, int64_t HW, int64_t C, const float* wt, cons
 // act is ReLU when relu. At batch 1 this replaces five PyTorch calls (~25 us) with one (~2 us).
 torch::Tensor pooled_mlp(const torch::Tensor& x, const torch::Tensor& w1t, const torch::Tensor& b1,
                          const torch::Tensor& w2t, const torch::Tensor& b2, bool relu) {
-  TORCH_CHECK(x.dim() == 4 && x.stride(1) == 1 && x.stride(3) == x.size(1) && x.stride(2) == x.size(1) * x.size(3)
-              && x.scalar_type() == torch::kFloat32, "x: contiguous channels-last float32");
+  check_pooled_input(x);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), Hd = b1.size(0), K = b2.size(0);
   TORCH_CHECK(w1t.is_contiguous() && w1t.size(0) == C && w1t.size(1) == Hd && w2t.is_contiguous()
               && w2t.size(0) == Hd && w2t.size(1) == K && b1.is_contiguous() && b2.is_contiguous(),
@@ -391,8 +396,7 @@ std::vector<torch::Tensor> pooled_lstm_gate(const torch::Tensor& x, const torch:
                                             const torch::Tensor& wpt, const torch::Tensor& bp,
                                             const torch::Tensor& wih_t, const torch::Tensor& whh_t,
                                             const torch::Tensor& b4, const torch::Tensor& wo, const torch::Tensor& bo) {
-  TORCH_CHECK(x.dim() == 4 && x.stride(1) == 1 && x.stride(3) == x.size(1) && x.stride(2) == x.size(1) * x.size(3)
-              && x.scalar_type() == torch::kFloat32, "x: contiguous channels-last float32");
+  check_pooled_input(x);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), P = bp.size(0), Hd = wo.size(0);
   TORCH_CHECK(h.is_contiguous() && c.is_contiguous() && h.size(0) == B && h.size(1) == Hd && c.sizes() == h.sizes()
               && h.scalar_type() == torch::kFloat32 && c.scalar_type() == torch::kFloat32, "h, c [B, Hd] float32");
