@@ -27,6 +27,22 @@ def stored(routes, op: str) -> dict:
     return {k: v for k, v in routes.stored_routes().items() if k.startswith(op + "|")}
 
 
+def assert_bound_steps_match(bank, inputs: list, atol: float) -> None:
+    """A router or gate bank's batch-1 steps (``bank.bound_steps()``) give ``bank.step``'s logits and states,
+    step after step, to float rounding; ``inputs``: the map each router reads, in order."""
+    import torch
+
+    with torch.no_grad():
+        steps = bank.bound_steps()
+        ours = want = bank.init_state(inputs[0])
+        for j, x in enumerate(inputs):
+            got, ours = steps[j](x, ours)
+            logits, want = bank.step(j, x, want)
+            torch.testing.assert_close(got, logits, rtol=1e-5, atol=atol)
+            for a, b in zip(ours or (), want or ()):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
+
+
 def _fast_enabled() -> bool:
     from ponder.fast import enabled
 

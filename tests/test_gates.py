@@ -16,6 +16,8 @@ from ponder.nn.gates import (
     straight_through,
 )
 
+from conftest import assert_bound_steps_match
+
 
 def test_straight_through_is_hard_forward_soft_backward():
     soft = torch.tensor([0.2, 0.7, 0.51], requires_grad=True)
@@ -194,16 +196,9 @@ def test_compiled_recurrent_gate_steps_equal_the_module_steps():
     with torch.no_grad():
         for p in bank.lstm.parameters():  # (non-zero biases and larger weights: every term matters)
             p.normal_(0.0, 0.5)
-        steps = bank.bound_steps()
-        assert all("bound_lstm_gate" in s.__qualname__ for s in steps)
-        for batch in (1, 3):
-            xs = [torch.randn(batch, c, s, s).contiguous(memory_format=torch.channels_last)
-                  for c, s in ((16, 8), (16, 8), (32, 4))]
-            ours = want = bank.init_state(xs[0])
-            for j, x in enumerate(xs):
-                got, ours = steps[j](x, ours)
-                logit, want = bank.step(j, x, want)
-                torch.testing.assert_close(got, logit, rtol=1e-5, atol=1e-6)
-                for a, b in zip(ours, want):
-                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all("bound_lstm_gate" in s.__qualname__ for s in bank.bound_steps())
+    for batch in (1, 3):
+        xs = [torch.randn(batch, c, s, s).contiguous(memory_format=torch.channels_last)
+              for c, s in ((16, 8), (16, 8), (32, 4))]
+        assert_bound_steps_match(bank, xs, atol=1e-6)
     assert bound_lstm_gate(bank.proj[0].double(), bank.lstm, bank.out) is None  # float32 only
